@@ -1,0 +1,1 @@
+"""Ablation study configs for `flaxlm sweep`."""

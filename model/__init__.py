@@ -1,0 +1,1 @@
+"""flaxlm model: config, layers, transformer, sharding, generation, tokenizer."""

@@ -1,0 +1,188 @@
+"""Leaf layers: RMSNorm, rotary embedding, attention (GQA, causal + segment masks, KV cache), MLP.
+
+Einsum letters: B batch, T query length, S key length, D model, N heads, K kv heads,
+G query heads per kv head (N = K * G), H head dim, F mlp. Every parameter carries logical
+axis names (model/sharding.py); softmax, norms and rotary angles run in fp32 whatever the
+compute dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from model import sharding as sh
+
+# Finite rather than -inf so a fully masked row (a pad query) stays NaN-free.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def param_init(stddev: float, names: tuple[str | None, ...]) -> Callable:
+    return nn.with_logical_partitioning(nn.initializers.normal(stddev), names)
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * scale, computed in fp32 and returned in the compute dtype."""
+
+    eps: float = 1e-6
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param(
+            "scale",
+            nn.with_logical_partitioning(nn.initializers.ones, (sh.NORM,)),
+            (x.shape[-1],),
+            self.param_dtype,
+        )
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return (x32 * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding, 'rotate half' layout (first half / second half of H are the pairs).
+
+    x: [B, T, N, H]; positions: [B, T] (restart at 0 per packed document).
+    """
+    half = x.shape[-1] // 2
+    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles = positions.astype(jnp.float32)[:, :, None] * inv_freq  # [B, T, H/2]
+    sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def attention_mask(
+    q_segment_ids: jax.Array, kv_segment_ids: jax.Array, q_slots: jax.Array, kv_slots: jax.Array
+) -> jax.Array:
+    """Boolean [B, T, S]: same non-pad segment and key slot not after the query slot.
+
+    Segment id 0 marks padding. Slots are positions in the (cache) buffer, not RoPE
+    positions, so causality holds across packed documents and left padding alike.
+    """
+    same_doc = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+    not_pad = (kv_segment_ids != 0)[:, None, :]
+    causal = kv_slots[None, None, :] <= q_slots[:, :, None]
+    return same_doc & not_pad & causal
+
+
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Plain einsum attention with GQA. q: [B,T,N,H], k/v: [B,S,K,H], mask: [B,T,S]."""
+    b, t, n, h = q.shape
+    kv = k.shape[2]
+    q = q.reshape(b, t, kv, n // kv, h)
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (h**-0.5)
+    scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
+    return out.reshape(b, t, n, h)
+
+
+def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Fused cuDNN flash attention (GPU, bf16/fp16); GQA is handled by the kernel."""
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="cudnn")
+
+
+# The seam for kernels: a Pallas/splash TPU kernel registers here with the same signature.
+ATTENTION_FNS: dict[str, Callable[..., jax.Array]] = {
+    "xla": xla_attention,
+    "cudnn": cudnn_attention,
+}
+
+
+class Attention(nn.Module):
+    """Multi-head attention with rotary positions and grouped kv heads.
+
+    With `cache` (dict with k, v: [B, S, K, H]) the new keys/values are written at
+    `cache_index` and queries attend over the whole buffer; the mask says which slots
+    are live. Returns (output [B, T, D], updated cache or None).
+    """
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    num_layers: int  # scales the output projection's init (residual-stream growth)
+    rope_theta: float = 10_000.0
+    attention_impl: str = "xla"
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        mask: jax.Array,
+        cache: dict | None = None,
+        cache_index: jax.Array | None = None,
+    ) -> tuple[jax.Array, dict | None]:
+        d = x.shape[-1]
+        n, kv, h = self.num_heads, self.num_kv_heads, self.head_dim
+
+        def proj(name: str, heads: int, axis: str) -> jax.Array:
+            w = self.param(
+                name,
+                param_init(d**-0.5, (sh.EMBED, axis, sh.HEAD_DIM)),
+                (d, heads, h),
+                self.param_dtype,
+            )
+            return jnp.einsum("BTD,DNH->BTNH", x, w.astype(self.dtype))
+
+        q = apply_rope(proj("q", n, sh.HEADS), positions, self.rope_theta)
+        k = apply_rope(proj("k", kv, sh.KV_HEADS), positions, self.rope_theta)
+        v = proj("v", kv, sh.KV_HEADS)
+        q = nn.with_logical_constraint(q, (sh.ACT_BATCH, sh.ACT_LENGTH, sh.ACT_HEADS, sh.HEAD_DIM))
+
+        if cache is not None:
+            start = (0, cache_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
+            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
+            cache = {"k": k, "v": v}
+            k, v = k.astype(self.dtype), v.astype(self.dtype)
+
+        out = ATTENTION_FNS[self.attention_impl](q, k, v, mask)
+        wo = self.param(
+            "o",
+            param_init(
+                (n * h) ** -0.5 / (2 * self.num_layers) ** 0.5, (sh.HEADS, sh.HEAD_DIM, sh.EMBED)
+            ),
+            (n, h, d),
+            self.param_dtype,
+        )
+        return jnp.einsum("BTNH,NHD->BTD", out, wo.astype(self.dtype)), cache
+
+
+class MLP(nn.Module):
+    """SwiGLU (silu(x W_gate) * x W_up) W_down, or GELU (gelu(x W_up) W_down)."""
+
+    mlp_dim: int
+    num_layers: int
+    activation: str = "swiglu"
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d, f = x.shape[-1], self.mlp_dim
+
+        def weight(name: str, shape: tuple[int, int], std: float, names: tuple) -> jax.Array:
+            return self.param(name, param_init(std, names), shape, self.param_dtype).astype(
+                self.dtype
+            )
+
+        up = jnp.einsum("BTD,DF->BTF", x, weight("up", (d, f), d**-0.5, (sh.EMBED, sh.MLP)))
+        if self.activation == "swiglu":
+            gate = jnp.einsum("BTD,DF->BTF", x, weight("gate", (d, f), d**-0.5, (sh.EMBED, sh.MLP)))
+            hidden = jax.nn.silu(gate) * up
+        else:
+            hidden = jax.nn.gelu(up)
+        hidden = nn.with_logical_constraint(hidden, (sh.ACT_BATCH, sh.ACT_LENGTH, sh.ACT_MLP))
+        down = weight("down", (f, d), f**-0.5 / (2 * self.num_layers) ** 0.5, (sh.MLP, sh.EMBED))
+        return jnp.einsum("BTF,FD->BTD", hidden, down)

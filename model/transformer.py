@@ -1,0 +1,221 @@
+"""The decoder-only Transformer: embedding, pre-norm blocks under nn.scan, LM and scalar heads.
+
+Inputs are token ids [B, T] with optional `positions` [B, T] (RoPE positions, restarting
+per packed document) and `segment_ids` [B, T] (document ids within a row, 0 = padding).
+With a KV cache (see `init_cache`) the same call serves prefill (T = prompt length) and
+decode (T = 1): new keys are written at `cache_index` and attention spans the buffer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from model import sharding as sh
+from model.config import ModelConfig
+from model.layers import MLP, Attention, RMSNorm, attention_mask, param_init
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing, recompute the whole block
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class TransformerOutput(NamedTuple):
+    logits: jax.Array | None  # [B, T, V] fp32 (None without the LM head)
+    scalars: jax.Array | None  # [B, T] fp32 (None without the scalar head)
+    hidden: jax.Array  # [B, T, D] after the final norm
+    cache: dict | None  # updated KV cache, when one was passed
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + Attn(Norm(x)), then x + MLP(Norm(x))."""
+
+    config: ModelConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        mask: jax.Array,
+        cache: dict | None,
+        cache_index: jax.Array | None,
+    ) -> tuple[jax.Array, dict | None]:
+        cfg = self.config
+        dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        h = RMSNorm(cfg.norm_eps, dtype, pdtype, name="attn_norm")(x)
+        h, cache = Attention(
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            cfg.num_layers,
+            cfg.rope_theta,
+            cfg.attention_impl,
+            dtype,
+            pdtype,
+            name="attn",
+        )(h, positions, mask, cache, cache_index)
+        x = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=self.deterministic)
+        h = RMSNorm(cfg.norm_eps, dtype, pdtype, name="mlp_norm")(x)
+        h = MLP(cfg.mlp_dim, cfg.num_layers, cfg.activation, dtype, pdtype, name="mlp")(h)
+        x = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=self.deterministic)
+        x = nn.with_logical_constraint(x, (sh.ACT_BATCH, sh.ACT_LENGTH, sh.ACT_EMBED))
+        return x, cache
+
+
+def _block_class(cfg: ModelConfig) -> type[nn.Module]:
+    if cfg.remat_policy == "none":
+        return Block
+    # Under scan, CSE cannot merge recomputation with the forward pass, so it stays off.
+    return nn.remat(Block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
+
+
+class Transformer(nn.Module):
+    """Decoder LM. `lm_head` gives next-token logits, `scalar_head` a reward/value per token."""
+
+    config: ModelConfig
+    lm_head: bool = True
+    scalar_head: bool = False
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        cache: dict | None = None,
+        cache_index: jax.Array | int | None = None,
+        deterministic: bool = True,
+    ) -> TransformerOutput:
+        cfg = self.config
+        dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        batch, length = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
+        if segment_ids is None:
+            segment_ids = jnp.ones((batch, length), jnp.int32)
+
+        q_slots = jnp.broadcast_to(jnp.arange(length), (batch, length))
+        if cache is None:
+            mask = attention_mask(segment_ids, segment_ids, q_slots, jnp.arange(length))
+            layer_cache = None
+        else:
+            cache_index = jnp.asarray(cache_index, jnp.int32)
+            kv_segments = jax.lax.dynamic_update_slice(
+                cache["segment_ids"], segment_ids.astype(jnp.int32), (0, cache_index)
+            )
+            mask = attention_mask(
+                segment_ids, kv_segments, q_slots + cache_index, jnp.arange(kv_segments.shape[1])
+            )
+            layer_cache = {"k": cache["k"], "v": cache["v"]}
+
+        embedding = self.param(
+            "embedding",
+            param_init(cfg.d_model**-0.5, (sh.VOCAB, sh.EMBED)),
+            (cfg.vocab_size, cfg.d_model),
+            pdtype,
+        )
+        x = jnp.take(embedding, tokens, axis=0).astype(dtype)
+        x = nn.with_logical_constraint(x, (sh.ACT_BATCH, sh.ACT_LENGTH, sh.ACT_EMBED))
+
+        block = _block_class(cfg)
+        if cfg.scan_layers:
+            stack = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                length=cfg.num_layers,
+                metadata_params={nn.PARTITION_NAME: sh.LAYERS},
+            )
+            x, layer_cache = stack(cfg, deterministic, name="layers")(
+                x, positions, mask, layer_cache, cache_index
+            )
+        else:
+            new_layers = []
+            for i in range(cfg.num_layers):
+                this = None
+                if layer_cache is not None:
+                    this = jax.tree.map(lambda c, i=i: c[i], layer_cache)
+                x, this = block(cfg, deterministic, name=f"layers_{i}")(
+                    x, positions, mask, this, cache_index
+                )
+                new_layers.append(this)
+            if layer_cache is not None:
+                layer_cache = jax.tree.map(lambda *c: jnp.stack(c), *new_layers)
+
+        hidden = RMSNorm(cfg.norm_eps, dtype, pdtype, name="final_norm")(x)
+        logits = scalars = None
+        if self.lm_head:
+            if cfg.tie_embeddings:
+                head = embedding.T
+            else:
+                head = self.param(
+                    "lm_head",
+                    param_init(cfg.d_model**-0.5, (sh.EMBED, sh.VOCAB)),
+                    (cfg.d_model, cfg.vocab_size),
+                    pdtype,
+                )
+            logits = jnp.einsum(
+                "BTD,DV->BTV", hidden, head.astype(dtype), preferred_element_type=jnp.float32
+            )
+            logits = nn.with_logical_constraint(logits, (sh.ACT_BATCH, sh.ACT_LENGTH, sh.ACT_VOCAB))
+        if self.scalar_head:
+            # Small init (std 1/sqrt(D+1)) so initial rewards/values are O(1).
+            w = self.param(
+                "scalar_head",
+                param_init((cfg.d_model + 1) ** -0.5, (sh.EMBED,)),
+                (cfg.d_model,),
+                pdtype,
+            )
+            b = self.param(
+                "scalar_bias", nn.with_logical_partitioning(nn.initializers.zeros, ()), (), pdtype
+            )
+            scalars = jnp.einsum("BTD,D->BT", hidden.astype(jnp.float32), w.astype(jnp.float32)) + b
+
+        new_cache = None
+        if cache is not None:
+            new_cache = {"k": layer_cache["k"], "v": layer_cache["v"], "segment_ids": kv_segments}
+        return TransformerOutput(logits, scalars, hidden, new_cache)
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: Any = None) -> dict:
+    """Empty KV cache: k/v [L, B, S, K, H] (kv heads only) and segment ids [B, S] (0 = empty)."""
+    dtype = jnp.dtype(cfg.dtype if dtype is None else dtype)
+    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+    return {
+        "k": jnp.zeros(shape, dtype),
+        "v": jnp.zeros(shape, dtype),
+        "segment_ids": jnp.zeros((batch, length), jnp.int32),
+    }
+
+
+# Logical axes of the cache, for sharding it by the same rules as the model.
+CACHE_AXES = {
+    "k": (sh.LAYERS, sh.ACT_BATCH, sh.CACHE_LENGTH, sh.ACT_KV_HEADS, sh.HEAD_DIM),
+    "v": (sh.LAYERS, sh.ACT_BATCH, sh.CACHE_LENGTH, sh.ACT_KV_HEADS, sh.HEAD_DIM),
+    "segment_ids": (sh.ACT_BATCH, sh.CACHE_LENGTH),
+}
+
+
+def unstack_layers(params: dict, num_layers: int) -> dict:
+    """Scanned params ({'layers': [L, ...]}) -> per-layer params ({'layers_0': ..., ...})."""
+    params = dict(params)
+    stacked = params.pop("layers")
+    for i in range(num_layers):
+        params[f"layers_{i}"] = jax.tree.map(lambda p, i=i: p[i], stacked)
+    return params
+
+
+def stack_layers(params: dict, num_layers: int) -> dict:
+    """Per-layer params -> scanned params; the inverse of `unstack_layers`."""
+    params = dict(params)
+    layers = [params.pop(f"layers_{i}") for i in range(num_layers)]
+    params["layers"] = jax.tree.map(lambda *p: jnp.stack(p), *layers)
+    return params

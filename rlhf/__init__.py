@@ -1,0 +1,1 @@
+"""flaxlm RLHF: rollouts, PPO, DPO, GRPO and preference tasks (built on model/ and train/)."""

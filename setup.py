@@ -1,0 +1,35 @@
+"""flaxlm: the whole LLM pipeline in JAX/Flax (tokenizer, pretraining, SFT, reward model,
+RLHF, generation), sharded over a device mesh."""
+
+from setuptools import setup
+
+# Lower bounds are the versions this repository is tested with.
+INSTALL_REQUIRES = [
+    "jax>=0.10.2",
+    "flax>=0.12.8",
+    "optax>=0.2.8",
+    "orbax-checkpoint>=0.12.8",
+    "ml-collections>=1.1.0",
+    "numpy>=2.0",
+    "tqdm>=4.66",
+    "tensorboardX>=2.6.5",
+]
+
+EXTRAS = {
+    "test": ["pytest>=9.0", "ruff>=0.17", "scipy>=1.13"],
+    # torch==2.13.0 is the CPU build; any newer pin pulls a multi-GB CUDA build.
+    "hf": ["torch==2.13.0", "transformers>=4.50", "safetensors>=0.4"],
+    "tpu": ["jax[tpu]>=0.10.2"],
+    "gpu": ["jax[cuda12]>=0.10.2"],
+}
+
+setup(
+    name="flaxlm",
+    version="0.1.0",
+    description=__doc__.strip().splitlines()[0],
+    python_requires=">=3.11",
+    packages=["model", "train", "train.data", "rlhf", "configs", "configs.ablations"],
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["flaxlm=train.cli:main"]},
+)

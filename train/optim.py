@@ -1,0 +1,151 @@
+"""The one optimizer factory: AdamW / Lion / Adafactor, LR schedules, clipping, decay mask,
+and gradient accumulation over microbatches.
+
+Weight decay applies to matrices (kernels, embeddings) and never to norm scales or biases;
+the mask goes by parameter name because scanned layers make norm scales 2-D.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+OPTIMIZERS = ("adamw", "lion", "adafactor")
+SCHEDULES = ("cosine", "linear", "constant", "wsd")
+NO_DECAY_NAMES = ("scale", "bias", "scalar_bias")
+
+
+def make_schedule(
+    schedule: str,
+    lr: float,
+    total_steps: int,
+    warmup_steps: int = 0,
+    min_lr_ratio: float = 0.1,
+    decay_fraction: float = 0.2,
+) -> optax.Schedule:
+    """Linear warmup to `lr`, then:
+    cosine: cosine decay to min_lr_ratio * lr at total_steps;
+    linear: linear decay to min_lr_ratio * lr at total_steps;
+    constant: stay at lr;
+    wsd: warmup-stable-decay, stay at lr, then decay linearly to min_lr_ratio * lr over
+         the last `decay_fraction` of training.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"optim.schedule={schedule!r}: unknown; choose from {SCHEDULES}")
+    if lr <= 0:
+        raise ValueError(f"optim.lr={lr}: must be positive")
+    if not 0 <= warmup_steps <= total_steps:
+        raise ValueError(f"optim.warmup_steps={warmup_steps}: must be in [0, total_steps]")
+    if not 0.0 <= min_lr_ratio <= 1.0:
+        raise ValueError(f"optim.min_lr_ratio={min_lr_ratio}: must be in [0, 1]")
+    end_lr = lr * min_lr_ratio
+    rest = max(total_steps - warmup_steps, 1)
+    if schedule == "cosine":
+        after = optax.cosine_decay_schedule(lr, rest, alpha=min_lr_ratio)
+    elif schedule == "linear":
+        after = optax.linear_schedule(lr, end_lr, rest)
+    elif schedule == "constant":
+        after = optax.constant_schedule(lr)
+    else:
+        if not 0.0 < decay_fraction <= 1.0:
+            raise ValueError(f"optim.decay_fraction={decay_fraction}: must be in (0, 1]")
+        decay = max(round(decay_fraction * total_steps), 1)
+        stable = max(rest - decay, 0)
+        after = optax.join_schedules(
+            [optax.constant_schedule(lr), optax.linear_schedule(lr, end_lr, decay)], [stable]
+        )
+    if warmup_steps == 0:
+        return after
+    warmup = optax.linear_schedule(lr / warmup_steps, lr, warmup_steps - 1)
+    return optax.join_schedules([warmup, after], [warmup_steps])
+
+
+def decay_mask(params: Any) -> Any:
+    """True for parameters that get weight decay (matrices), False for norms and biases."""
+
+    def keep(path: tuple, _: Any) -> bool:
+        last = path[-1]
+        name = getattr(last, "key", getattr(last, "name", str(last)))
+        return name not in NO_DECAY_NAMES
+
+    return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def make_optimizer(
+    name: str = "adamw",
+    lr: float = 3e-4,
+    schedule: str = "cosine",
+    total_steps: int = 1000,
+    warmup_steps: int = 0,
+    min_lr_ratio: float = 0.1,
+    decay_fraction: float = 0.2,
+    weight_decay: float = 0.1,
+    b1: float = 0.9,
+    b2: float = 0.95,
+    eps: float = 1e-8,
+    clip_norm: float = 1.0,
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """Build (optimizer, lr schedule). clip_norm <= 0 disables global-norm clipping."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optim.name={name!r}: unknown; choose from {OPTIMIZERS}")
+    if weight_decay < 0:
+        raise ValueError(f"optim.weight_decay={weight_decay}: must be >= 0")
+    lr_fn = make_schedule(schedule, lr, total_steps, warmup_steps, min_lr_ratio, decay_fraction)
+    if name == "adamw":
+        core = optax.adamw(lr_fn, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask)
+    elif name == "lion":
+        core = optax.lion(lr_fn, b1=b1, b2=b2, weight_decay=weight_decay, mask=decay_mask)
+    else:
+        core = optax.adafactor(
+            lr_fn,
+            weight_decay_rate=weight_decay or None,
+            weight_decay_mask=decay_mask,
+            multiply_by_parameter_scale=False,
+        )
+    parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm > 0 else []
+    return optax.chain(*parts, core), lr_fn
+
+
+GradFn = Callable[[Any, Any, jax.Array], tuple[tuple[jax.Array, Any], Any]]
+
+
+def accumulate_gradients(
+    grad_fn: GradFn, params: Any, batch: Any, rng: jax.Array, num_microbatches: int
+) -> tuple[jax.Array, Any, Any]:
+    """Sum `grad_fn` over microbatches of `batch` (split on the leading axis) with lax.scan.
+
+    grad_fn(params, microbatch, rng) -> ((summed loss, aux), grads of the summed loss).
+    Returns (summed loss, summed aux, summed grads): the caller divides by the total token
+    count, so the result equals one pass over the whole batch however the tokens fall.
+    """
+    if num_microbatches == 1:
+        (loss, aux), grads = grad_fn(params, batch, rng)
+        return loss, aux, grads
+    batch_size = jax.tree.leaves(batch)[0].shape[0]
+    if batch_size % num_microbatches:
+        raise ValueError(
+            f"batch_size={batch_size} is not divisible by grad_accum_steps={num_microbatches}"
+        )
+    # Strided split (row r goes to microbatch r % M) so every data shard feeds every
+    # microbatch and no resharding is needed.
+    micro = jax.tree.map(
+        lambda x: x.reshape(
+            batch_size // num_microbatches, num_microbatches, *x.shape[1:]
+        ).swapaxes(0, 1),
+        batch,
+    )
+
+    def body(carry: Any, inputs: Any) -> tuple[Any, None]:
+        index, microbatch = inputs
+        (loss, aux), grads = grad_fn(params, microbatch, jax.random.fold_in(rng, index))
+        return jax.tree.map(jnp.add, carry, (loss, aux, grads)), None
+
+    first_shapes = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro), rng)
+    (loss_shape, aux_shape), grad_shape = first_shapes
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (loss_shape, aux_shape, grad_shape))
+    (loss, aux, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(num_microbatches), micro))
+    return loss, aux, grads

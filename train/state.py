@@ -1,0 +1,101 @@
+"""TrainState and its sharded creation (eval_shape -> partition specs -> jit with out_shardings).
+
+Parameters and optimizer state are plain (unboxed) arrays; their shardings come from the
+logical names the modules attach at init. The RNG is raw uint32 key data so checkpoints
+store it like any other array.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import linen as nn
+from flax import struct
+from jax.sharding import Mesh, NamedSharding
+
+from model import sharding as sh
+
+
+class TrainState(struct.PyTreeNode):
+    step: jax.Array  # int32 scalar: number of updates applied
+    params: Any
+    opt_state: Any
+    rng: jax.Array  # uint32[2] raw key data; per-step keys are fold_in(rng, step)
+
+
+def step_rng(state: TrainState) -> jax.Array:
+    return jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+
+def init_params_fn(model: nn.Module, example_tokens: jax.Array) -> Callable[[jax.Array], Any]:
+    """rng -> boxed params (with logical axis metadata)."""
+
+    def init(rng: jax.Array) -> Any:
+        return model.init({"params": rng}, example_tokens)["params"]
+
+    return init
+
+
+def param_shardings(model: nn.Module, mesh: Mesh, rules: sh.Rules, seq_len: int = 8) -> Any:
+    """NamedShardings of the model's parameters, computed without allocating them."""
+    tokens = jnp.zeros((1, seq_len), jnp.int32)
+    boxed = jax.eval_shape(init_params_fn(model, tokens), jax.random.key(0))
+    return sh.logical_to_sharding(nn.get_partition_spec(boxed), mesh, rules)
+
+
+def state_shardings(
+    model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, rules: sh.Rules
+) -> tuple[TrainState, TrainState]:
+    """(abstract state, its shardings). Optimizer moments follow their parameter's sharding;
+    anything not shaped like a parameter (counts, factored Adafactor stats) is replicated."""
+    params_sh = param_shardings(model, mesh, rules)
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    abstract_params = nn.unbox(jax.eval_shape(init_params_fn(model, tokens), jax.random.key(0)))
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    replicated = sh.replicated(mesh)
+    opt_sh = optax.tree_map_params(
+        tx,
+        lambda _, s: s,
+        abstract_opt,
+        params_sh,
+        transform_non_params=lambda _: replicated,
+        is_leaf=lambda x: isinstance(x, NamedSharding),
+    )
+    abstract = TrainState(
+        step=jax.ShapeDtypeStruct((), jnp.int32),
+        params=abstract_params,
+        opt_state=abstract_opt,
+        rng=jax.ShapeDtypeStruct((2,), jnp.uint32),
+    )
+    shardings = TrainState(step=replicated, params=params_sh, opt_state=opt_sh, rng=replicated)
+    sh.check_divisible(abstract, shardings)
+    return abstract, shardings
+
+
+def create_train_state(
+    model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, rules: sh.Rules, seed: int
+) -> tuple[TrainState, TrainState]:
+    """Initialize the state directly into its shards (no host copy of the full model).
+
+    Parameters come from fold_in(key(seed), 0) and the state RNG from fold_in(..., 1), so the
+    same seed gives the same weights on any mesh. Returns (state, shardings).
+    """
+    _, shardings = state_shardings(model, tx, mesh, rules)
+    tokens = jnp.zeros((1, 8), jnp.int32)
+
+    def init(seed_key: jax.Array) -> TrainState:
+        params = nn.unbox(init_params_fn(model, tokens)(jax.random.fold_in(seed_key, 0)))
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=tx.init(params),
+            rng=jax.random.key_data(jax.random.fold_in(seed_key, 1)),
+        )
+
+    with sh.sharding_context(mesh, rules):
+        state = jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
+    return state, shardings
