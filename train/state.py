@@ -57,11 +57,14 @@ def state_shardings(
     abstract_params = nn.unbox(jax.eval_shape(init_params_fn(model, tokens), jax.random.key(0)))
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
     replicated = sh.replicated(mesh)
+    # A moment takes its parameter's sharding only when it has the parameter's shape
+    # (Adafactor keeps param-structured trees of factored, differently shaped stats).
     opt_sh = optax.tree_map_params(
         tx,
-        lambda _, s: s,
+        lambda leaf, sharding, param: sharding if leaf.shape == param.shape else replicated,
         abstract_opt,
         params_sh,
+        abstract_params,
         transform_non_params=lambda _: replicated,
         is_leaf=lambda x: isinstance(x, NamedSharding),
     )

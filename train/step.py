@@ -66,7 +66,7 @@ def make_train_step(
         metrics = {
             "loss": loss_sum * scale,
             "num_tokens": count,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "lr": lr_fn(state.step),
         }
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)

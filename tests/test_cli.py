@@ -1,0 +1,63 @@
+"""The `flaxlm` command and the README's set-up commands."""
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def readme_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    return [b.strip() for b in re.findall(r"```bash\n(.*?)```", text, flags=re.S)][:2]
+
+
+def run_flaxlm(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=str(ROOT))
+    return subprocess.run(
+        [sys.executable, "-m", "train.cli", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    install_and_run, install_and_test = readme_commands()
+    assert install_and_run.startswith("pip install -e .")
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert install_and_test in ci
+
+
+def test_help_lists_the_commands():
+    result = run_flaxlm("--help")
+    assert result.returncode == 0
+    assert "quicktrain" in result.stdout
+
+
+def test_unknown_command_fails_with_usage():
+    result = run_flaxlm("pretrian")
+    assert result.returncode == 2
+    assert "unknown command 'pretrian'" in result.stderr
+
+
+def test_readme_quicktrain_pulse():
+    """The README's first command, shortened to 3 steps: it trains and prints the loss."""
+    first = readme_commands()[0].split("&&")[1].split()
+    assert first[:2] == ["flaxlm", "quicktrain"]
+    args = first[2:]
+    args[args.index("--steps") + 1] = "3"
+    result = run_flaxlm("quicktrain", *args)
+    assert result.returncode == 0, result.stderr
+    losses = [float(x) for x in re.findall(r"loss (\d+\.\d+)", result.stdout)]
+    assert len(losses) >= 2 and all(map(lambda x: x == x, losses))
+
+
+def test_quicktrain_bad_mesh_is_one_clear_line():
+    result = run_flaxlm("quicktrain", "--mesh", "3,1,1", "--steps", "1")
+    assert result.returncode != 0
+    assert "does not divide" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,262 @@
+"""The sharded train step: mesh invariance, gradient accumulation, determinism, overfitting."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from model import sharding as sh
+from model.config import get_preset
+from model.transformer import Transformer
+from train import losses
+from train.optim import make_optimizer
+from train.state import create_train_state
+from train.step import jit_train_step, make_train_step
+
+TINY = get_preset("tiny")
+
+
+def random_batch(seed: int, batch: int = 8, seq_len: int = 32, ragged_mask: bool = True):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, TINY.vocab_size, (batch, seq_len + 1))
+    mask = np.ones((batch, seq_len), np.float32)
+    if ragged_mask:  # rows count different numbers of tokens, so weighting matters
+        for row in range(batch):
+            mask[row, rng.integers(1, seq_len) :] = 0.0
+    return {
+        "inputs": jnp.asarray(tokens[:, :-1], jnp.int32),
+        "targets": jnp.asarray(tokens[:, 1:], jnp.int32),
+        "loss_mask": jnp.asarray(mask),
+    }
+
+
+def assert_trees_close(actual, expected, rtol=1e-5):
+    """Per array: ||actual - expected|| <= rtol * ||expected|| (elementwise relative error
+    is meaningless for near-zero entries, which Adam's normalized update moves by ~lr)."""
+    for a, b in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        assert np.linalg.norm(a - b) <= rtol * np.linalg.norm(b), np.abs(a - b).max()
+
+
+def run_steps(
+    mesh_shape,
+    strategy,
+    steps=3,
+    grad_accum_steps=1,
+    optimizer="adamw",
+    batches=None,
+    lr=1e-3,
+    cfg=TINY,
+):
+    devices = jax.devices()[: int(np.prod(mesh_shape))]
+    mesh = sh.make_mesh(*mesh_shape, devices=devices)
+    rules = sh.get_rules(strategy)
+    model = Transformer(cfg)
+    tx, lr_fn = make_optimizer(optimizer, lr=lr, total_steps=100, warmup_steps=2)
+    state, shardings = create_train_state(model, tx, mesh, rules, seed=0)
+    step = jit_train_step(
+        make_train_step(model, tx, lr_fn, grad_accum_steps), shardings, mesh, rules
+    )
+    history = []
+    for i in range(steps):
+        state, metrics = step(state, batches[i] if batches else random_batch(i))
+        history.append(jax.tree.map(float, metrics))
+    return state, history
+
+
+@functools.cache
+def single_device_reference():
+    return run_steps((1, 1, 1), "dp")
+
+
+@pytest.mark.parametrize(
+    "mesh_shape, strategy",
+    [
+        ((8, 1, 1), "dp"),
+        ((1, 8, 1), "fsdp"),
+        ((2, 2, 2), "fsdp_tp"),
+        ((4, 1, 2), "tp"),
+    ],
+)
+def test_sharded_training_equals_single_device(mesh_shape, strategy):
+    ref_state, ref_hist = single_device_reference()
+    state, hist = run_steps(mesh_shape, strategy)
+    for ref, got in zip(ref_hist, hist, strict=True):
+        np.testing.assert_allclose(got["loss"], ref["loss"], rtol=1e-5)
+        np.testing.assert_allclose(got["grad_norm"], ref["grad_norm"], rtol=1e-5)
+    assert_trees_close(state.params, ref_state.params)
+
+
+def test_parameters_are_actually_sharded():
+    state, _ = run_steps((2, 2, 2), "fsdp_tp", steps=1)
+    q = state.params["layers"]["attn"]["q"]  # [L, D, N, H]
+    assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+    shard_shape = q.addressable_shards[0].data.shape
+    assert shard_shape == (q.shape[0], q.shape[1] // 2, q.shape[2] // 2, q.shape[3])
+    mu = state.opt_state[1][0].mu["layers"]["attn"]["q"]  # Adam moment follows its param
+    assert mu.sharding.spec == q.sharding.spec
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    batches = [random_batch(10 + i) for i in range(2)]
+    big_state, big = run_steps((1, 2, 1), "fsdp", steps=2, batches=batches)
+    acc_state, acc = run_steps((1, 2, 1), "fsdp", steps=2, batches=batches, grad_accum_steps=4)
+    for a, b in zip(big, acc, strict=True):
+        np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-5)
+        np.testing.assert_allclose(b["grad_norm"], a["grad_norm"], rtol=1e-5)
+        assert a["num_tokens"] == b["num_tokens"]
+    assert_trees_close(acc_state.params, big_state.params)
+
+
+def test_reported_loss_is_the_masked_token_mean():
+    batch = random_batch(20)
+    mesh = sh.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    rules = sh.get_rules("dp")
+    model = Transformer(TINY)
+    tx, lr_fn = make_optimizer(lr=1e-3, total_steps=10)
+    state, shardings = create_train_state(model, tx, mesh, rules, seed=0)
+    logits = model.apply({"params": state.params}, batch["inputs"]).logits
+    logp = jax.nn.log_softmax(np.asarray(logits, np.float64), axis=-1)
+    nll = -np.take_along_axis(np.asarray(logp), np.asarray(batch["targets"])[..., None], -1)
+    mask = np.asarray(batch["loss_mask"])
+    expected = (nll[..., 0] * mask).sum() / mask.sum()
+    step = jit_train_step(make_train_step(model, tx, lr_fn), shardings, mesh, rules)
+    _, metrics = step(state, batch)
+    np.testing.assert_allclose(float(metrics["loss"]), expected, rtol=1e-5)
+    assert float(metrics["num_tokens"]) == mask.sum()
+
+
+def test_cross_entropy_z_loss_and_empty_mask():
+    logits = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 5)), jnp.float32)
+    targets = jnp.zeros((2, 3), jnp.int32)
+    plain, count = losses.cross_entropy(logits, targets)
+    with_z, _ = losses.cross_entropy(logits, targets, z_loss=1e-2)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    np.testing.assert_allclose(with_z - plain, 1e-2 * jnp.mean(log_z**2), rtol=1e-5)
+    assert count == 6
+    empty, count = losses.cross_entropy(logits, targets, jnp.zeros((2, 3)))
+    assert float(empty) == 0.0 and float(count) == 0.0
+    with pytest.raises(ValueError, match="mask"):
+        losses.cross_entropy(logits, targets, jnp.zeros((2, 4)))
+
+
+def test_step_is_deterministic_and_donates_the_state():
+    cfg = TINY.replace(dropout_rate=0.1)  # dropout draws from the state's RNG
+    runs = [run_steps((2, 1, 1), "dp", steps=2, cfg=cfg)[1] for _ in range(2)]
+    assert runs[0] == runs[1]
+    mesh = sh.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    rules = sh.get_rules("dp")
+    model = Transformer(TINY)
+    tx, lr_fn = make_optimizer(lr=1e-3, total_steps=10)
+    state, shardings = create_train_state(model, tx, mesh, rules, seed=0)
+    step = jit_train_step(make_train_step(model, tx, lr_fn), shardings, mesh, rules)
+    new_state, _ = step(state, random_batch(0))
+    assert state.params["embedding"].is_deleted()  # donated: no second copy of the state
+    assert int(new_state.step) == 1
+
+
+@pytest.mark.parametrize("optimizer", ["lion", "adafactor"])
+def test_other_optimizers_train_sharded(optimizer):
+    batch = random_batch(30, ragged_mask=False)
+    _, hist = run_steps(
+        (1, 4, 2), "fsdp_tp", steps=8, optimizer=optimizer, batches=[batch] * 8, lr=3e-3
+    )
+    assert hist[-1]["loss"] < hist[0]["loss"] - 0.1
+
+
+def test_tiny_model_overfits_one_batch():
+    batch = random_batch(42, batch=4, seq_len=32, ragged_mask=False)
+    _, hist = run_steps((1, 1, 1), "dp", steps=300, batches=[batch] * 300, lr=1e-2)
+    losses_seen = [h["loss"] for h in hist]
+    assert min(losses_seen) < 0.05, losses_seen[-5:]
+
+
+def test_scan_keeps_the_program_size_independent_of_depth():
+    sizes = []
+    for layers in (2, 12):
+        cfg = TINY.replace(num_layers=layers)
+        mesh = sh.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+        rules = sh.get_rules("dp")
+        model = Transformer(cfg)
+        tx, lr_fn = make_optimizer(lr=1e-3, total_steps=10)
+        state, shardings = create_train_state(model, tx, mesh, rules, seed=0)
+        step = jit_train_step(make_train_step(model, tx, lr_fn), shardings, mesh, rules)
+        sizes.append(len(step.lower(state, random_batch(0)).as_text().splitlines()))
+    assert sizes[0] == sizes[1]
+
+
+def test_mesh_errors_name_the_axes():
+    with pytest.raises(ValueError, match=r"mesh.data=3.*does not divide the 8 devices"):
+        sh.make_mesh(3, -1, 1)
+    with pytest.raises(ValueError, match="uses 4 devices but 8"):
+        sh.make_mesh(2, 2, 1)
+    with pytest.raises(ValueError, match="at most one axis may be -1"):
+        sh.make_mesh(-1, -1, 1)
+    assert dict(sh.make_mesh(2, -1, 2).shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    with pytest.raises(ValueError, match=r"mesh\.strategy='zero'"):
+        sh.get_rules("zero")
+
+
+def test_indivisible_sharding_names_the_parameter():
+    cfg = TINY.replace(num_kv_heads=1)  # MQA: one kv head cannot be split over tensor=2
+    mesh = sh.make_mesh(1, 1, 2, devices=jax.devices()[:2])
+    tx, _ = make_optimizer(lr=1e-3, total_steps=10)
+    with pytest.raises(ValueError, match=r"\['attn'\]\['k'\].*cannot be split"):
+        create_train_state(Transformer(cfg), tx, mesh, sh.get_rules("tp"), seed=0)
+
+
+def test_schedules_by_hand():
+    _, warm_cos = make_optimizer(
+        schedule="cosine", lr=1.0, total_steps=110, warmup_steps=10, min_lr_ratio=0.1
+    )
+    assert float(warm_cos(0)) == pytest.approx(0.1)
+    assert float(warm_cos(9)) == pytest.approx(1.0)
+    assert float(warm_cos(10 + 50)) == pytest.approx(0.1 + 0.9 * 0.5, rel=1e-5)
+    assert float(warm_cos(110)) == pytest.approx(0.1, rel=1e-5)
+    _, wsd = make_optimizer(
+        schedule="wsd",
+        lr=2.0,
+        total_steps=100,
+        warmup_steps=0,
+        min_lr_ratio=0.0,
+        decay_fraction=0.2,
+    )
+    assert float(wsd(79)) == pytest.approx(2.0)
+    assert float(wsd(90)) == pytest.approx(1.0, rel=1e-5)
+    _, linear = make_optimizer(schedule="linear", lr=1.0, total_steps=100, min_lr_ratio=0.0)
+    assert float(linear(25)) == pytest.approx(0.75)
+    _, constant = make_optimizer(schedule="constant", lr=0.5, total_steps=100)
+    assert float(constant(99)) == 0.5
+
+
+def test_weight_decay_skips_norms_and_biases():
+    params = {
+        "layers": {"attn_norm": {"scale": jnp.ones((2, 4))}, "mlp": {"up": jnp.ones((2, 4, 4))}},
+        "scalar_bias": jnp.ones(()),
+        "embedding": jnp.ones((8, 4)),
+    }
+    tx, _ = make_optimizer("adamw", lr=0.1, schedule="constant", weight_decay=0.5, clip_norm=0)
+    zero_grads = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zero_grads, tx.init(params), params)
+    new = optax.apply_updates(params, updates)
+    assert float(new["layers"]["attn_norm"]["scale"][0, 0]) == 1.0
+    assert float(new["scalar_bias"]) == 1.0
+    assert float(new["layers"]["mlp"]["up"][0, 0, 0]) == pytest.approx(1.0 - 0.1 * 0.5)
+    assert float(new["embedding"][0, 0]) == pytest.approx(1.0 - 0.1 * 0.5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [
+        ({"name": "sgdx"}, "optim.name"),
+        ({"lr": -1.0}, "optim.lr"),
+        ({"schedule": "step"}, "optim.schedule"),
+        ({"warmup_steps": 5000}, "optim.warmup_steps"),
+    ],
+)
+def test_bad_optimizer_settings_name_the_key(kwargs, key):
+    with pytest.raises(ValueError, match=key):
+        make_optimizer(**kwargs)
