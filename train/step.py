@@ -52,7 +52,10 @@ def make_train_step(
     lr_fn: optax.Schedule,
     grad_accum_steps: int = 1,
     z_loss: float = 0.0,
+    skip_nonfinite: bool = False,
 ) -> StepFn:
+    """The LM step. With `skip_nonfinite`, an update whose loss or gradient is NaN/inf is
+    discarded (parameters and optimizer state kept) and reported as `skipped=1`."""
     grad_fn = lm_loss_fn(model, z_loss)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -63,12 +66,20 @@ def make_train_step(
         grads = jax.tree.map(lambda g: g * scale, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        loss = loss_sum * scale
+        grad_norm = optax.tree.norm(grads)
         metrics = {
-            "loss": loss_sum * scale,
+            "loss": loss,
             "num_tokens": count,
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": grad_norm,
             "lr": lr_fn(state.step),
         }
+        if skip_nonfinite:
+            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+            params = jax.tree.map(keep, params, state.params)
+            opt_state = jax.tree.map(keep, opt_state, state.opt_state)
+            metrics["skipped"] = 1 - finite.astype(jnp.int32)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
 

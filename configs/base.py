@@ -1,0 +1,50 @@
+"""Keys every stage shares. Stage config files start from `base_config()` and override.
+
+`model.preset` names a ModelConfig preset; every other `model.<field>` left at None takes
+the preset's value (so `--config.model.num_layers=4` changes one field of the preset).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+from model.config import ModelConfig
+
+
+def model_section(preset: str = "tiny") -> ml_collections.ConfigDict:
+    section = {"preset": preset}
+    section.update({f.name: None for f in dataclasses.fields(ModelConfig)})
+    return ml_collections.ConfigDict(section)
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.stage = "pretrain"
+    c.seed = 0
+    c.total_steps = 100
+    c.batch_size = 8  # global, in sequences
+    c.seq_len = 64
+    c.grad_accum_steps = 1
+    c.z_loss = 0.0
+    c.nonfinite = "stop"  # stop | skip (discard the update and count it)
+    c.init_from = ""  # a workdir or checkpoint to start from (later stages)
+    c.model = model_section()
+    c.optim = ml_collections.ConfigDict({
+        "name": "adamw", "lr": 3e-4, "schedule": "cosine", "warmup_steps": 0,
+        "min_lr_ratio": 0.1, "decay_fraction": 0.2, "weight_decay": 0.1, "b1": 0.9,
+        "b2": 0.95, "eps": 1e-8, "clip_norm": 1.0})
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "strategy": "fsdp"})
+    c.data = ml_collections.ConfigDict({
+        "name": "", "path": "", "split": "train", "data_dir": "", "local_copy": "",
+        "text_key": "text", "doc_mode": "blank_line", "bad_records": "skip",
+        "packing": "first_fit", "tokenizer": "", "tokenizer_type": "bpe",
+        "vocab_size": 4096, "num_workers": 0})
+    c.eval = ml_collections.ConfigDict({
+        "every_steps": 0, "name": "", "path": "", "split": "validation", "max_batches": 0,
+        "batch_size": 0, "sample_prompt": "", "sample_tokens": 64})
+    c.checkpoint = ml_collections.ConfigDict({
+        "every_steps": 0, "max_to_keep": 3, "keep_best": False, "async_save": True})
+    c.log = ml_collections.ConfigDict({"every_steps": 10, "peak_flops_per_device": 0.0})
+    return c

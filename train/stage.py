@@ -1,0 +1,125 @@
+"""What every training stage does around the loop: mesh and state from the config,
+workdir outputs, restore-or-start, and one-line errors for bad input.
+
+Stages (pretrain, sft, reward, ...) build their model, step function and data, then call
+`run_stage`. All validation happens before anything is written to the workdir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+
+from configs import loader
+from model import sharding as sh
+from train.checkpoint import Checkpointer, abstract_with_shardings, write_json
+from train.loop import LoopSettings, NonFiniteLossError, Preempted, train_loop
+from train.metrics import MetricWriter
+
+NONFINITE_POLICIES = ("stop", "skip")
+
+
+class StageError(ValueError):
+    """Bad input to a stage: reported as one line, non-zero exit, workdir untouched."""
+
+
+def parse_stage_args(prog: str, argv: Sequence[str]
+                     ) -> tuple[argparse.Namespace, ml_collections.ConfigDict]:
+    rest, overrides = loader.split_argv(argv)
+    parser = argparse.ArgumentParser(prog=f"flaxlm {prog}", description=f"flaxlm {prog} stage; "
+                                     "override any config key with --config.KEY=VALUE")
+    parser.add_argument("--config", required=True, help="configs/FILE.py[:PRESET]")
+    parser.add_argument("--workdir", required=True, help="run directory (resumes if present)")
+    args = parser.parse_args(rest)
+    return args, loader.load(args.config, overrides)
+
+
+def mesh_from_config(config: ml_collections.ConfigDict) -> tuple[jax.sharding.Mesh, sh.Rules]:
+    rules = sh.get_rules(config.mesh.strategy)
+    mesh = sh.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    return mesh, rules
+
+
+def validate_common(config: ml_collections.ConfigDict) -> None:
+    loader.check_positive(config, "total_steps", "batch_size", "seq_len", "grad_accum_steps",
+                          "log.every_steps", "checkpoint.max_to_keep")
+    if config.nonfinite not in NONFINITE_POLICIES:
+        raise StageError(f"nonfinite={config.nonfinite!r}: choose from {NONFINITE_POLICIES}")
+    for key in ("eval.every_steps", "checkpoint.every_steps"):
+        section, leaf = key.split(".")
+        if config[section][leaf] < 0:
+            raise StageError(f"{key}={config[section][leaf]}: must be >= 0")
+
+
+def check_resume_compatible(saved: dict, current: dict, keys: Sequence[str]) -> None:
+    """Refuse to resume a workdir whose checkpoint was made with a different shape."""
+    changed = [k for k in keys if saved.get(k) != current.get(k)]
+    if changed:
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
+        raise StageError(f"the workdir's checkpoint was made with other settings ({details}); "
+                         "use a new --workdir or the original settings")
+
+
+def restore_or_start(checkpointer: Checkpointer, state: Any, shardings: Any, batches: Any
+                     ) -> tuple[Any, dict | None]:
+    """Continue from the newest intact checkpoint, if any (state and data position)."""
+    abstract = abstract_with_shardings(jax.eval_shape(lambda: state), shardings)
+    restored = checkpointer.restore(abstract)
+    if restored is None:
+        return state, None
+    step, new_state, data_state, meta = restored
+    if data_state:
+        batches.set_state(data_state)
+    print(f"resuming from checkpoint step {step}", file=sys.stderr)
+    return new_state, meta
+
+
+def run_stage(prog: str, workdir: pathlib.Path, config: ml_collections.ConfigDict,
+              build: Callable[[], dict[str, Any]]) -> int:
+    """Validate and build (no writes), then write config.json and run the loop.
+
+    `build()` returns a dict with: state, shardings, train_step, batches, to_device,
+    meta, settings (LoopSettings), eval_fn (or None), and optionally `after_build(workdir)`
+    to write stage files (e.g. the tokenizer) once validation has passed.
+    """
+    try:
+        validate_common(config)
+        parts = build()
+    except (loader.ConfigError, StageError, ValueError, FileNotFoundError, TypeError) as err:
+        print(f"flaxlm {prog}: error: {err}", file=sys.stderr)
+        return 2
+    workdir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        write_json(workdir / "config.json", config.to_dict())
+        if "after_build" in parts:
+            parts["after_build"](workdir)
+    checkpointer = Checkpointer(workdir, config.checkpoint.max_to_keep,
+                                config.checkpoint.keep_best, config.checkpoint.async_save)
+    try:
+        state, _ = restore_or_start(checkpointer, parts["state"], parts["shardings"],
+                                    parts["batches"])
+        settings: LoopSettings = parts["settings"]
+        if int(state.step) >= settings.total_steps:
+            print(f"flaxlm {prog}: already finished ({settings.total_steps} steps) in {workdir}",
+                  file=sys.stderr)
+            return 0
+        writer = MetricWriter(workdir, resume_step=int(state.step))
+        try:
+            train_loop(state, parts["train_step"], parts["batches"], parts["to_device"],
+                       checkpointer, parts["meta"], writer, settings, parts.get("eval_fn"))
+        finally:
+            writer.close()
+    except NonFiniteLossError as err:
+        print(f"flaxlm {prog}: error: {err}", file=sys.stderr)
+        return 3
+    except Preempted as stop:
+        return stop.code
+    finally:
+        checkpointer.close()
+    return 0
