@@ -24,6 +24,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.stage = "pretrain"
     c.seed = 0
     c.total_steps = 100
+    c.stop_at_step = 0  # > 0: checkpoint and exit at this step; rerun to continue
     c.batch_size = 8  # global, in sequences
     c.seq_len = 64
     c.grad_accum_steps = 1

@@ -45,7 +45,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.data.tokenizer_type = "char"
         c.model.preset = "tiny"
         c.total_steps, c.batch_size, c.seq_len = 20, 8, 64
-        c.optim.lr, c.optim.warmup_steps = 3e-3, 5
+        c.optim.lr, c.optim.warmup_steps = 3e-3, 2
         c.log.every_steps, c.eval.every_steps, c.eval.max_batches = 5, 10, 2
         c.checkpoint.every_steps = 10
     elif preset == "shakespeare_char":

@@ -19,6 +19,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -31,24 +32,40 @@ def git_revision() -> str | None:
     """The source tree's commit (with '+dirty' when modified), or None outside git."""
     root = pathlib.Path(__file__).resolve().parents[1]
     try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                             text=True, timeout=5, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=root, capture_output=True, text=True, timeout=5).stdout
+        rev = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     return rev + ("+dirty" if dirty.strip() else "")
 
 
 def lineage(stage: str, parent: str | None = None) -> dict[str, Any]:
-    return {"stage": stage, "parent": parent, "git_revision": git_revision(),
-            "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+    return {
+        "stage": stage,
+        "parent": parent,
+        "git_revision": git_revision(),
+        "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
 
 
 def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
     """ShapeDtypeStructs that carry the target shardings: restore lands on this mesh."""
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        abstract, shardings)
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
 
 
 class Checkpointer:
@@ -58,8 +75,13 @@ class Checkpointer:
     lowest `eval_loss` among saves that report it.
     """
 
-    def __init__(self, workdir: str | pathlib.Path, max_to_keep: int = 3,
-                 keep_best: bool = False, async_save: bool = True) -> None:
+    def __init__(
+        self,
+        workdir: str | pathlib.Path,
+        max_to_keep: int = 3,
+        keep_best: bool = False,
+        async_save: bool = True,
+    ) -> None:
         if max_to_keep < 1:
             raise ValueError(f"checkpoint.max_to_keep={max_to_keep}: must be >= 1")
         self.workdir = pathlib.Path(workdir).resolve()
@@ -67,12 +89,18 @@ class Checkpointer:
         policy = ocp.checkpoint_managers.LatestN(max_to_keep)
         if keep_best:
             best = ocp.checkpoint_managers.BestN(
-                get_metric_fn=lambda m: m["eval_loss"], reverse=True, n=1,
-                keep_checkpoints_without_metrics=False)
+                get_metric_fn=lambda m: m["eval_loss"],
+                reverse=True,
+                n=1,
+                keep_checkpoints_without_metrics=False,
+            )
             policy = ocp.checkpoint_managers.AnyPreservationPolicy([policy, best])
         options = ocp.CheckpointManagerOptions(
-            preservation_policy=policy, enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True, create=True)
+            preservation_policy=policy,
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,
+            create=True,
+        )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
     def steps(self) -> list[int]:
@@ -82,44 +110,74 @@ class Checkpointer:
         steps = self.steps()
         return steps[-1] if steps else None
 
-    def save(self, step: int, state: Any, data_state: dict | None, meta: dict,
-             metrics: dict[str, float] | None = None) -> None:
+    def save(
+        self,
+        step: int,
+        state: Any,
+        data_state: dict | None,
+        meta: dict,
+        metrics: dict[str, float] | None = None,
+    ) -> None:
         """Start an async save of step `step` (returns once the arrays are copied off)."""
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=ocp.args.JsonSave(data_state or {}),
-            meta=ocp.args.JsonSave(meta))
+            meta=ocp.args.JsonSave(meta),
+        )
         self.manager.save(step, args=args, metrics=metrics, force=True)
 
-    def restore(self, abstract_state: Any, step: int | None = None
-                ) -> tuple[int, Any, dict, dict] | None:
+    def restore(
+        self,
+        abstract_state: Any,
+        step: int | None = None,
+        check_meta: Callable[[dict], None] | None = None,
+    ) -> tuple[int, Any, dict, dict] | None:
         """Restore `step` (default: the newest intact one) onto `abstract_state`'s shardings.
 
+        `check_meta(meta)` runs first and may raise to refuse an incompatible checkpoint
+        (another model shape): that error propagates and the checkpoint is left alone.
         Returns (step, state, data_state, meta), or None when there is no checkpoint. A
-        damaged checkpoint is reported on stderr, moved aside, and the next older is tried.
+        checkpoint that cannot be read is reported on stderr, moved aside, and the next
+        older one is tried.
         """
         candidates = [step] if step is not None else self.steps()[::-1]
         for candidate in candidates:
             try:
-                restored = self.manager.restore(candidate, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state),
-                    data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+                meta = self.restore_meta(candidate)
             except Exception as err:
                 if step is not None:
                     raise
                 self._quarantine(candidate, err)
                 continue
-            return candidate, restored["state"], dict(restored["data"] or {}), restored["meta"]
+            if check_meta is not None:
+                check_meta(meta)
+            try:
+                restored = self.manager.restore(
+                    candidate,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+                    ),
+                )
+            except Exception as err:
+                if step is not None:
+                    raise
+                self._quarantine(candidate, err)
+                continue
+            return candidate, restored["state"], dict(restored["data"] or {}), meta
         return None
 
     def restore_meta(self, step: int) -> dict:
-        return self.manager.restore(step, args=ocp.args.Composite(
-            meta=ocp.args.JsonRestore()))["meta"]
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
+            "meta"
+        ]
 
     def _quarantine(self, step: int, err: Exception) -> None:
         reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
-        print(f"checkpoint {self.directory / str(step)} is damaged ({reason}); "
-              "moved to checkpoints_damaged/ and trying the previous one", file=sys.stderr)
+        print(
+            f"checkpoint {self.directory / str(step)} is damaged ({reason}); "
+            "moved to checkpoints_damaged/ and trying the previous one",
+            file=sys.stderr,
+        )
         if jax.process_index() == 0:
             target = self.workdir / "checkpoints_damaged" / str(step)
             target.parent.mkdir(parents=True, exist_ok=True)

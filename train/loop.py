@@ -50,6 +50,7 @@ class LoopSettings:
     checkpoint_every: int = 0  # 0: checkpoint only at the end (and on preemption)
     flops_per_token: float = 0.0  # 0: no MFU
     peak_flops_per_device: float = 0.0
+    stop_at_step: int = 0  # > 0: checkpoint and return at this step (time-boxed jobs)
     nonfinite: str = "stop"  # stop: raise NonFiniteLossError; skip: the step discarded the update
     desc: str = "train"
 
@@ -104,8 +105,14 @@ def train_loop(
     """
     start = int(state.step)
     s = settings
-    bar = tqdm(total=s.total_steps, initial=start, desc=s.desc, dynamic_ncols=True,
-               disable=jax.process_index() != 0, mininterval=1.0)
+    bar = tqdm(
+        total=s.total_steps,
+        initial=start,
+        desc=s.desc,
+        dynamic_ncols=True,
+        disable=jax.process_index() != 0,
+        mininterval=1.0,
+    )
     pending: list[tuple[int, dict]] = []  # device metrics not yet fetched
     last_saved = start
     window_start, window_steps = time.perf_counter(), 0
@@ -117,18 +124,25 @@ def train_loop(
         pending.clear()
         for i, m in host:
             if not _finite(m) and s.nonfinite == "stop":
-                raise NonFiniteLossError(f"non-finite loss or gradient at step {i} "
-                                    f"(loss={m.get('loss')}, grad_norm={m.get('grad_norm')}); "
-                                    "no checkpoint was written after it")
+                raise NonFiniteLossError(
+                    f"non-finite loss or gradient at step {i} "
+                    f"(loss={m.get('loss')}, grad_norm={m.get('grad_norm')}); "
+                    "no checkpoint was written after it"
+                )
         elapsed = time.perf_counter() - window_start
         latest = dict(host[-1][1])
         latest["tokens_per_sec"] = window_steps * s.tokens_per_step / max(elapsed, 1e-9)
         if s.flops_per_token and s.peak_flops_per_device:
-            latest["mfu"] = mfu(latest["tokens_per_sec"], s.flops_per_token,
-                                s.peak_flops_per_device)
+            latest["mfu"] = mfu(
+                latest["tokens_per_sec"], s.flops_per_token, s.peak_flops_per_device
+            )
         writer.write(step, latest)
-        bar.set_postfix(loss=f"{latest['loss']:.4f}", tok_s=f"{latest['tokens_per_sec']:,.0f}",
-                        mfu=f"{latest.get('mfu', 0.0):.1%}", refresh=False)
+        bar.set_postfix(
+            loss=f"{latest['loss']:.4f}",
+            tok_s=f"{latest['tokens_per_sec']:,.0f}",
+            mfu=f"{latest.get('mfu', 0.0):.1%}",
+            refresh=False,
+        )
         window_start, window_steps = time.perf_counter(), 0
         return latest
 
@@ -152,25 +166,40 @@ def train_loop(
                 if step % s.log_every == 0 or step == s.total_steps:
                     flush(step)
                 eval_metrics = None
-                if eval_fn is not None and s.eval_every and (step % s.eval_every == 0
-                                                             or step == s.total_steps):
+                if (
+                    eval_fn is not None
+                    and s.eval_every
+                    and (step % s.eval_every == 0 or step == s.total_steps)
+                ):
                     if pending:
                         flush(step)
                     eval_metrics = eval_fn(state)
                     writer.write(step, eval_metrics)
-                    bar.write(f"step {step}: " + ", ".join(
-                        f"{k} {v:.4f}" for k, v in eval_metrics.items()
-                        if isinstance(v, float)))
-                if (s.checkpoint_every and step % s.checkpoint_every == 0) \
-                        or step == s.total_steps:
+                    bar.write(
+                        f"step {step}: "
+                        + ", ".join(
+                            f"{k} {v:.4f}" for k, v in eval_metrics.items() if isinstance(v, float)
+                        )
+                    )
+                if (s.checkpoint_every and step % s.checkpoint_every == 0) or step == s.total_steps:
                     save(step, eval_metrics)
+                if step == s.stop_at_step:
+                    if last_saved != step:
+                        save(step)
+                    bar.write(
+                        f"stopped at step {step} (stop_at_step); rerun to continue", file=sys.stderr
+                    )
+                    break
                 signum = signals.agreed()
                 if signum:
                     if last_saved != step:
                         save(step)
                     checkpointer.wait()
-                    bar.write(f"{signal.Signals(signum).name} at step {step}: checkpoint "
-                              "saved; rerun the same command to resume", file=sys.stderr)
+                    bar.write(
+                        f"{signal.Signals(signum).name} at step {step}: checkpoint "
+                        "saved; rerun the same command to resume",
+                        file=sys.stderr,
+                    )
                     raise Preempted(signum, step)
         finally:
             bar.close()

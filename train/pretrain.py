@@ -37,6 +37,7 @@ from train.state import create_train_state
 from train.step import jit_train_step, make_train_step
 
 TOKENIZER_DIR = "tokenizer"
+VOCAB_MULTIPLE = 128
 
 
 def open_text(config: ml_collections.ConfigDict, section: str) -> Any:
@@ -44,12 +45,18 @@ def open_text(config: ml_collections.ConfigDict, section: str) -> Any:
     d = config[section]
     data = config.data
     if not d.path and not d.name:
-        raise StageError(f"{section}.path and {section}.name are both empty: say where the "
-                         "text is")
+        raise StageError(f"{section}.path and {section}.name are both empty: say where the text is")
     return builders.open_source(
-        "text", path=d.path or None, name=d.name or None, split=d.split,
-        data_dir=data.data_dir or None, local_copy=data.local_copy or None,
-        doc_mode=data.doc_mode, text_key=data.text_key, bad_records=data.bad_records)
+        "text",
+        path=d.path or None,
+        name=d.name or None,
+        split=d.split,
+        data_dir=data.data_dir or None,
+        local_copy=data.local_copy or None,
+        doc_mode=data.doc_mode,
+        text_key=data.text_key,
+        bad_records=data.bad_records,
+    )
 
 
 def texts(source: Any, text_key: str) -> Any:
@@ -58,8 +65,9 @@ def texts(source: Any, text_key: str) -> Any:
         yield value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
-def get_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.Path, source: Any
-                  ) -> Tokenizer:
+def get_tokenizer(
+    config: ml_collections.ConfigDict, workdir: pathlib.Path, source: Any
+) -> Tokenizer:
     """data.tokenizer if given, else the workdir's (resume), else train one on the data."""
     if config.data.tokenizer:
         return load_tokenizer(config.data.tokenizer)
@@ -69,22 +77,35 @@ def get_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.Path, sour
     return train_tokenizer(sentences, config.data.vocab_size, config.data.tokenizer_type)
 
 
-def make_eval_fn(model: Transformer, config: ml_collections.ConfigDict, tokenizer: Tokenizer,
-                 mesh: jax.sharding.Mesh, rules: sh.Rules) -> Any:
+def make_eval_fn(
+    model: Transformer,
+    config: ml_collections.ConfigDict,
+    tokenizer: Tokenizer,
+    mesh: jax.sharding.Mesh,
+    rules: sh.Rules,
+) -> Any:
     """Mean next-token loss over the whole eval split, cut into windows of seq_len."""
     source = open_text(config, "eval")
     batch_size = config.eval.batch_size or config.batch_size
     shard_index, shard_count = pipelines.process_shard(mesh, rules)
-    options = pipelines.DataOptions(seed=0, shuffle=False, num_epochs=1,
-                                    shard_index=shard_index, shard_count=shard_count)
+    options = pipelines.DataOptions(
+        seed=0, shuffle=False, num_epochs=1, shard_index=shard_index, shard_count=shard_count
+    )
     dataset = pipelines.pretrain_dataset(
-        source, tokenizer, pipelines.local_batch_size(batch_size, shard_count), config.seq_len,
-        options, packing="concat_split", text_key=config.data.text_key)
+        source,
+        tokenizer,
+        pipelines.local_batch_size(batch_size, shard_count),
+        config.seq_len,
+        options,
+        packing="concat_split",
+        text_key=config.data.text_key,
+    )
 
     @jax.jit
     def eval_step(params: Any, batch: dict) -> tuple[jax.Array, jax.Array]:
-        out = model.apply({"params": params}, batch["inputs"], batch.get("positions"),
-                          batch.get("segment_ids"))
+        out = model.apply(
+            {"params": params}, batch["inputs"], batch.get("positions"), batch.get("segment_ids")
+        )
         mean, count = losses.cross_entropy(out.logits, batch["targets"], batch["loss_mask"])
         return mean * count, count
 
@@ -94,8 +115,9 @@ def make_eval_fn(model: Transformer, config: ml_collections.ConfigDict, tokenize
             for i, batch in enumerate(dataset):
                 if config.eval.max_batches and i >= config.eval.max_batches:
                     break
-                loss_sum, n = eval_step(state.params,
-                                        pipelines.make_global_batch(batch, mesh, rules))
+                loss_sum, n = eval_step(
+                    state.params, pipelines.make_global_batch(batch, mesh, rules)
+                )
                 total, count = total + float(loss_sum), count + float(n)
         return {"eval_loss": total / max(count, 1.0), "eval_tokens": count}
 
@@ -107,44 +129,89 @@ def build(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str,
     rules = sh.get_rules(config.mesh.strategy)
     source = open_text(config, "data")
     tokenizer = get_tokenizer(config, workdir, source)
-    if config.model.vocab_size is None:  # follow the tokenizer unless set explicitly
-        config.model.vocab_size = tokenizer.vocab_size
+    if config.model.vocab_size is None:
+        # Follow the tokenizer, padded to a multiple of 128 so the vocab axis splits over
+        # any tensor-parallel degree; the padded ids never occur in data.
+        config.model.vocab_size = -(-tokenizer.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
     model_cfg = loader.model_config(config)
-    check_vocab(model_cfg.vocab_size, tokenizer)
+    check_vocab(model_cfg.vocab_size, tokenizer, allow_padding=True)
     if config.seq_len > model_cfg.max_seq_len:
-        raise StageError(f"seq_len={config.seq_len} exceeds model.max_seq_len="
-                         f"{model_cfg.max_seq_len}")
+        raise StageError(
+            f"seq_len={config.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}"
+        )
     o = config.optim
-    tx, lr_fn = make_optimizer(o.name, o.lr, o.schedule, config.total_steps, o.warmup_steps,
-                               o.min_lr_ratio, o.decay_fraction, o.weight_decay, o.b1, o.b2,
-                               o.eps, o.clip_norm)
+    tx, lr_fn = make_optimizer(
+        o.name,
+        o.lr,
+        o.schedule,
+        config.total_steps,
+        o.warmup_steps,
+        o.min_lr_ratio,
+        o.decay_fraction,
+        o.weight_decay,
+        o.b1,
+        o.b2,
+        o.eps,
+        o.clip_norm,
+    )
     shard_index, shard_count = pipelines.process_shard(mesh, rules)
     local_batch = pipelines.local_batch_size(config.batch_size, shard_count)
-    options = pipelines.DataOptions(seed=config.seed, shard_index=shard_index,
-                                    shard_count=shard_count, num_workers=config.data.num_workers)
-    batches = iter(pipelines.pretrain_dataset(source, tokenizer, local_batch, config.seq_len,
-                                              options, config.data.packing,
-                                              text_key=config.data.text_key))
+    options = pipelines.DataOptions(
+        seed=config.seed,
+        shard_index=shard_index,
+        shard_count=shard_count,
+        num_workers=config.data.num_workers,
+    )
+    batches = iter(
+        pipelines.pretrain_dataset(
+            source,
+            tokenizer,
+            local_batch,
+            config.seq_len,
+            options,
+            config.data.packing,
+            text_key=config.data.text_key,
+        )
+    )
     model = Transformer(model_cfg)
     eval_fn = None
     if config.eval.every_steps:
         eval_fn = make_eval_fn(model, config, tokenizer, mesh, rules)
     state, shardings = create_train_state(model, tx, mesh, rules, config.seed)
-    step = make_train_step(model, tx, lr_fn, config.grad_accum_steps, config.z_loss,
-                           skip_nonfinite=config.nonfinite == "skip")
+    step = make_train_step(
+        model,
+        tx,
+        lr_fn,
+        config.grad_accum_steps,
+        config.z_loss,
+        skip_nonfinite=config.nonfinite == "skip",
+    )
     settings = LoopSettings(
-        total_steps=config.total_steps, tokens_per_step=config.batch_size * config.seq_len,
-        log_every=config.log.every_steps, eval_every=config.eval.every_steps,
+        total_steps=config.total_steps,
+        tokens_per_step=config.batch_size * config.seq_len,
+        log_every=config.log.every_steps,
+        eval_every=config.eval.every_steps,
         checkpoint_every=config.checkpoint.every_steps,
         flops_per_token=flops_per_token(model_cfg, config.seq_len),
         peak_flops_per_device=peak_flops_per_device(config.log.peak_flops_per_device),
-        nonfinite=config.nonfinite, desc="pretrain")
-    meta = {"stage": "pretrain", "config": config.to_dict(), "model": model_cfg.to_dict(),
-            "tokenizer": {"path": TOKENIZER_DIR, "fingerprint": tokenizer.fingerprint},
-            "lineage": lineage("pretrain", config.init_from or None)}
+        nonfinite=config.nonfinite,
+        stop_at_step=config.stop_at_step,
+        desc="pretrain",
+    )
+    meta = {
+        "stage": "pretrain",
+        "config": config.to_dict(),
+        "model": model_cfg.to_dict(),
+        "tokenizer": {"path": TOKENIZER_DIR, "fingerprint": tokenizer.fingerprint},
+        "lineage": lineage("pretrain", config.init_from or None),
+    }
     return {
-        "state": state, "shardings": shardings, "batches": batches, "meta": meta,
-        "train_step": jit_train_step(step, shardings, mesh, rules), "settings": settings,
+        "state": state,
+        "shardings": shardings,
+        "batches": batches,
+        "meta": meta,
+        "train_step": jit_train_step(step, shardings, mesh, rules),
+        "settings": settings,
         "to_device": lambda b: pipelines.make_global_batch(b, mesh, rules),
         "eval_fn": eval_fn,
         "after_build": lambda wd: tokenizer.save(wd / TOKENIZER_DIR),
@@ -159,5 +226,3 @@ def main(argv: Sequence[str]) -> int:
         return 2
     workdir = pathlib.Path(args.workdir)
     return run_stage("pretrain", workdir, config, lambda: build(config, workdir))
-
-

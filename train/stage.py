@@ -29,11 +29,14 @@ class StageError(ValueError):
     """Bad input to a stage: reported as one line, non-zero exit, workdir untouched."""
 
 
-def parse_stage_args(prog: str, argv: Sequence[str]
-                     ) -> tuple[argparse.Namespace, ml_collections.ConfigDict]:
+def parse_stage_args(
+    prog: str, argv: Sequence[str]
+) -> tuple[argparse.Namespace, ml_collections.ConfigDict]:
     rest, overrides = loader.split_argv(argv)
-    parser = argparse.ArgumentParser(prog=f"flaxlm {prog}", description=f"flaxlm {prog} stage; "
-                                     "override any config key with --config.KEY=VALUE")
+    parser = argparse.ArgumentParser(
+        prog=f"flaxlm {prog}",
+        description=f"flaxlm {prog} stage; override any config key with --config.KEY=VALUE",
+    )
     parser.add_argument("--config", required=True, help="configs/FILE.py[:PRESET]")
     parser.add_argument("--workdir", required=True, help="run directory (resumes if present)")
     args = parser.parse_args(rest)
@@ -47,8 +50,15 @@ def mesh_from_config(config: ml_collections.ConfigDict) -> tuple[jax.sharding.Me
 
 
 def validate_common(config: ml_collections.ConfigDict) -> None:
-    loader.check_positive(config, "total_steps", "batch_size", "seq_len", "grad_accum_steps",
-                          "log.every_steps", "checkpoint.max_to_keep")
+    loader.check_positive(
+        config,
+        "total_steps",
+        "batch_size",
+        "seq_len",
+        "grad_accum_steps",
+        "log.every_steps",
+        "checkpoint.max_to_keep",
+    )
     if config.nonfinite not in NONFINITE_POLICIES:
         raise StageError(f"nonfinite={config.nonfinite!r}: choose from {NONFINITE_POLICIES}")
     for key in ("eval.every_steps", "checkpoint.every_steps"):
@@ -62,15 +72,34 @@ def check_resume_compatible(saved: dict, current: dict, keys: Sequence[str]) -> 
     changed = [k for k in keys if saved.get(k) != current.get(k)]
     if changed:
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
-        raise StageError(f"the workdir's checkpoint was made with other settings ({details}); "
-                         "use a new --workdir or the original settings")
+        raise StageError(
+            f"the workdir's checkpoint was made with other settings ({details}); "
+            "use a new --workdir or the original settings"
+        )
 
 
-def restore_or_start(checkpointer: Checkpointer, state: Any, shardings: Any, batches: Any
-                     ) -> tuple[Any, dict | None]:
-    """Continue from the newest intact checkpoint, if any (state and data position)."""
+def restore_or_start(
+    checkpointer: Checkpointer,
+    state: Any,
+    shardings: Any,
+    batches: Any,
+    model_dict: dict | None = None,
+) -> tuple[Any, dict | None]:
+    """Continue from the newest intact checkpoint, if any (state and data position).
+
+    A checkpoint whose model config differs from `model_dict` is refused (StageError),
+    never treated as damaged."""
     abstract = abstract_with_shardings(jax.eval_shape(lambda: state), shardings)
-    restored = checkpointer.restore(abstract)
+
+    def check(meta: dict) -> None:
+        if model_dict is not None and "model" in meta:
+            check_resume_compatible(
+                {f"model.{k}": v for k, v in meta["model"].items()},
+                {f"model.{k}": v for k, v in model_dict.items()},
+                [f"model.{k}" for k in model_dict],
+            )
+
+    restored = checkpointer.restore(abstract, check_meta=check)
     if restored is None:
         return state, None
     step, new_state, data_state, meta = restored
@@ -80,8 +109,12 @@ def restore_or_start(checkpointer: Checkpointer, state: Any, shardings: Any, bat
     return new_state, meta
 
 
-def run_stage(prog: str, workdir: pathlib.Path, config: ml_collections.ConfigDict,
-              build: Callable[[], dict[str, Any]]) -> int:
+def run_stage(
+    prog: str,
+    workdir: pathlib.Path,
+    config: ml_collections.ConfigDict,
+    build: Callable[[], dict[str, Any]],
+) -> int:
     """Validate and build (no writes), then write config.json and run the loop.
 
     `build()` returns a dict with: state, shardings, train_step, batches, to_device,
@@ -99,23 +132,43 @@ def run_stage(prog: str, workdir: pathlib.Path, config: ml_collections.ConfigDic
         write_json(workdir / "config.json", config.to_dict())
         if "after_build" in parts:
             parts["after_build"](workdir)
-    checkpointer = Checkpointer(workdir, config.checkpoint.max_to_keep,
-                                config.checkpoint.keep_best, config.checkpoint.async_save)
+    checkpointer = Checkpointer(
+        workdir,
+        config.checkpoint.max_to_keep,
+        config.checkpoint.keep_best,
+        config.checkpoint.async_save,
+    )
     try:
-        state, _ = restore_or_start(checkpointer, parts["state"], parts["shardings"],
-                                    parts["batches"])
+        state, _ = restore_or_start(
+            checkpointer,
+            parts["state"],
+            parts["shardings"],
+            parts["batches"],
+            parts["meta"].get("model"),
+        )
         settings: LoopSettings = parts["settings"]
         if int(state.step) >= settings.total_steps:
-            print(f"flaxlm {prog}: already finished ({settings.total_steps} steps) in {workdir}",
-                  file=sys.stderr)
+            print(
+                f"flaxlm {prog}: already finished ({settings.total_steps} steps) in {workdir}",
+                file=sys.stderr,
+            )
             return 0
         writer = MetricWriter(workdir, resume_step=int(state.step))
         try:
-            train_loop(state, parts["train_step"], parts["batches"], parts["to_device"],
-                       checkpointer, parts["meta"], writer, settings, parts.get("eval_fn"))
+            train_loop(
+                state,
+                parts["train_step"],
+                parts["batches"],
+                parts["to_device"],
+                checkpointer,
+                parts["meta"],
+                writer,
+                settings,
+                parts.get("eval_fn"),
+            )
         finally:
             writer.close()
-    except NonFiniteLossError as err:
+    except (NonFiniteLossError, StageError) as err:
         print(f"flaxlm {prog}: error: {err}", file=sys.stderr)
         return 3
     except Preempted as stop:
