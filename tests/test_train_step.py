@@ -260,3 +260,23 @@ def test_weight_decay_skips_norms_and_biases():
 def test_bad_optimizer_settings_name_the_key(kwargs, key):
     with pytest.raises(ValueError, match=key):
         make_optimizer(**kwargs)
+
+
+def test_skip_nonfinite_keeps_the_state_and_counts():
+    mesh = sh.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    rules = sh.get_rules("dp")
+    model = Transformer(TINY)
+    tx, lr_fn = make_optimizer(lr=1e-3, total_steps=10)
+    state, shardings = create_train_state(model, tx, mesh, rules, seed=0)
+    before = jax.tree.map(np.asarray, state.params)
+    step = jit_train_step(
+        make_train_step(model, tx, lr_fn, skip_nonfinite=True), shardings, mesh, rules
+    )
+    poisoned = random_batch(0)
+    poisoned["loss_mask"] = poisoned["loss_mask"].at[0, 0].set(jnp.nan)
+    state, metrics = step(state, poisoned)
+    assert int(metrics["skipped"]) == 1 and not np.isfinite(float(metrics["loss"]))
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state.params), strict=True):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    state, metrics = step(state, random_batch(1))
+    assert int(metrics["skipped"]) == 0 and int(state.step) == 2

@@ -215,6 +215,11 @@ def build(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str,
         "to_device": lambda b: pipelines.make_global_batch(b, mesh, rules),
         "eval_fn": eval_fn,
         "after_build": lambda wd: tokenizer.save(wd / TOKENIZER_DIR),
+        # For benchmarks and tools that drive the pieces themselves:
+        "model": model,
+        "tokenizer": tokenizer,
+        "mesh": mesh,
+        "rules": rules,
     }
 
 

@@ -1,0 +1,92 @@
+"""Training throughput and MFU of a small char-level model, against this machine's peak.
+
+    python benchmarks/pretrain_throughput.py [--steps 60 --repeats 3]
+
+Shape: 4 layers, 4 heads, d_model 128, context 64, batch 12, char-level vocabulary
+(the shakespeare_char tokenizer: its pieces padded to a multiple of 128). The peak is the
+median fp32 matmul FLOP/s measured in the same run. Prints compile time, step time,
+tokens/s, MFU and peak host memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from model import sharding as sh
+from model.config import ModelConfig, flops_per_token, param_count
+from model.transformer import Transformer
+from train.metrics import measure_matmul_flops
+from train.optim import make_optimizer
+from train.state import create_train_state
+from train.step import jit_train_step, make_train_step
+
+SHAPE = ModelConfig(
+    vocab_size=384,
+    d_model=128,
+    num_layers=4,
+    num_heads=4,
+    num_kv_heads=4,
+    head_dim=32,
+    mlp_dim=512,
+    max_seq_len=64,
+    dtype="float32",
+)
+BATCH, SEQ = 12, 64
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    mesh = sh.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    rules = sh.get_rules("dp")
+    model = Transformer(SHAPE)
+    tx, lr_fn = make_optimizer(lr=1e-3, total_steps=10_000, warmup_steps=10)
+    state, shardings = create_train_state(model, tx, mesh, rules, seed=0)
+    step = jit_train_step(make_train_step(model, tx, lr_fn), shardings, mesh, rules)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 65, (BATCH, SEQ + 1))
+    batch = {
+        "inputs": jnp.asarray(tokens[:, :-1], jnp.int32),
+        "targets": jnp.asarray(tokens[:, 1:], jnp.int32),
+        "loss_mask": jnp.ones((BATCH, SEQ), jnp.float32),
+    }
+    start = time.perf_counter()
+    state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - start
+    peaks, rates = [], []
+    for _ in range(args.repeats):
+        peaks.append(measure_matmul_flops(size=1024, repeats=7))
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
+        rates.append(args.steps * BATCH * SEQ / (time.perf_counter() - start))
+    peak, rate = statistics.median(peaks), statistics.median(rates)
+    fpt = flops_per_token(SHAPE, SEQ)
+    print(
+        f"jax {jax.__version__} on {jax.devices()[0].device_kind}; "
+        f"{param_count(SHAPE) / 1e6:.2f}M params, {fpt / 1e6:.2f} MFLOP/token"
+    )
+    print(f"peak fp32 matmul: {peak / 1e9:.1f} GFLOP/s (median of {args.repeats})")
+    print(f"compile + first step: {compile_s:.2f} s")
+    print(
+        f"step time: {BATCH * SEQ / rate * 1e3:.2f} ms; tokens/s: {rate:,.0f} "
+        f"(median of {args.repeats} x {args.steps} steps; all: "
+        f"{', '.join(f'{r:,.0f}' for r in rates)})"
+    )
+    print(f"MFU: {rate * fpt / peak:.1%}")
+    print(f"peak host memory: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
