@@ -13,6 +13,14 @@ INSTALL_REQUIRES = [
     "numpy>=2.0",
     "tqdm>=4.66",
     "tensorboardX>=2.6.5",
+    "sentencepiece>=0.2.3",
+    "tensorflow-datasets>=4.9.10",
+    "grain>=0.2.18",
+    "array-record>=0.8.6",
+    "absl-py>=2.5.1",
+    # tensorflow-datasets imports it for builders defined in packages but declares it
+    # only for Python < 3.9.
+    "importlib-resources>=7.1.0",
 ]
 
 EXTRAS = {

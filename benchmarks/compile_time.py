@@ -47,9 +47,12 @@ def main() -> None:
         times = {}
         for layers in (2, 24):
             times[layers] = statistics.median(
-                compile_seconds(layers, scan) for _ in range(args.repeats))
-        print(f"scan_layers={scan!s:5}  2 layers {times[2]:.2f}s  24 layers {times[24]:.2f}s  "
-              f"ratio {times[24] / times[2]:.2f}")
+                compile_seconds(layers, scan) for _ in range(args.repeats)
+            )
+        print(
+            f"scan_layers={scan!s:5}  2 layers {times[2]:.2f}s  24 layers {times[24]:.2f}s  "
+            f"ratio {times[24] / times[2]:.2f}"
+        )
 
 
 if __name__ == "__main__":

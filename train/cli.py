@@ -15,6 +15,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "train.synthetic:main",
         "train a preset for a few steps on synthetic tokens and print the loss",
     ),
+    "pretrain": ("train.pretrain:main", "pretrain a model on next-token prediction"),
+    "tokenizer": ("train.data.tokenizer_cli:main", "train a sentencepiece tokenizer"),
 }
 
 
