@@ -1,0 +1,175 @@
+"""Decode throughput with the KV cache versus recomputing the full forward pass per token.
+
+    python benchmarks/decode.py                       # preset 10m, batch 1 and 16, P=64, N=256
+    python benchmarks/decode.py --batch-sizes 4 --baseline-steps 256  # time the baseline in full
+
+For each batch size it prints: the first-call time of `generate` and the compile time
+within it (trace + lowering + XLA compile, from jax.monitoring events); the steady-state
+time of a whole generation (median of --repeats) split into prefill (one forward over the
+prompt, cache write, first sample; timed on its own) and the decode loop (the rest);
+tokens/s; and the same for a no-cache baseline that, per new token, runs the full forward
+pass over a fixed [B, P + N] buffer (right padding is inert under the causal mask, and a
+fixed shape compiles once). The baseline's cost per token is the same at every step, so it
+is timed over --baseline-steps steps and scaled to N; --baseline-steps N times it in full.
+Figures are from random weights and random prompts; eos is off, so every row makes N tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from model import generate as gen
+from model.config import get_preset, param_count
+from model.transformer import Transformer, init_cache
+
+SAMPLING = gen.SamplingConfig(temperature=1.0)
+_COMPILE_SECONDS = [0.0]  # trace + lowering + backend compile, summed over every jit
+
+
+def _on_duration(event: str, seconds: float, **_: object) -> None:
+    if event.startswith("/jax/core/compile/"):
+        _COMPILE_SECONDS[0] += seconds
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_duration)
+
+
+# (column title, result key, number format)
+COLUMNS = (
+    ("batch", "batch", "d"),
+    ("first call s", "first_call_s", ".2f"),
+    ("compile s", "compile_s", ".2f"),
+    ("total s", "total_s", ".3f"),
+    ("prefill s", "prefill_s", ".4f"),
+    ("prefill %", "prefill_pct", ".1f"),
+    ("decode s", "decode_s", ".3f"),
+    ("ms/step", "ms_per_step", ".2f"),
+    ("tok/s", "tok_s", ".0f"),
+    ("decode tok/s", "decode_tok_s", ".0f"),
+    ("no-cache s", "baseline_total_s", ".2f"),
+    ("no-cache tok/s", "baseline_tok_s", ".1f"),
+    ("speedup x", "speedup", ".1f"),
+    ("no-cache compile s", "baseline_compile_s", ".2f"),
+)
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - start
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def prefill_only(model: Transformer, params, tokens, segment_ids, key, new: int):
+    """The part of `generate` before the decode loop: cache, prompt forward, first sample."""
+    positions = gen.prompt_positions(segment_ids)
+    cache = init_cache(model.config, tokens.shape[0], tokens.shape[1] + new)
+    logits, cache = gen.prefill(model, params, tokens, segment_ids, positions, cache)
+    return gen.sample_logits(jax.random.fold_in(key, 0), logits, SAMPLING), cache
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5))
+def no_cache_generate(model: Transformer, params, tokens, key, new: int, steps: int):
+    """`steps` tokens, each from a full forward pass over the [B, P + new] buffer."""
+    batch, plen = tokens.shape
+    buffer = jnp.concatenate([tokens, jnp.zeros((batch, new), jnp.int32)], axis=1)
+    positions = jnp.broadcast_to(jnp.arange(plen + new), buffer.shape)
+
+    def body(i, buffer):
+        segments = (jnp.arange(plen + new) < plen + i).astype(jnp.int32)
+        segments = jnp.broadcast_to(segments, buffer.shape)
+        logits = model.apply({"params": params}, buffer, positions, segments).logits
+        token, _ = gen.sample_logits(jax.random.fold_in(key, i), logits[:, plen - 1 + i], SAMPLING)
+        return buffer.at[:, plen + i].set(token)
+
+    return jax.lax.fori_loop(0, steps, body, buffer)
+
+
+def bench(model: Transformer, params, batch: int, plen: int, args: argparse.Namespace) -> dict:
+    rng = np.random.default_rng(batch)
+    tokens = jnp.asarray(rng.integers(1, model.config.vocab_size, (batch, plen)), jnp.int32)
+    segment_ids = jnp.ones_like(tokens)
+    key = jax.random.key(0)
+    new = args.new_tokens
+
+    def run() -> gen.GenerateOutput:
+        return gen.generate(
+            model, params, tokens, segment_ids, key, max_new_tokens=new, sampling=SAMPLING
+        )
+
+    compiled_before = _COMPILE_SECONDS[0]
+    first = timed(run)
+    compile_s = _COMPILE_SECONDS[0] - compiled_before
+    total = statistics.median(timed(run) for _ in range(args.repeats))
+    prefill_run = functools.partial(prefill_only, model, params, tokens, segment_ids, key, new)
+    timed(prefill_run)
+    prefill = statistics.median(timed(prefill_run) for _ in range(args.repeats))
+
+    steps = min(args.baseline_steps, new)
+    start = time.perf_counter()
+    compiled = no_cache_generate.lower(model, params, tokens, key, new, steps).compile()
+    baseline_compile = time.perf_counter() - start
+    baseline_time = statistics.median(
+        timed(lambda: compiled(params, tokens, key)) for _ in range(args.repeats)
+    )
+    baseline_total = baseline_time * new / steps
+    decode = total - prefill
+    return {
+        "batch": batch,
+        "compile_s": compile_s,
+        "first_call_s": first,
+        "total_s": total,
+        "prefill_s": prefill,
+        "decode_s": decode,
+        "prefill_pct": 100 * prefill / total,
+        "tok_s": batch * new / total,
+        "decode_tok_s": batch * (new - 1) / decode,
+        "ms_per_step": 1e3 * decode / (new - 1),
+        "baseline_compile_s": baseline_compile,
+        "baseline_total_s": baseline_total,
+        "baseline_tok_s": batch * new / baseline_total,
+        "speedup": baseline_total / total,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="10m")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--baseline-steps", type=int, default=8)
+    args = parser.parse_args()
+
+    cfg = get_preset(args.preset)
+    model = Transformer(cfg)
+    example = jnp.zeros((1, 8), jnp.int32)
+    params = nn.unbox(jax.jit(model.init)(jax.random.key(0), example)["params"])
+    print(
+        f"preset={args.preset} params={param_count(cfg) / 1e6:.1f}M dtype={cfg.dtype} "
+        f"device={jax.devices()[0].device_kind} x{jax.device_count()} "
+        f"prompt={args.prompt_len} new={args.new_tokens} sampling={SAMPLING} "
+        f"repeats={args.repeats} baseline_steps={args.baseline_steps}"
+    )
+    print(" ".join(f"{title:>{len(title)}}" for title, _, _ in COLUMNS))
+    for batch in args.batch_sizes:
+        r = bench(model, params, batch, args.prompt_len, args)
+        print(" ".join(f"{r[key]:>{len(title)}{fmt}}" for title, key, fmt in COLUMNS), flush=True)
+
+
+if __name__ == "__main__":
+    main()
