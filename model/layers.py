@@ -100,9 +100,11 @@ ATTENTION_FNS: dict[str, Callable[..., jax.Array]] = {
 class Attention(nn.Module):
     """Multi-head attention with rotary positions and grouped kv heads.
 
-    With `cache` (dict with k, v: [B, S, K, H]) the new keys/values are written at
-    `cache_index` and queries attend over the whole buffer; the mask says which slots
-    are live. Returns (output [B, T, D], updated cache or None).
+    With `cache` (dict with k, v: [L, B, S, K, H], the stacked cache of every layer) the
+    new keys/values are written in place at (`layer`, `cache_index`) and queries attend over
+    this layer's whole buffer; the mask says which slots are live. Writing one slice of the
+    stacked buffer (rather than passing per-layer caches through the layer scan) lets XLA
+    update the cache in place. Returns (output [B, T, D], updated cache or None).
     """
 
     num_heads: int
@@ -122,6 +124,7 @@ class Attention(nn.Module):
         mask: jax.Array,
         cache: dict | None = None,
         cache_index: jax.Array | None = None,
+        layer: jax.Array | int = 0,
     ) -> tuple[jax.Array, dict | None]:
         d = x.shape[-1]
         n, kv, h = self.num_heads, self.num_kv_heads, self.head_dim
@@ -141,10 +144,14 @@ class Attention(nn.Module):
         q = nn.with_logical_constraint(q, (sh.ACT_BATCH, sh.ACT_LENGTH, sh.ACT_HEADS, sh.HEAD_DIM))
 
         if cache is not None:
-            start = (0, cache_index, 0, 0)
-            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
-            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
-            cache = {"k": k, "v": v}
+            start = (layer, 0, cache_index, 0, 0)
+            cache = {
+                name: jax.lax.dynamic_update_slice(
+                    cache[name], new[None].astype(cache[name].dtype), start
+                )
+                for name, new in (("k", k), ("v", v))
+            }
+            k, v = (jax.lax.dynamic_index_in_dim(cache[n], layer, keepdims=False) for n in "kv")
             k, v = k.astype(self.dtype), v.astype(self.dtype)
 
         out = ATTENTION_FNS[self.attention_impl](q, k, v, mask)

@@ -41,12 +41,14 @@ class Block(nn.Module):
     @nn.compact
     def __call__(
         self,
-        x: jax.Array,
+        carry: tuple[jax.Array, dict | None],
         positions: jax.Array,
         mask: jax.Array,
-        cache: dict | None,
         cache_index: jax.Array | None,
-    ) -> tuple[jax.Array, dict | None]:
+        layer: jax.Array | int,
+    ) -> tuple[tuple[jax.Array, dict | None], None]:
+        """carry = (x [B, T, D], stacked cache or None); scan-shaped: (carry, xs) -> (carry, ys)."""
+        x, cache = carry
         cfg = self.config
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         h = RMSNorm(cfg.norm_eps, dtype, pdtype, name="attn_norm")(x)
@@ -60,13 +62,13 @@ class Block(nn.Module):
             dtype,
             pdtype,
             name="attn",
-        )(h, positions, mask, cache, cache_index)
+        )(h, positions, mask, cache, cache_index, layer)
         x = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=self.deterministic)
         h = RMSNorm(cfg.norm_eps, dtype, pdtype, name="mlp_norm")(x)
         h = MLP(cfg.mlp_dim, cfg.num_layers, cfg.activation, dtype, pdtype, name="mlp")(h)
         x = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=self.deterministic)
         x = nn.with_logical_constraint(x, (sh.ACT_BATCH, sh.ACT_LENGTH, sh.ACT_EMBED))
-        return x, cache
+        return (x, cache), None
 
 
 def _block_class(cfg: ModelConfig) -> type[nn.Module]:
@@ -125,30 +127,26 @@ class Transformer(nn.Module):
         x = nn.with_logical_constraint(x, (sh.ACT_BATCH, sh.ACT_LENGTH, sh.ACT_EMBED))
 
         block = _block_class(cfg)
+        carry = (x, layer_cache)
         if cfg.scan_layers:
             stack = nn.scan(
                 block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: sh.LAYERS},
             )
-            x, layer_cache = stack(cfg, deterministic, name="layers")(
-                x, positions, mask, layer_cache, cache_index
+            layers = jnp.arange(cfg.num_layers)
+            carry, _ = stack(cfg, deterministic, name="layers")(
+                carry, positions, mask, cache_index, layers
             )
         else:
-            new_layers = []
             for i in range(cfg.num_layers):
-                this = None
-                if layer_cache is not None:
-                    this = jax.tree.map(lambda c, i=i: c[i], layer_cache)
-                x, this = block(cfg, deterministic, name=f"layers_{i}")(
-                    x, positions, mask, this, cache_index
+                carry, _ = block(cfg, deterministic, name=f"layers_{i}")(
+                    carry, positions, mask, cache_index, i
                 )
-                new_layers.append(this)
-            if layer_cache is not None:
-                layer_cache = jax.tree.map(lambda *c: jnp.stack(c), *new_layers)
+        x, layer_cache = carry
 
         hidden = RMSNorm(cfg.norm_eps, dtype, pdtype, name="final_norm")(x)
         logits = scalars = None
