@@ -95,6 +95,8 @@ def test_pulse_writes_every_output(tmp_path, data_dir):
             "--config.optim.warmup_steps=1",
             "--config.log.every_steps=1",
             "--config.eval.every_steps=3",
+            "--config.eval.sample_prompt=ROMEO:",
+            "--config.eval.sample_tokens=8",
         )
         == 0
     )
@@ -106,6 +108,7 @@ def test_pulse_writes_every_output(tmp_path, data_dir):
     for key in ("step", "loss", "lr", "grad_norm", "tokens_per_sec", "mfu"):
         assert all(key in x for x in train), key
     assert any("eval_loss" in x for x in lines)
+    assert any(x.get("sample", "").startswith("ROMEO:") for x in lines)
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
     assert (tmp_path / "tokenizer" / "tokenizer.model").is_file()
     step, _, data_state, meta = restore_params(tmp_path)

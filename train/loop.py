@@ -87,6 +87,13 @@ def _finite(metrics: dict[str, float]) -> bool:
     return all(math.isfinite(v) for k, v in metrics.items() if k in ("loss", "grad_norm"))
 
 
+def format_eval(metrics: dict[str, Any]) -> str:
+    """Numbers on one line; text (e.g. a generated sample) on lines of its own."""
+    numbers = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+    texts = "".join(f"\n  {k}: {v!r}" for k, v in metrics.items() if isinstance(v, str))
+    return numbers + texts
+
+
 def train_loop(
     state: Any,
     train_step: Callable[[Any, Any], tuple[Any, dict]],
@@ -175,12 +182,10 @@ def train_loop(
                         flush(step)
                     eval_metrics = eval_fn(state)
                     writer.write(step, eval_metrics)
-                    bar.write(
-                        f"step {step}: "
-                        + ", ".join(
-                            f"{k} {v:.4f}" for k, v in eval_metrics.items() if isinstance(v, float)
-                        )
-                    )
+                    bar.write(f"step {step}: " + format_eval(eval_metrics))
+                    eval_metrics = {
+                        k: v for k, v in eval_metrics.items() if isinstance(v, (int, float))
+                    }
                 if (s.checkpoint_every and step % s.checkpoint_every == 0) or step == s.total_steps:
                     save(step, eval_metrics)
                 if step == s.stop_at_step:

@@ -14,11 +14,15 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 
 from configs import loader
+from model import generate
 from model import sharding as sh
 from model.config import flops_per_token
 from model.tokenizer import (
+    BOS_ID,
+    EOS_ID,
     Tokenizer,
     check_vocab,
     load_tokenizer,
@@ -119,9 +123,45 @@ def make_eval_fn(
                     state.params, pipelines.make_global_batch(batch, mesh, rules)
                 )
                 total, count = total + float(loss_sum), count + float(n)
-        return {"eval_loss": total / max(count, 1.0), "eval_tokens": count}
+        metrics = {"eval_loss": total / max(count, 1.0), "eval_tokens": count}
+        if config.eval.sample_prompt:
+            metrics["sample"] = sample_text(model, state.params, tokenizer, config, mesh, rules)
+        return metrics
 
     return eval_fn
+
+
+def sample_text(
+    model: Transformer,
+    params: Any,
+    tokenizer: Tokenizer,
+    config: ml_collections.ConfigDict,
+    mesh: jax.sharding.Mesh,
+    rules: sh.Rules,
+) -> str:
+    """A short continuation of eval.sample_prompt (temperature 0.8, top-k 40, fixed key)."""
+    prompt = generate.left_pad([[BOS_ID, *tokenizer.encode(config.eval.sample_prompt)]])
+    copies = max(1, mesh.shape["data"] * mesh.shape["fsdp"])  # one row per batch shard
+    tokens = np.repeat(prompt.tokens, copies, axis=0)
+    segments = np.repeat(prompt.segment_ids, copies, axis=0)
+    out = generate.generate(
+        model,
+        params,
+        tokens,
+        segments,
+        jax.random.key(config.seed),
+        max_new_tokens=config.eval.sample_tokens,
+        sampling=generate.SamplingConfig(temperature=0.8, top_k=40),
+        eos_id=EOS_ID,
+        mesh=mesh,
+        rules=rules,
+    )
+    ids = [
+        int(t)
+        for t, m in zip(out.tokens[0], out.mask[0], strict=True)
+        if m and int(t) < tokenizer.vocab_size
+    ]  # padded vocabulary rows never decode
+    return config.eval.sample_prompt + tokenizer.decode(ids)
 
 
 def build(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, Any]:
