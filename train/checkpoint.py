@@ -200,3 +200,204 @@ def write_json(path: str | pathlib.Path, obj: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
     tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------- init_from
+import logging  # noqa: E402  (this section was appended; its one extra import)
+
+# A later stage (SFT, reward, RLHF) starts from another run's checkpoint: it takes that
+# run's model shape, tokenizer and parameters, and records the parent in its lineage.
+
+# ModelConfig fields that decide parameter shapes: a child may not change them.
+PARAM_SHAPE_KEYS = (
+    "vocab_size",
+    "d_model",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "mlp_dim",
+    "tie_embeddings",
+    "activation",
+    "scan_layers",
+    "param_dtype",
+)
+
+
+class InitFromError(ValueError):
+    """The init_from checkpoint is missing or does not fit this run (one-line message)."""
+
+
+class Parent:
+    """A checkpoint to start from, read without loading its arrays.
+
+    checkpoint: `<workdir>/checkpoints/N`; meta: its meta item (stage, config, model
+    dict, tokenizer, lineage).
+    """
+
+    def __init__(self, checkpoint: pathlib.Path, step: int, meta: dict) -> None:
+        self.checkpoint, self.step, self.meta = checkpoint, step, meta
+
+    @property
+    def workdir(self) -> pathlib.Path:
+        return self.checkpoint.parent.parent
+
+    @property
+    def stage(self) -> str:
+        return str(self.meta.get("stage", "unknown"))
+
+    @property
+    def model(self) -> dict:
+        return dict(self.meta.get("model") or {})
+
+    @property
+    def tokenizer_dir(self) -> pathlib.Path | None:
+        """Absolute tokenizer location (meta paths are relative to the parent workdir)."""
+        path = (self.meta.get("tokenizer") or {}).get("path")
+        return None if not path else self.workdir / path
+
+    @property
+    def tokenizer_fingerprint(self) -> str | None:
+        return (self.meta.get("tokenizer") or {}).get("fingerprint")
+
+    def lineage(self, stage: str) -> dict[str, Any]:
+        """This run's lineage: parent = the checkpoint path, and the parent's own lineage."""
+        return {**lineage(stage, str(self.checkpoint)), "parent_lineage": self.meta.get("lineage")}
+
+
+def find_checkpoint(path: str | pathlib.Path) -> tuple[pathlib.Path, int]:
+    """A run workdir (its newest committed step) or one `<workdir>/checkpoints/N` directory."""
+    path = pathlib.Path(path).expanduser().resolve()
+    if path.name.isdigit() and path.parent.name == "checkpoints":
+        if not (path / "meta").is_dir():
+            raise InitFromError(f"init_from={path}: not a checkpoint (no meta item)")
+        return path, int(path.name)
+    if not path.is_dir():
+        raise InitFromError(f"init_from={path}: no such workdir or checkpoint directory")
+    directory = path / "checkpoints"
+    steps = sorted(
+        int(p.name)
+        for p in (directory.iterdir() if directory.is_dir() else ())
+        if p.name.isdigit() and (p / "meta").is_dir() and (p / "state").is_dir()
+    )
+    if not steps:
+        raise InitFromError(f"init_from={path}: the workdir holds no checkpoint")
+    return directory / str(steps[-1]), steps[-1]
+
+
+def read_parent(path: str | pathlib.Path) -> Parent:
+    """Locate and read the meta of the checkpoint at `path` (no arrays are loaded)."""
+    checkpoint, step = find_checkpoint(path)
+    try:
+        meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(checkpoint / "meta")
+    except Exception as err:  # orbax raises several types for unreadable items
+        raise InitFromError(f"init_from={checkpoint}: cannot read its meta ({err})") from None
+    if not isinstance(meta, dict) or not meta.get("model"):
+        raise InitFromError(f"init_from={checkpoint}: its meta has no model config")
+    return Parent(checkpoint, step, dict(meta))
+
+
+def child_model_dict(parent: Parent, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The parent's model config with `overrides` (non-None values) applied.
+
+    Numerics that leave parameter shapes alone (dtype, dropout, remat, max_seq_len, ...)
+    may change; a change to a PARAM_SHAPE_KEYS field is refused.
+    """
+    model = parent.model
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    unknown = sorted(set(changes) - set(model))
+    if unknown:
+        raise InitFromError(f"model.{unknown[0]}: not a field of the init_from model config")
+    clash = [k for k in PARAM_SHAPE_KEYS if k in changes and changes[k] != model.get(k)]
+    if clash:
+        details = ", ".join(
+            f"model.{k}={changes[k]!r} (checkpoint: {model.get(k)!r})" for k in clash
+        )
+        raise InitFromError(
+            f"{details}: init_from={parent.checkpoint} has other parameter shapes; "
+            "drop the override or start from a matching checkpoint"
+        )
+    return {**model, **changes}
+
+
+def check_tokenizer(parent: Parent, fingerprint: str, source: str) -> None:
+    """Refuse a tokenizer other than the one the parent was trained with."""
+    expected = parent.tokenizer_fingerprint
+    if expected is not None and expected != fingerprint:
+        raise InitFromError(
+            f"tokenizer {source} (fingerprint {fingerprint}) is not the one "
+            f"init_from={parent.checkpoint} was trained with (fingerprint {expected}); "
+            "token ids would change meaning"
+        )
+
+
+def load_params(parent: Parent, target: Any, init: Any | None = None, new: tuple = ()) -> Any:
+    """Restore the parent's parameters onto `target`'s shapes and shardings.
+
+    target: the child's parameter tree of arrays or ShapeDtypeStructs carrying shardings
+    (the current mesh); every leaf is read straight into its shards. Parameters the
+    parent has and the child lacks (e.g. an LM head under a reward model) are skipped.
+    Top-level parameters named in `new` may be absent from the parent (fresh heads such
+    as `scalar_head`); they are taken from `init`. Any other absent parameter, or a leaf
+    whose shape differs, is refused with its path.
+    """
+    directory = parent.checkpoint / "state"
+    checkpointer = ocp.PyTreeCheckpointer()
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)  # reading one item warns that the step metadata is absent
+    try:
+        saved = checkpointer.metadata(directory).item_metadata.tree.get("params") or {}
+        return _restore_params(parent, checkpointer, directory, saved, target, init, new)
+    finally:
+        absl_logger.setLevel(level)
+
+
+def _restore_params(
+    parent: Parent,
+    checkpointer: ocp.PyTreeCheckpointer,
+    directory: pathlib.Path,
+    saved: Any,
+    target: Any,
+    init: Any | None,
+    new: tuple,
+) -> Any:
+    saved_shapes = {
+        jax.tree_util.keystr(path): tuple(leaf.shape)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(saved)[0]
+    }
+    restore, fresh = {}, {}
+    for name, subtree in target.items():
+        present = any(k.startswith(f"['{name}']") for k in saved_shapes)
+        if not present and name in new:
+            if init is None:
+                raise InitFromError(f"load_params: no initial value for the new {name!r}")
+            fresh[name] = init[name]
+            continue
+        restore[name] = subtree
+    for path, leaf in jax.tree_util.tree_flatten_with_path(restore)[0]:
+        key = jax.tree_util.keystr(path)
+        if key not in saved_shapes:
+            raise InitFromError(
+                f"init_from={parent.checkpoint} has no parameter params{key} "
+                f"(its model: {parent.model}); the model shapes differ"
+            )
+        if saved_shapes[key] != tuple(leaf.shape):
+            raise InitFromError(
+                f"init_from={parent.checkpoint}: params{key} has shape {saved_shapes[key]}, "
+                f"this model needs {tuple(leaf.shape)}"
+            )
+    item = {
+        "params": jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), restore
+        )
+    }
+    restored = checkpointer.restore(
+        directory,
+        args=ocp.args.PyTreeRestore(
+            item=item,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+            partial_restore=True,
+        ),
+    )["params"]
+    return {**restored, **fresh}

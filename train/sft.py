@@ -1,0 +1,422 @@
+"""`flaxlm sft --config configs/sft.py:PRESET --workdir DIR --config.init_from=RUN [...]`.
+
+Supervised fine-tuning: conversations through the chat template, next-token loss on the
+assistant tokens only, packed rows by default (`data.packing`). Thin like pretraining:
+the step is the LM step (train/step.py, whose loss follows `loss_mask`), the loop and
+checkpoints are the shared ones (train/stage.py, train/loop.py).
+
+Starting point: `init_from` names a pretraining (or SFT) workdir or one checkpoint
+directory. The run takes its model config (only non-shape fields such as dtype, dropout
+or remat may be overridden), its tokenizer (`data.tokenizer` may name the same one
+elsewhere; another one is refused) and its parameters, read straight onto this run's
+mesh. The lineage records the parent checkpoint. Resuming a workdir continues from its
+own checkpoint.
+
+Eval (`eval.every_steps`): response-token loss on the held-out set (`eval.path` or
+`eval.name`) and `eval.num_samples` responses sampled for held-out prompts, printed
+and appended to `<workdir>/samples.jsonl`.
+
+The helpers above `build` (parent, tokenizer, optimizer, data options, sampling) serve the
+reward stage too.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+from tqdm.auto import tqdm
+
+from configs import loader
+from model import sharding as sh
+from model.config import ModelConfig, flops_per_token
+from model.generate import SamplingConfig, generate, left_pad
+from model.tokenizer import END_ID, EOS_ID, PAD_ID, Tokenizer, check_vocab, load_tokenizer
+from model.transformer import Transformer
+from train import losses
+from train.checkpoint import Parent, check_tokenizer, child_model_dict, load_params, read_parent
+from train.data import builders, pipelines
+from train.loop import LoopSettings
+from train.metrics import peak_flops_per_device
+from train.optim import make_optimizer
+from train.stage import StageError, parse_stage_args, run_stage
+from train.state import TrainState, create_train_state
+from train.step import jit_train_step, make_train_step
+
+TOKENIZER_DIR = "tokenizer"
+SAMPLES_FILE = "samples.jsonl"
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+
+def open_records(config: ml_collections.ConfigDict, section: str, kind: str) -> Any:
+    """Records of `kind` ("sft", "ranked", "prompts") from `<section>.path` or `.name`.
+
+    A local file or glob is one split of its own (the held-out file is the eval set), so
+    `<section>.split` applies to named datasets only.
+    """
+    d = config[section]
+    if not d.path and not d.name:
+        raise StageError(f"{section}.path and {section}.name are both empty: say where the data is")
+    return builders.open_source(
+        kind,
+        path=d.path or None,
+        name=d.name or None,
+        split="train" if d.path else d.split,
+        data_dir=config.data.data_dir or None,
+        bad_records=config.data.bad_records,
+    )
+
+
+def make_tx(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
+    """(optimizer, lr schedule) from `config.optim`, the factory every stage uses."""
+    o = config.optim
+    return make_optimizer(
+        o.name,
+        o.lr,
+        o.schedule,
+        config.total_steps,
+        o.warmup_steps,
+        o.min_lr_ratio,
+        o.decay_fraction,
+        o.weight_decay,
+        o.b1,
+        o.b2,
+        o.eps,
+        o.clip_norm,
+    )
+
+
+def parent_tokenizer(config: ml_collections.ConfigDict, parent: Parent) -> Tokenizer:
+    """`data.tokenizer` if set, else the parent's; it must be the parent's tokenizer."""
+    source = config.data.tokenizer or parent.tokenizer_dir
+    if not source:
+        raise StageError(f"init_from={parent.checkpoint} records no tokenizer: set data.tokenizer")
+    try:
+        tokenizer = load_tokenizer(source)
+    except FileNotFoundError as err:
+        raise StageError(f"tokenizer of init_from={parent.checkpoint}: {err}") from None
+    check_tokenizer(parent, tokenizer.fingerprint, str(source))
+    return tokenizer
+
+
+def start_from_parent(
+    config: ml_collections.ConfigDict, stage: str
+) -> tuple[Parent, Tokenizer, ModelConfig]:
+    """Read `init_from` (meta only): the parent, its tokenizer and the child's model config.
+
+    `config.model` is rewritten to the resolved fields so config.json is self-contained.
+    """
+    if not config.init_from:
+        raise StageError(
+            f"init_from is empty: {stage} starts from a checkpoint "
+            "(--config.init_from=WORKDIR_OR_CHECKPOINT)"
+        )
+    parent = read_parent(config.init_from)
+    overrides = {k: v for k, v in config.model.to_dict().items() if k != "preset"}
+    model_dict = child_model_dict(parent, overrides)
+    for key, value in model_dict.items():
+        config.model[key] = value
+    try:
+        model_cfg = ModelConfig(**model_dict)
+    except (TypeError, ValueError) as err:
+        raise StageError(str(err)) from None
+    tokenizer = parent_tokenizer(config, parent)
+    check_vocab(model_cfg.vocab_size, tokenizer, allow_padding=True)
+    if config.seq_len > model_cfg.max_seq_len:
+        raise StageError(
+            f"seq_len={config.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}"
+        )
+    return parent, tokenizer, model_cfg
+
+
+def init_state_from(
+    parent: Parent,
+    model: Transformer,
+    tx: Any,
+    mesh: jax.sharding.Mesh,
+    rules: sh.Rules,
+    seed: int,
+    new: tuple[str, ...] = (),
+) -> tuple[TrainState, TrainState]:
+    """A fresh sharded state whose parameters are the parent's (`new` ones stay fresh).
+
+    The optimizer state of a fresh init does not depend on parameter values (zeros and a
+    count), so only the parameters are swapped in.
+    """
+    state, shardings = create_train_state(model, tx, mesh, rules, seed)
+    params = load_params(parent, state.params, init=state.params, new=new)
+    return state.replace(params=params), shardings
+
+
+def data_options(
+    config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules: sh.Rules, train: bool
+) -> pipelines.DataOptions:
+    """Training order (seeded shuffle, repeat) or one ordered pass for eval."""
+    shard_index, shard_count = pipelines.process_shard(mesh, rules)
+    if train:
+        return pipelines.DataOptions(
+            seed=config.seed,
+            shard_index=shard_index,
+            shard_count=shard_count,
+            num_workers=config.data.num_workers,
+        )
+    return pipelines.DataOptions(
+        seed=0, shuffle=False, num_epochs=1, shard_index=shard_index, shard_count=shard_count
+    )
+
+
+def batch_multiple(mesh: jax.sharding.Mesh, rules: sh.Rules) -> int:
+    """How many ways the batch axis is split: global batches must be a multiple."""
+    spec = sh.batch_sharding(mesh, rules).spec[0]
+    axes = () if spec is None else (spec,) if isinstance(spec, str) else spec
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """A global array as numpy on every process (gathered when it spans several hosts)."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def split_prompt(messages: Sequence[dict]) -> tuple[list[dict], str | None]:
+    """A conversation -> (the turns before its last assistant turn, that turn's text)."""
+    for i in range(len(messages) - 1, -1, -1):
+        if messages[i]["role"] == "assistant":
+            return list(messages[:i]), messages[i]["content"]
+    return list(messages), None
+
+
+def sample_responses(
+    model: Transformer,
+    params: Any,
+    tokenizer: Tokenizer,
+    prompts: Sequence[Sequence[dict]],
+    key: jax.Array,
+    max_new_tokens: int,
+    sampling: SamplingConfig,
+    mesh: jax.sharding.Mesh,
+    rules: sh.Rules,
+) -> list[str]:
+    """Sample one assistant reply per prompt (a list of messages) -> decoded texts.
+
+    Prompts are cut from the left to fit max_seq_len - max_new_tokens and the batch is
+    padded with copies to a multiple of the batch split. Generation stops at `<|end|>`
+    or eos, which are not part of the returned text. Ids of the padded vocabulary rows
+    (>= the tokenizer's size; `generate` does not mask them) decode to nothing.
+    """
+    limit = model.config.max_seq_len - max_new_tokens
+    rows = []
+    for messages in prompts:
+        ids, mask = tokenizer.encode_chat(messages, add_generation_prompt=True)
+        ids, _ = pipelines.fit_left(ids, mask, limit)
+        rows.append(ids.tolist())
+    multiple = batch_multiple(mesh, rules)
+    padded = rows + [rows[-1]] * (-len(rows) % multiple)
+    batch = left_pad(padded, PAD_ID)
+    out = generate(
+        model,
+        params,
+        batch.tokens,
+        batch.segment_ids,
+        key,
+        max_new_tokens=max_new_tokens,
+        sampling=sampling,
+        eos_id=END_ID,
+        pad_id=PAD_ID,
+        mesh=mesh,
+        rules=rules,
+    )
+    tokens, mask = to_host(out.tokens), to_host(out.mask)
+    texts = []
+    for row in range(len(rows)):
+        ids = [int(t) for t, m in zip(tokens[row], mask[row], strict=True) if m]
+        keep = [t for t in ids if t not in (END_ID, EOS_ID) and t < tokenizer.vocab_size]
+        texts.append(tokenizer.decode(keep))
+    return texts
+
+
+def append_jsonl(path: pathlib.Path, rows: Sequence[dict]) -> None:
+    if jax.process_index() == 0:
+        with path.open("a") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+# ----------------------------------------------------------------------------- SFT
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    e = config.eval
+    if e.num_samples < 0:
+        raise StageError(f"eval.num_samples={e.num_samples}: must be >= 0")
+    if e.num_samples and e.sample_tokens < 1:
+        raise StageError(f"eval.sample_tokens={e.sample_tokens}: must be >= 1")
+    if config.eval.every_steps and not (e.path or e.name):
+        raise StageError("eval.every_steps > 0 needs eval.path (held-out SFT JSONL) or eval.name")
+    try:
+        SamplingConfig(e.temperature, e.top_k, e.top_p)
+    except ValueError as err:
+        raise StageError(f"eval: {err}") from None
+
+
+def make_eval_fn(
+    model: Transformer,
+    config: ml_collections.ConfigDict,
+    tokenizer: Tokenizer,
+    mesh: jax.sharding.Mesh,
+    rules: sh.Rules,
+    workdir: pathlib.Path,
+) -> Any:
+    """Response-token loss over the held-out conversations, then sampled replies."""
+    source = open_records(config, "eval", "sft")
+    batch_size = config.eval.batch_size or config.batch_size
+    options = data_options(config, mesh, rules, train=False)
+    dataset = pipelines.sft_dataset(
+        source,
+        tokenizer,
+        pipelines.local_batch_size(batch_size, options.shard_count),
+        config.seq_len,
+        options,
+        config.data.packing,
+    )
+    prompts, references = [], []
+    for i in range(len(source)):
+        if len(prompts) == config.eval.num_samples:
+            break
+        prompt, reference = split_prompt(pipelines.conversation(source[i]))
+        if prompt:
+            prompts.append(prompt)
+            references.append(reference)
+    sampling = SamplingConfig(config.eval.temperature, config.eval.top_k, config.eval.top_p)
+
+    @jax.jit
+    def eval_step(params: Any, batch: dict) -> tuple[jax.Array, jax.Array]:
+        out = model.apply(
+            {"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"]
+        )
+        mean, count = losses.cross_entropy(out.logits, batch["targets"], batch["loss_mask"])
+        return mean * count, count
+
+    def eval_fn(state: TrainState) -> dict[str, float]:
+        total, count = 0.0, 0.0
+        with sh.sharding_context(mesh, rules):
+            for i, batch in enumerate(dataset):
+                if config.eval.max_batches and i >= config.eval.max_batches:
+                    break
+                loss_sum, n = eval_step(
+                    state.params, pipelines.make_global_batch(batch, mesh, rules)
+                )
+                total, count = total + float(loss_sum), count + float(n)
+        metrics = {"eval_loss": total / max(count, 1.0), "eval_tokens": count}
+        if prompts:
+            step = int(state.step)
+            key = jax.random.fold_in(jax.random.key(config.seed), step)
+            texts = sample_responses(
+                model,
+                state.params,
+                tokenizer,
+                prompts,
+                key,
+                config.eval.sample_tokens,
+                sampling,
+                mesh,
+                rules,
+            )
+            rows = [
+                {"step": step, "prompt": p[-1]["content"], "response": t, "reference": r}
+                for p, t, r in zip(prompts, texts, references, strict=True)
+            ]
+            for row in rows:
+                tqdm.write(f"[sample step {step}] {row['prompt']!r} -> {row['response']!r}")
+            append_jsonl(workdir / SAMPLES_FILE, rows)
+        return metrics
+
+    return eval_fn
+
+
+def build(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, Any]:
+    validate(config)
+    mesh = sh.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    rules = sh.get_rules(config.mesh.strategy)
+    parent, tokenizer, model_cfg = start_from_parent(config, "sft")
+    source = open_records(config, "data", "sft")
+    tx, lr_fn = make_tx(config)
+    options = data_options(config, mesh, rules, train=True)
+    batches = iter(
+        pipelines.sft_dataset(
+            source,
+            tokenizer,
+            pipelines.local_batch_size(config.batch_size, options.shard_count),
+            config.seq_len,
+            options,
+            config.data.packing,
+        )
+    )
+    model = Transformer(model_cfg)
+    eval_fn = None
+    if config.eval.every_steps:
+        eval_fn = make_eval_fn(model, config, tokenizer, mesh, rules, workdir)
+    state, shardings = init_state_from(parent, model, tx, mesh, rules, config.seed)
+    step = make_train_step(
+        model,
+        tx,
+        lr_fn,
+        config.grad_accum_steps,
+        config.z_loss,
+        skip_nonfinite=config.nonfinite == "skip",
+    )
+    settings = LoopSettings(
+        total_steps=config.total_steps,
+        tokens_per_step=config.batch_size * config.seq_len,
+        log_every=config.log.every_steps,
+        eval_every=config.eval.every_steps,
+        checkpoint_every=config.checkpoint.every_steps,
+        flops_per_token=flops_per_token(model_cfg, config.seq_len),
+        peak_flops_per_device=peak_flops_per_device(config.log.peak_flops_per_device),
+        nonfinite=config.nonfinite,
+        stop_at_step=config.stop_at_step,
+        desc="sft",
+    )
+    meta = {
+        "stage": "sft",
+        "config": config.to_dict(),
+        "model": model_cfg.to_dict(),
+        "tokenizer": {"path": TOKENIZER_DIR, "fingerprint": tokenizer.fingerprint},
+        "lineage": parent.lineage("sft"),
+    }
+    return {
+        "state": state,
+        "shardings": shardings,
+        "batches": batches,
+        "meta": meta,
+        "train_step": jit_train_step(step, shardings, mesh, rules),
+        "settings": settings,
+        "to_device": lambda b: pipelines.make_global_batch(b, mesh, rules),
+        "eval_fn": eval_fn,
+        "after_build": lambda wd: tokenizer.save(wd / TOKENIZER_DIR),
+        "model": model,
+        "tokenizer": tokenizer,
+        "mesh": mesh,
+        "rules": rules,
+    }
+
+
+def main(argv: Sequence[str]) -> int:
+    try:
+        args, config = parse_stage_args("sft", argv)
+    except loader.ConfigError as err:
+        print(f"flaxlm sft: error: {err}", file=sys.stderr)
+        return 2
+    workdir = pathlib.Path(args.workdir)
+    return run_stage("sft", workdir, config, lambda: build(config, workdir))
