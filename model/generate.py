@@ -64,6 +64,9 @@ class SamplingConfig:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    # > 0: ids >= vocab_limit are never drawn (the model's vocabulary is padded past the
+    # tokenizer's); log-probs are then over the first vocab_limit ids.
+    vocab_limit: int = 0
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0.0:
@@ -72,6 +75,8 @@ class SamplingConfig:
             raise ValueError(f"sampling.top_k={self.top_k!r}: must be an integer >= 0")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"sampling.top_p={self.top_p!r}: must be in (0, 1]")
+        if not (isinstance(self.vocab_limit, int) and self.vocab_limit >= 0):
+            raise ValueError(f"sampling.vocab_limit={self.vocab_limit!r}: must be an integer >= 0")
 
     @property
     def greedy(self) -> bool:
@@ -161,6 +166,13 @@ def token_log_probs(log_probs: jax.Array, tokens: jax.Array) -> jax.Array:
     return jnp.take_along_axis(log_probs, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
 
 
+def limit_vocab(logits: jax.Array, vocab_limit: int) -> jax.Array:
+    """[..., V] -> logits of ids >= vocab_limit set to -inf (no-op when vocab_limit is 0)."""
+    if not vocab_limit or vocab_limit >= logits.shape[-1]:
+        return logits
+    return jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, logits, -jnp.inf)
+
+
 def sample_logits(
     key: jax.Array, logits: jax.Array, sampling: SamplingConfig
 ) -> tuple[jax.Array, jax.Array]:
@@ -169,7 +181,7 @@ def sample_logits(
     The log-probs are log_softmax(logits / T) at the drawn token, before truncation
     (log_softmax(logits) when greedy).
     """
-    logits = logits.astype(jnp.float32)
+    logits = limit_vocab(logits.astype(jnp.float32), sampling.vocab_limit)
     if sampling.greedy:
         tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         return tokens, token_log_probs(jax.nn.log_softmax(logits, axis=-1), tokens)
@@ -400,16 +412,18 @@ def completion_log_probs(
     segment_ids: jax.Array,
     output: GenerateOutput,
     temperature: float | jax.Array = 1.0,
+    vocab_limit: int = 0,
 ) -> jax.Array:
     """Log-probs [B, N] of the completion under one full forward pass at `temperature`.
 
     log_softmax(logits / temperature) at the generated tokens, 0 off the mask. With the
     sampling temperature it reproduces `output.log_probs`; with 1.0 it gives the
-    untempered ones.
+    untempered ones. Pass the sampler's `vocab_limit` to score the same distribution.
     """
     prompt_len = tokens.shape[1]
     joined, segments, positions = join_completion(tokens, segment_ids, output)
     logits = model.apply({"params": params}, joined, positions, segments).logits
-    logits = logits[:, prompt_len - 1 : -1].astype(jnp.float32) / temperature  # predicts N tokens
+    logits = logits[:, prompt_len - 1 : -1].astype(jnp.float32)  # predicts the N tokens
+    logits = limit_vocab(logits, vocab_limit) / temperature
     log_probs = token_log_probs(jax.nn.log_softmax(logits, axis=-1), output.tokens)
     return jnp.where(output.mask, log_probs, 0.0)

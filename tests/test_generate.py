@@ -359,3 +359,25 @@ def test_sharded_decode_equals_single_device(tiny):
     np.testing.assert_allclose(
         np.asarray(sharded.log_probs), np.asarray(single.log_probs), atol=1e-5
     )
+
+
+def test_vocab_limit_never_draws_padded_ids_and_log_probs_agree():
+    cfg = get_preset("tiny")
+    model = Transformer(cfg)
+    params = init_params(model)
+    prompts = gen.left_pad([[2, 5, 9], [2, 7]])
+    sampling = gen.SamplingConfig(temperature=3.0, vocab_limit=40)  # hot: mass spreads widely
+    out = gen.generate(
+        model,
+        params,
+        prompts.tokens,
+        prompts.segment_ids,
+        jax.random.key(0),
+        max_new_tokens=24,
+        sampling=sampling,
+    )
+    assert int(np.max(np.asarray(out.tokens))) < 40
+    rescored = gen.completion_log_probs(
+        model, params, prompts.tokens, prompts.segment_ids, out, temperature=3.0, vocab_limit=40
+    )
+    np.testing.assert_allclose(np.asarray(rescored), np.asarray(out.log_probs), atol=1e-5)

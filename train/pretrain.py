@@ -151,7 +151,9 @@ def sample_text(
         segments,
         jax.random.key(config.seed),
         max_new_tokens=config.eval.sample_tokens,
-        sampling=generate.SamplingConfig(temperature=0.8, top_k=40),
+        sampling=generate.SamplingConfig(
+            temperature=0.8, top_k=40, vocab_limit=tokenizer.vocab_size
+        ),
         eos_id=EOS_ID,
         mesh=mesh,
         rules=rules,

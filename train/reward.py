@@ -364,7 +364,7 @@ def calibrate(config: ml_collections.ConfigDict, workdir: pathlib.Path, parts: d
     policy_params = load_params(policy_parent, abstract_params(policy, mesh, rules))
     prompts = reference_prompts(config)
     prompts = [prompts[i % len(prompts)] for i in range(c.num_samples)]
-    sampling = SamplingConfig(c.temperature, c.top_k, c.top_p)
+    sampling = SamplingConfig(c.temperature, c.top_k, c.top_p, tokenizer.vocab_size)
     texts: list[str] = []
     for start in range(0, len(prompts), c.batch_size):
         key = jax.random.fold_in(jax.random.key(config.seed + 1), start)

@@ -164,8 +164,10 @@ def main_sample(argv: Sequence[str]) -> int:
             raise ValueError("give --prompt TEXT or --prompts-file FILE")
         if args.num_samples < 1 or args.max_new_tokens < 1:
             raise ValueError("--num-samples and --max-new-tokens must be >= 1")
-        sampling = generate.SamplingConfig(args.temperature, args.top_k, args.top_p)
         policy = Policy(args.workdir, args.step)
+        sampling = generate.SamplingConfig(
+            args.temperature, args.top_k, args.top_p, policy.tokenizer.vocab_size
+        )
         chat = is_chat(policy, args.format)
         batch = [p for p in prompts for _ in range(args.num_samples)]
         outputs = complete(policy, batch, chat, args.max_new_tokens, sampling, args.seed)
@@ -238,8 +240,10 @@ def main_chat(argv: Sequence[str]) -> int:
     parser.add_argument("--system", default="", help="an optional system message")
     args = parser.parse_args(argv)
     try:
-        sampling = generate.SamplingConfig(args.temperature, args.top_k, args.top_p)
         policy = Policy(args.workdir, args.step)
+        sampling = generate.SamplingConfig(
+            args.temperature, args.top_k, args.top_p, policy.tokenizer.vocab_size
+        )
         if args.max_new_tokens >= policy.config.max_seq_len:
             raise ValueError(f"--max-new-tokens must be < max_seq_len {policy.config.max_seq_len}")
     except (ValueError, FileNotFoundError) as err:

@@ -298,7 +298,9 @@ def make_eval_fn(
         if prompt:
             prompts.append(prompt)
             references.append(reference)
-    sampling = SamplingConfig(config.eval.temperature, config.eval.top_k, config.eval.top_p)
+    sampling = SamplingConfig(
+        config.eval.temperature, config.eval.top_k, config.eval.top_p, tokenizer.vocab_size
+    )
 
     @jax.jit
     def eval_step(params: Any, batch: dict) -> tuple[jax.Array, jax.Array]:
