@@ -26,7 +26,7 @@ INSTALL_REQUIRES = [
 EXTRAS = {
     "test": ["pytest>=9.0", "ruff>=0.17", "scipy>=1.13"],
     # torch==2.13.0 is the CPU build; any newer pin pulls a multi-GB CUDA build.
-    "hf": ["torch==2.13.0", "transformers>=4.50", "safetensors>=0.4"],
+    "hf": ["torch==2.13.0", "transformers>=5.24", "safetensors>=0.8", "tokenizers>=0.23"],
     "tpu": ["jax[tpu]>=0.10.2"],
     "gpu": ["jax[cuda12]>=0.10.2"],
 }
