@@ -145,17 +145,31 @@ def test_cross_entropy_z_loss_and_empty_mask():
 
 def test_step_is_deterministic_and_donates_the_state():
     cfg = TINY.replace(dropout_rate=0.1)  # dropout draws from the state's RNG
-    runs = [run_steps((2, 1, 1), "dp", steps=2, cfg=cfg)[1] for _ in range(2)]
-    assert runs[0] == runs[1]
     mesh = sh.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     rules = sh.get_rules("dp")
-    model = Transformer(TINY)
+    model = Transformer(cfg)
     tx, lr_fn = make_optimizer(lr=1e-3, total_steps=10)
-    state, shardings = create_train_state(model, tx, mesh, rules, seed=0)
-    step = jit_train_step(make_train_step(model, tx, lr_fn), shardings, mesh, rules)
-    new_state, _ = step(state, random_batch(0))
-    assert state.params["embedding"].is_deleted()  # donated: no second copy of the state
-    assert int(new_state.step) == 1
+    step = jit_train_step(
+        make_train_step(model, tx, lr_fn),
+        create_train_state(model, tx, mesh, rules, 0)[1],
+        mesh,
+        rules,
+    )
+
+    def losses_from(state):
+        out = []
+        for i in range(2):
+            state, metrics = step(state, random_batch(i))
+            out.append(float(metrics["loss"]))
+        return out
+
+    first_state = create_train_state(model, tx, mesh, rules, seed=0)[0]
+    first = losses_from(first_state)
+    assert first_state.params["embedding"].is_deleted()  # donated: no second copy
+    assert first == losses_from(create_train_state(model, tx, mesh, rules, seed=0)[0])
+    other_rng = create_train_state(model, tx, mesh, rules, seed=0)[0]
+    other_rng = other_rng.replace(rng=other_rng.rng + 1)  # same weights, other dropout masks
+    assert losses_from(other_rng) != first
 
 
 @pytest.mark.parametrize("optimizer", ["lion", "adafactor"])
