@@ -1,0 +1,227 @@
+"""Preference tasks: prompts, an imperfect teacher, a hidden oracle, a pretraining corpus.
+
+A task stands in for human labelers. The interface (`PreferenceTask`; third-party tasks
+plug in as `--config.task=module:Class`, loaded by `load_task`) is four methods, `rng`
+always a `numpy.random.Generator`:
+- `prompts(rng, n) -> list[str]`                the user turns the policy answers;
+- `demonstration(prompt, rng) -> str`           an imperfect teacher answer (SFT data);
+- `score(prompt, response) -> float`            the hidden oracle, in [0, 1] for the tasks
+                                                here; the learner never sees it;
+- `pretraining_corpus(rng, n_docs) -> list[str]` text for the pretraining stage.
+
+Design of the shipped tasks. A small char-level model must have headroom that only the
+preference signal closes, so the teacher is right only `p_correct` (default ½) of the
+time and its mistake is *systematic* (a rule, not random noise): SFT then learns two
+modes, the right rule and the wrong one, in equal measure, and even greedy decoding
+cannot pick the right one from demonstrations alone. Prompts where the mistake would
+coincide with the right answer are not drawn, so p_correct is exact. The pretraining
+corpus uses the same teacher (it teaches the format and both rules, never the oracle).
+
+The oracle is strict about form, so obvious hacks earn nothing: a response that is not
+exactly an answer of the right shape scores 0 (padding, repeating, appending text, or
+changing the length). Within the right shape it gives graded credit, so labelers'
+rankings are informative beyond right/wrong:
+    score = 1 for the right answer, else ½ · (fraction of the answer that is right).
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import re
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+
+@runtime_checkable
+class PreferenceTask(Protocol):
+    """What the RLHF stages need from a task (see the module docstring)."""
+
+    def prompts(self, rng: np.random.Generator, n: int) -> list[str]: ...
+
+    def demonstration(self, prompt: str, rng: np.random.Generator) -> str: ...
+
+    def score(self, prompt: str, response: str) -> float: ...
+
+    def pretraining_corpus(self, rng: np.random.Generator, n_docs: int) -> list[str]: ...
+
+
+def load_task(path: str, **kwargs: Any) -> PreferenceTask:
+    """`"module:Class"` (e.g. `rlhf.tasks:Addition`) -> an instance built with **kwargs.
+
+    The shipped tasks also answer to their short names (`TASKS`: "addition", "sort").
+    Raises ValueError naming what is wrong: the format, the module, the attribute, or a
+    missing method of the interface.
+    """
+    path = TASKS.get(path, path)
+    module_name, sep, attr = path.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"task={path!r}: expected 'module:Class', e.g. 'rlhf.tasks:Addition'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"task={path!r}: cannot import module {module_name!r}: {e}") from e
+    if not hasattr(module, attr):
+        raise ValueError(f"task={path!r}: module {module_name!r} has no attribute {attr!r}")
+    factory = getattr(module, attr)
+    if not callable(factory):
+        raise ValueError(f"task={path!r}: {attr} is not a class")
+    task = factory(**kwargs)
+    missing = [m for m in _METHODS if not callable(getattr(task, m, None))]
+    if missing:
+        raise ValueError(f"task={path!r}: {attr} lacks the task method(s) {missing}")
+    return task
+
+
+_METHODS = ("prompts", "demonstration", "score", "pretraining_corpus")
+
+
+def _check_p(p_correct: float) -> None:
+    if not 0.0 <= p_correct <= 1.0:
+        raise ValueError(f"p_correct={p_correct}: must be in [0, 1]")
+
+
+def _corpus(task: Any, rng: np.random.Generator, n_docs: int, lines: int, sep: str) -> list[str]:
+    """Documents of `lines` teacher-solved problems, one "prompt<sep>answer" per line."""
+    docs = []
+    for _ in range(n_docs):
+        rows = [f"{p}{sep}{task.demonstration(p, rng)}" for p in task.prompts(rng, lines)]
+        docs.append("\n".join(rows))
+    return docs
+
+
+# ----------------------------------------------------------------------------- addition
+
+
+class Addition:
+    """Prompt "a+b" -> the decimal sum; the teacher forgets every carry half the time.
+
+    Prompts: a, b uniform in [10^(d-1), 10^d) (d = `digits`), drawn until the sum has a
+    carry (so the teacher's mistake differs from the answer). Mistake: digit-wise sum
+    mod 10, no carries ("47+38" -> "75" instead of "85").
+    Oracle: the response (surrounding whitespace ignored) must be digits only, else 0.
+    1 for the sum; otherwise, if it has the sum's number of digits, ½ · the fraction
+    of digits in the right place; any other length scores 0.
+    """
+
+    def __init__(self, digits: int = 2, p_correct: float = 0.5, lines_per_doc: int = 8):
+        if digits < 1:
+            raise ValueError(f"digits={digits}: must be >= 1")
+        _check_p(p_correct)
+        self.digits, self.p_correct, self.lines_per_doc = digits, p_correct, lines_per_doc
+
+    @staticmethod
+    def parse(prompt: str) -> tuple[int, int]:
+        match = re.fullmatch(r"(\d+)\+(\d+)", prompt.strip())
+        if match is None:
+            raise ValueError(f"Addition: prompt {prompt!r} is not 'a+b'")
+        return int(match.group(1)), int(match.group(2))
+
+    @staticmethod
+    def carry_free_sum(a: int, b: int) -> int:
+        """Digit-wise sum mod 10: the teacher's systematic mistake."""
+        out, place = 0, 1
+        while a or b:
+            out += ((a % 10 + b % 10) % 10) * place
+            a, b, place = a // 10, b // 10, place * 10
+        return out
+
+    def prompts(self, rng: np.random.Generator, n: int) -> list[str]:
+        low, high = 10 ** (self.digits - 1), 10**self.digits
+        out: list[str] = []
+        while len(out) < n:
+            a, b = (int(x) for x in rng.integers(low, high, size=2))
+            if self.carry_free_sum(a, b) != a + b:
+                out.append(f"{a}+{b}")
+        return out
+
+    def demonstration(self, prompt: str, rng: np.random.Generator) -> str:
+        a, b = self.parse(prompt)
+        return str(a + b if rng.random() < self.p_correct else self.carry_free_sum(a, b))
+
+    def score(self, prompt: str, response: str) -> float:
+        a, b = self.parse(prompt)
+        answer, given = str(a + b), response.strip()
+        if not given.isascii() or not given.isdigit():
+            return 0.0
+        if given == answer:
+            return 1.0
+        if len(given) != len(answer):
+            return 0.0
+        return 0.5 * sum(x == y for x, y in zip(given, answer, strict=True)) / len(answer)
+
+    def pretraining_corpus(self, rng: np.random.Generator, n_docs: int) -> list[str]:
+        return _corpus(self, rng, n_docs, self.lines_per_doc, "=")
+
+
+# ----------------------------------------------------------------------------- sorting
+
+
+class SortLetters:
+    """Prompt "sort dbca" -> "abcd"; half the time the teacher leaves the last letter in place.
+
+    Prompts: "sort " + `min_len`..`max_len` letters drawn from the first `alphabet`
+    lowercase letters, drawn until the last letter is not the largest (so the mistake
+    differs from the answer). Mistake: sort all letters but the last, append the last.
+    Oracle: the response (surrounding whitespace ignored) must use exactly the prompt's
+    letters (same multiset), else 0: repetition, padding, dropping or adding letters
+    earn nothing. 1 when sorted; otherwise ½ · the fraction of adjacent pairs in order.
+    """
+
+    def __init__(
+        self,
+        min_len: int = 4,
+        max_len: int = 7,
+        alphabet: int = 26,
+        p_correct: float = 0.5,
+        lines_per_doc: int = 8,
+    ):
+        if not 3 <= min_len <= max_len:
+            raise ValueError(f"min_len={min_len}, max_len={max_len}: need 3 <= min <= max")
+        if not 2 <= alphabet <= 26:
+            raise ValueError(f"alphabet={alphabet}: must be in [2, 26]")
+        _check_p(p_correct)
+        self.min_len, self.max_len, self.alphabet = min_len, max_len, alphabet
+        self.p_correct, self.lines_per_doc = p_correct, lines_per_doc
+
+    @staticmethod
+    def parse(prompt: str) -> str:
+        match = re.fullmatch(r"sort ([a-z]+)", prompt.strip())
+        if match is None:
+            raise ValueError(f"SortLetters: prompt {prompt!r} is not 'sort <letters>'")
+        return match.group(1)
+
+    @staticmethod
+    def last_in_place(letters: str) -> str:
+        """The teacher's systematic mistake: sort all but the last letter, then append it."""
+        return "".join(sorted(letters[:-1])) + letters[-1]
+
+    def prompts(self, rng: np.random.Generator, n: int) -> list[str]:
+        letters = np.array(list("abcdefghijklmnopqrstuvwxyz"[: self.alphabet]))
+        out: list[str] = []
+        while len(out) < n:
+            size = int(rng.integers(self.min_len, self.max_len + 1))
+            word = "".join(rng.choice(letters, size=size))
+            if self.last_in_place(word) != "".join(sorted(word)):
+                out.append(f"sort {word}")
+        return out
+
+    def demonstration(self, prompt: str, rng: np.random.Generator) -> str:
+        word = self.parse(prompt)
+        return "".join(sorted(word)) if rng.random() < self.p_correct else self.last_in_place(word)
+
+    def score(self, prompt: str, response: str) -> float:
+        word, given = self.parse(prompt), response.strip()
+        if sorted(given) != sorted(word):
+            return 0.0
+        if given == "".join(sorted(word)):
+            return 1.0
+        ordered = sum(x <= y for x, y in itertools.pairwise(given))
+        return 0.5 * ordered / (len(given) - 1)
+
+    def pretraining_corpus(self, rng: np.random.Generator, n_docs: int) -> list[str]:
+        return _corpus(self, rng, n_docs, self.lines_per_doc, " -> ")
+
+
+TASKS = {"addition": "rlhf.tasks:Addition", "sort": "rlhf.tasks:SortLetters"}
