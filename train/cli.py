@@ -2,6 +2,11 @@
 
 Each subcommand names a `module:function` that takes the remaining argv; modules are
 imported only when their command runs, so `flaxlm --help` is instant.
+
+Multi-host: every host runs the same command. Before the command runs, the flags
+`--coordinator HOST:PORT --num-processes N --process-id I [--init-timeout S]` (or the
+FLAXLM_* / SLURM / Cloud TPU environment) start JAX's distributed runtime; see
+train/distributed.py. On one host they are not needed.
 """
 
 from __future__ import annotations
@@ -15,8 +20,20 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "train.synthetic:main",
         "train a preset for a few steps on synthetic tokens and print the loss",
     ),
+    "sample": ("train.sample:main_sample", "generate completions from a checkpoint"),
+    "chat": ("train.sample:main_chat", "chat with a checkpoint in the terminal"),
     "pretrain": ("train.pretrain:main", "pretrain a model on next-token prediction"),
     "tokenizer": ("train.data.tokenizer_cli:main", "train a sentencepiece tokenizer"),
+    "compile": (
+        "train.aot:main",
+        "compile a config's train step ahead of time and report memory per device",
+    ),
+    "sft": ("train.sft:main", "supervised fine-tuning on conversations (loss on responses)"),
+    "reward": ("train.reward:main", "train a reward model on ranked responses (K-wise loss)"),
+    "score": ("train.reward:score_main", "print a trained reward model's reward for a response"),
+    "ppo": ("rlhf.ppo:main", "RLHF with PPO against a reward model, KL to the SFT policy"),
+    "export-hf": ("train.hf_cli:export_main", "export a checkpoint as a Hugging Face Llama model"),
+    "import-hf": ("train.hf_cli:import_main", "import a Hugging Face Llama model as a checkpoint"),
 }
 
 
@@ -36,6 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         print(f"flaxlm: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    from train import distributed  # light: jax is imported only when it initializes
+
+    try:
+        rest = distributed.start(rest)
+    except distributed.StartupError as err:
+        print(f"flaxlm {name}: error: {err}", file=sys.stderr)
         return 2
     module_name, function_name = COMMANDS[name][0].split(":")
     entry = getattr(importlib.import_module(module_name), function_name)

@@ -17,7 +17,9 @@ import jax
 import ml_collections
 
 from configs import loader
+from configs.meshes import apply_mesh_preset
 from model import sharding as sh
+from train import distributed
 from train.checkpoint import Checkpointer, abstract_with_shardings, write_json
 from train.loop import LoopSettings, NonFiniteLossError, Preempted, train_loop
 from train.metrics import MetricWriter
@@ -40,7 +42,11 @@ def parse_stage_args(
     parser.add_argument("--config", required=True, help="configs/FILE.py[:PRESET]")
     parser.add_argument("--workdir", required=True, help="run directory (resumes if present)")
     args = parser.parse_args(rest)
-    return args, loader.load(args.config, overrides)
+    try:
+        config = apply_mesh_preset(loader.load(args.config, overrides), overrides)
+    except ValueError as err:  # an unknown mesh.preset
+        raise loader.ConfigError(str(err)) from None
+    return args, config
 
 
 def mesh_from_config(config: ml_collections.ConfigDict) -> tuple[jax.sharding.Mesh, sh.Rules]:
@@ -109,6 +115,13 @@ def restore_or_start(
     return new_state, meta
 
 
+def _host_invariant(meta: dict) -> dict:
+    """The parts of a checkpoint's meta that must be equal on every host (not the time)."""
+    lineage = dict(meta.get("lineage") or {})
+    lineage.pop("time", None)
+    return {**meta, "lineage": lineage}
+
+
 def run_stage(
     prog: str,
     workdir: pathlib.Path,
@@ -122,11 +135,20 @@ def run_stage(
     to write stage files (e.g. the tokenizer) once validation has passed.
     """
     try:
+        # Every host must run the same config: checked before the (slow) build, and after
+        # it for what the build derives (tokenizer, vocab), which also keeps process 0 from
+        # writing the workdir while another host still reads it.
+        distributed.check_same_everywhere(config.to_dict())
         validate_common(config)
         parts = build()
+        distributed.check_same_everywhere(_host_invariant(parts["meta"]), "resolved config")
     except (loader.ConfigError, StageError, ValueError, FileNotFoundError, TypeError) as err:
         print(f"flaxlm {prog}: error: {err}", file=sys.stderr)
         return 2
+    batches = parts["batches"]
+    if not isinstance(batches, distributed.GlobalDataIterator):
+        reset = bool(config.get("data", {}).get("reset_position", False))
+        batches = distributed.GlobalDataIterator([batches], reset=reset)
     workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
         write_json(workdir / "config.json", config.to_dict())
@@ -143,7 +165,7 @@ def run_stage(
             checkpointer,
             parts["state"],
             parts["shardings"],
-            parts["batches"],
+            batches,
             parts["meta"].get("model"),
         )
         settings: LoopSettings = parts["settings"]
@@ -158,7 +180,7 @@ def run_stage(
             train_loop(
                 state,
                 parts["train_step"],
-                parts["batches"],
+                batches,
                 parts["to_device"],
                 checkpointer,
                 parts["meta"],
@@ -168,7 +190,7 @@ def run_stage(
             )
         finally:
             writer.close()
-    except (NonFiniteLossError, StageError) as err:
+    except (NonFiniteLossError, StageError, distributed.DataStateError) as err:
         print(f"flaxlm {prog}: error: {err}", file=sys.stderr)
         return 3
     except Preempted as stop:
