@@ -3,13 +3,16 @@
     flaxlm pretrain --config configs/pretrain.py:tiny --workdir /tmp/pretrain_tiny
     flaxlm pretrain --config configs/pretrain.py:shakespeare_char --workdir /tmp/shakespeare
     flaxlm pretrain --config configs/pretrain.py:shakespeare_bpe --workdir /tmp/shakespeare_bpe
-    flaxlm pretrain --config configs/pretrain.py:125m --workdir gs://BUCKET/runs/125m \\
+    flaxlm pretrain --config configs/pretrain.py:125m --workdir /mnt/shared/runs/125m \\
         --config.data.name=c4/en:3.1.0 --config.data.data_dir=gs://BUCKET/tfds
+    flaxlm compile --config configs/pretrain.py:1b --config.mesh.preset=v5e-8
 
 Any key can be overridden: `--config.optim.lr=1e-3 --config.model.num_layers=4`.
 Presets: tiny (seconds, tests), shakespeare_char, shakespeare_bpe, and 125m / 350m / 1b /
-7b for TPU/GPU on C4-style TFDS text (the mesh defaults suit one v5e-8 / 8-GPU host;
-override mesh.* for pods).
+7b for TPU/GPU on C4-style TFDS text: FSDP over every chip, with gradient accumulation and
+remat chosen so `flaxlm compile` (CPU estimate) puts 125m and 1b under a v5e chip's 16 GiB;
+check a preset and mesh with `flaxlm compile` before paying for a slice. The workdir is a
+local or shared (e.g. gcsfuse-mounted) path; gs:// URLs are not read directly.
 """
 
 from __future__ import annotations
@@ -78,6 +81,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.total_steps = {"125m": 20_000, "350m": 40_000, "1b": 100_000, "7b": 250_000}[preset]
         c.optim.lr = {"125m": 6e-4, "350m": 3e-4, "1b": 3e-4, "7b": 1.5e-4}[preset]
         c.optim.warmup_steps = 2000
+        # Microbatches and remat so activations fit next to the FSDP-sharded state.
+        c.grad_accum_steps = {"125m": 8, "350m": 16, "1b": 64, "7b": 64}[preset]
+        if preset in ("125m", "350m"):
+            c.model.remat_policy = "dots_with_no_batch_dims_saveable"
         c.mesh.strategy = "fsdp"
         c.mesh.data, c.mesh.fsdp = 1, -1  # FSDP over every chip of the host/slice
         c.log.every_steps, c.eval.every_steps = 50, 2000

@@ -35,6 +35,7 @@ from train import aot, distributed, pretrain
 from train.checkpoint import Checkpointer, abstract_with_shardings
 from train.data import pipelines
 from train.metrics import read_metrics
+from train.optim import optimizer_from_config
 from train.stage import parse_stage_args, run_stage
 from train.state import state_shardings
 
@@ -153,7 +154,7 @@ def restore_state(workdir):
     )
     mesh, rules = sh.make_mesh(-1, 1, 1), sh.get_rules("fsdp")
     model = Transformer(loader.model_config(config))
-    tx, _ = aot.optimizer_from_config(config)
+    tx, _ = optimizer_from_config(config)
     abstract, shardings = state_shardings(model, tx, mesh, rules)
     checkpointer = Checkpointer(workdir)
     step, restored, data, _ = checkpointer.restore(abstract_with_shardings(abstract, shardings))

@@ -90,17 +90,6 @@ def use_fake_devices(count: int) -> None:
         raise ValueError(f"--fake-devices={count}, but jax already has {jax.device_count()}")
 
 
-def optimizer_from_config(config: Any) -> tuple[Any, Any]:
-    """(tx, lr schedule) from `config.optim`, as the stages build them."""
-    from train.optim import make_optimizer
-
-    o = config.optim
-    return make_optimizer(
-        o.name, o.lr, o.schedule, config.total_steps, o.warmup_steps, o.min_lr_ratio,
-        o.decay_fraction, o.weight_decay, o.b1, o.b2, o.eps, o.clip_norm,
-    )  # fmt: skip
-
-
 def model_config_for_compile(config: Any) -> Any:
     """The ModelConfig; a vocab left to the tokenizer is taken as data.vocab_size, padded
     to a multiple of 128 as the stages do."""
@@ -148,6 +137,7 @@ def compile_train_step(config: Any) -> tuple[Any, MemoryReport, dict[str, float]
     from model import sharding as sh
     from model.transformer import Transformer
     from train.checkpoint import abstract_with_shardings
+    from train.optim import optimizer_from_config
     from train.state import state_shardings
     from train.step import jit_train_step, make_train_step
 

@@ -110,6 +110,15 @@ def make_optimizer(
     return optax.chain(*parts, core), lr_fn
 
 
+def optimizer_from_config(config: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """(optimizer, lr schedule) from a stage config's `optim` section and `total_steps`."""
+    o = config.optim
+    return make_optimizer(
+        o.name, o.lr, o.schedule, config.total_steps, o.warmup_steps, o.min_lr_ratio,
+        o.decay_fraction, o.weight_decay, o.b1, o.b2, o.eps, o.clip_norm,
+    )  # fmt: skip
+
+
 GradFn = Callable[[Any, Any, jax.Array], tuple[tuple[jax.Array, Any], Any]]
 
 

@@ -30,12 +30,12 @@ from model.tokenizer import (
     training_sentences,
 )
 from model.transformer import Transformer
-from train import losses
+from train import distributed, losses
 from train.checkpoint import lineage
 from train.data import builders, pipelines
 from train.loop import LoopSettings
 from train.metrics import peak_flops_per_device
-from train.optim import make_optimizer
+from train.optim import optimizer_from_config
 from train.stage import StageError, parse_stage_args, run_stage
 from train.state import create_train_state
 from train.step import jit_train_step, make_train_step
@@ -116,7 +116,7 @@ def make_eval_fn(
     def eval_fn(state: Any) -> dict[str, float]:
         total, count = 0.0, 0.0
         with sh.sharding_context(mesh, rules):
-            for i, batch in enumerate(dataset):
+            for i, batch in enumerate(distributed.in_step(dataset)):
                 if config.eval.max_batches and i >= config.eval.max_batches:
                     break
                 loss_sum, n = eval_step(
@@ -181,21 +181,7 @@ def build(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str,
         raise StageError(
             f"seq_len={config.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}"
         )
-    o = config.optim
-    tx, lr_fn = make_optimizer(
-        o.name,
-        o.lr,
-        o.schedule,
-        config.total_steps,
-        o.warmup_steps,
-        o.min_lr_ratio,
-        o.decay_fraction,
-        o.weight_decay,
-        o.b1,
-        o.b2,
-        o.eps,
-        o.clip_norm,
-    )
+    tx, lr_fn = optimizer_from_config(config)
     shard_index, shard_count = pipelines.process_shard(mesh, rules)
     local_batch = pipelines.local_batch_size(config.batch_size, shard_count)
     options = pipelines.DataOptions(

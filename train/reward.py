@@ -45,6 +45,7 @@ from model.config import ModelConfig, flops_per_token
 from model.generate import SamplingConfig
 from model.tokenizer import Tokenizer, load_tokenizer
 from model.transformer import Transformer
+from train import distributed
 from train import reward_losses as rl
 from train.checkpoint import (
     Parent,
@@ -170,7 +171,7 @@ def make_eval_fn(
     def eval_fn(state: TrainState) -> dict[str, float]:
         totals: dict[str, float] = {}
         with sh.sharding_context(mesh, rules):
-            for i, batch in enumerate(dataset):
+            for i, batch in enumerate(distributed.in_step(dataset)):
                 if config.eval.max_batches and i >= config.eval.max_batches:
                     break
                 sums = eval_step(state.params, pipelines.make_global_batch(batch, mesh, rules))

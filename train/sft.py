@@ -41,12 +41,12 @@ from model.config import ModelConfig, flops_per_token
 from model.generate import SamplingConfig, generate, left_pad
 from model.tokenizer import END_ID, EOS_ID, PAD_ID, Tokenizer, check_vocab, load_tokenizer
 from model.transformer import Transformer
-from train import losses
+from train import distributed, losses
 from train.checkpoint import Parent, check_tokenizer, child_model_dict, load_params, read_parent
 from train.data import builders, pipelines
 from train.loop import LoopSettings
 from train.metrics import peak_flops_per_device
-from train.optim import make_optimizer
+from train.optim import optimizer_from_config
 from train.stage import StageError, parse_stage_args, run_stage
 from train.state import TrainState, create_train_state
 from train.step import jit_train_step, make_train_step
@@ -77,23 +77,8 @@ def open_records(config: ml_collections.ConfigDict, section: str, kind: str) -> 
     )
 
 
-def make_tx(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
-    """(optimizer, lr schedule) from `config.optim`, the factory every stage uses."""
-    o = config.optim
-    return make_optimizer(
-        o.name,
-        o.lr,
-        o.schedule,
-        config.total_steps,
-        o.warmup_steps,
-        o.min_lr_ratio,
-        o.decay_fraction,
-        o.weight_decay,
-        o.b1,
-        o.b2,
-        o.eps,
-        o.clip_norm,
-    )
+# The one optimizer factory, under the name the stages use.
+make_tx = optimizer_from_config
 
 
 def parent_tokenizer(config: ml_collections.ConfigDict, parent: Parent) -> Tokenizer:
@@ -313,7 +298,7 @@ def make_eval_fn(
     def eval_fn(state: TrainState) -> dict[str, float]:
         total, count = 0.0, 0.0
         with sh.sharding_context(mesh, rules):
-            for i, batch in enumerate(dataset):
+            for i, batch in enumerate(distributed.in_step(dataset)):
                 if config.eval.max_batches and i >= config.eval.max_batches:
                     break
                 loss_sum, n = eval_step(
