@@ -49,10 +49,10 @@ from train.checkpoint import (
     read_parent,
     write_json,
 )
+from train.stage import TOKENIZER_DIR
 from train.state import init_params_fn, param_shardings
 
 STAGE = "import-hf"
-TOKENIZER_DIR = "tokenizer"
 CALIBRATION_FILE = "reward_calibration.json"  # written by `flaxlm reward`
 
 

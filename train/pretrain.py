@@ -8,7 +8,6 @@ checkpoint with the exact data position and RNG.
 from __future__ import annotations
 
 import pathlib
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,11 +35,10 @@ from train.data import builders, pipelines
 from train.loop import LoopSettings
 from train.metrics import peak_flops_per_device
 from train.optim import optimizer_from_config
-from train.stage import StageError, parse_stage_args, run_stage
+from train.stage import TOKENIZER_DIR, StageError, stage_main, stage_parts
 from train.state import create_train_state
 from train.step import jit_train_step, make_train_step
 
-TOKENIZER_DIR = "tokenizer"
 VOCAB_MULTIPLE = 128
 
 
@@ -226,36 +224,23 @@ def build(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str,
         stop_at_step=config.stop_at_step,
         desc="pretrain",
     )
-    meta = {
-        "stage": "pretrain",
-        "config": config.to_dict(),
-        "model": model_cfg.to_dict(),
-        "tokenizer": {"path": TOKENIZER_DIR, "fingerprint": tokenizer.fingerprint},
-        "lineage": lineage("pretrain", config.init_from or None),
-    }
-    return {
-        "state": state,
-        "shardings": shardings,
-        "batches": batches,
-        "meta": meta,
-        "train_step": jit_train_step(step, shardings, mesh, rules),
-        "settings": settings,
-        "to_device": lambda b: pipelines.make_global_batch(b, mesh, rules),
-        "eval_fn": eval_fn,
-        "after_build": lambda wd: tokenizer.save(wd / TOKENIZER_DIR),
-        # For benchmarks and tools that drive the pieces themselves:
-        "model": model,
-        "tokenizer": tokenizer,
-        "mesh": mesh,
-        "rules": rules,
-    }
+    return stage_parts(
+        stage="pretrain",
+        config=config,
+        model_cfg=model_cfg,
+        tokenizer=tokenizer,
+        lineage=lineage("pretrain", config.init_from or None),
+        model=model,
+        state=state,
+        shardings=shardings,
+        train_step=jit_train_step(step, shardings, mesh, rules),
+        batches=batches,
+        settings=settings,
+        eval_fn=eval_fn,
+        mesh=mesh,
+        rules=rules,
+    )
 
 
 def main(argv: Sequence[str]) -> int:
-    try:
-        args, config = parse_stage_args("pretrain", argv)
-    except loader.ConfigError as err:
-        print(f"flaxlm pretrain: error: {err}", file=sys.stderr)
-        return 2
-    workdir = pathlib.Path(args.workdir)
-    return run_stage("pretrain", workdir, config, lambda: build(config, workdir))
+    return stage_main("pretrain", build, argv)

@@ -60,7 +60,6 @@ from train.loop import LoopSettings
 from train.metrics import MetricWriter, peak_flops_per_device
 from train.optim import accumulate_gradients
 from train.sft import (
-    TOKENIZER_DIR,
     batch_multiple,
     data_options,
     init_state_from,
@@ -70,7 +69,7 @@ from train.sft import (
     start_from_parent,
     to_host,
 )
-from train.stage import StageError, parse_stage_args, run_stage
+from train.stage import TOKENIZER_DIR, StageError, parse_stage_args, run_stage, stage_parts
 from train.state import TrainState, init_params_fn, param_shardings, step_rng
 from train.step import jit_train_step
 
@@ -254,29 +253,23 @@ def build(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str,
         stop_at_step=config.stop_at_step,
         desc="reward",
     )
-    meta = {
-        "stage": "reward",
-        "config": config.to_dict(),
-        "model": model_cfg.to_dict(),
-        "heads": {"lm_head": False, "scalar_head": True},
-        "tokenizer": {"path": TOKENIZER_DIR, "fingerprint": tokenizer.fingerprint},
-        "lineage": parent.lineage("reward"),
-    }
-    return {
-        "state": state,
-        "shardings": shardings,
-        "batches": batches,
-        "meta": meta,
-        "train_step": jit_train_step(step, shardings, mesh, rules),
-        "settings": settings,
-        "to_device": lambda b: pipelines.make_global_batch(b, mesh, rules),
-        "eval_fn": eval_fn,
-        "after_build": lambda wd: tokenizer.save(wd / TOKENIZER_DIR),
-        "model": model,
-        "tokenizer": tokenizer,
-        "mesh": mesh,
-        "rules": rules,
-    }
+    return stage_parts(
+        stage="reward",
+        config=config,
+        model_cfg=model_cfg,
+        tokenizer=tokenizer,
+        lineage=parent.lineage("reward"),
+        model=model,
+        state=state,
+        shardings=shardings,
+        train_step=jit_train_step(step, shardings, mesh, rules),
+        batches=batches,
+        settings=settings,
+        eval_fn=eval_fn,
+        mesh=mesh,
+        rules=rules,
+        extra_meta={"heads": {"lm_head": False, "scalar_head": True}},
+    )
 
 
 # ----------------------------------------------------------------------------- scoring

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import math
 import pathlib
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,7 +34,6 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from configs import loader
 from model import sharding as sh
 from model.config import ModelConfig, flops_per_token
 from model.generate import SamplingConfig, generate, left_pad
@@ -47,11 +45,10 @@ from train.data import builders, pipelines
 from train.loop import LoopSettings
 from train.metrics import peak_flops_per_device
 from train.optim import optimizer_from_config
-from train.stage import StageError, parse_stage_args, run_stage
+from train.stage import TOKENIZER_DIR, StageError, stage_main, stage_parts  # noqa: F401
 from train.state import TrainState, create_train_state
 from train.step import jit_train_step, make_train_step
 
-TOKENIZER_DIR = "tokenizer"
 SAMPLES_FILE = "samples.jsonl"
 
 
@@ -375,35 +372,23 @@ def build(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str,
         stop_at_step=config.stop_at_step,
         desc="sft",
     )
-    meta = {
-        "stage": "sft",
-        "config": config.to_dict(),
-        "model": model_cfg.to_dict(),
-        "tokenizer": {"path": TOKENIZER_DIR, "fingerprint": tokenizer.fingerprint},
-        "lineage": parent.lineage("sft"),
-    }
-    return {
-        "state": state,
-        "shardings": shardings,
-        "batches": batches,
-        "meta": meta,
-        "train_step": jit_train_step(step, shardings, mesh, rules),
-        "settings": settings,
-        "to_device": lambda b: pipelines.make_global_batch(b, mesh, rules),
-        "eval_fn": eval_fn,
-        "after_build": lambda wd: tokenizer.save(wd / TOKENIZER_DIR),
-        "model": model,
-        "tokenizer": tokenizer,
-        "mesh": mesh,
-        "rules": rules,
-    }
+    return stage_parts(
+        stage="sft",
+        config=config,
+        model_cfg=model_cfg,
+        tokenizer=tokenizer,
+        lineage=parent.lineage("sft"),
+        model=model,
+        state=state,
+        shardings=shardings,
+        train_step=jit_train_step(step, shardings, mesh, rules),
+        batches=batches,
+        settings=settings,
+        eval_fn=eval_fn,
+        mesh=mesh,
+        rules=rules,
+    )
 
 
 def main(argv: Sequence[str]) -> int:
-    try:
-        args, config = parse_stage_args("sft", argv)
-    except loader.ConfigError as err:
-        print(f"flaxlm sft: error: {err}", file=sys.stderr)
-        return 2
-    workdir = pathlib.Path(args.workdir)
-    return run_stage("sft", workdir, config, lambda: build(config, workdir))
+    return stage_main("sft", build, argv)

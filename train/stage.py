@@ -25,6 +25,7 @@ from train.loop import LoopSettings, NonFiniteLossError, Preempted, train_loop
 from train.metrics import MetricWriter
 
 NONFINITE_POLICIES = ("stop", "skip")
+TOKENIZER_DIR = "tokenizer"  # every stage's workdir keeps its tokenizer here
 
 
 class StageError(ValueError):
@@ -198,3 +199,65 @@ def run_stage(
     finally:
         checkpointer.close()
     return 0
+
+
+def stage_parts(
+    *,
+    stage: str,
+    config: ml_collections.ConfigDict,
+    model_cfg: Any,
+    tokenizer: Any,
+    lineage: dict,
+    model: Any,
+    state: Any,
+    shardings: Any,
+    train_step: Callable,
+    batches: Any,
+    settings: LoopSettings,
+    eval_fn: Callable | None,
+    mesh: jax.sharding.Mesh,
+    rules: sh.Rules,
+    extra_meta: dict | None = None,
+) -> dict[str, Any]:
+    """The dict `run_stage` consumes, with the checkpoint meta every stage writes."""
+    from train.data import pipelines  # data pipelines are only needed once a stage builds
+
+    meta = {
+        "stage": stage,
+        "config": config.to_dict(),
+        "model": model_cfg.to_dict(),
+        "tokenizer": {"path": TOKENIZER_DIR, "fingerprint": tokenizer.fingerprint},
+        "lineage": lineage,
+        **(extra_meta or {}),
+    }
+    return {
+        "state": state,
+        "shardings": shardings,
+        "batches": batches,
+        "meta": meta,
+        "train_step": train_step,
+        "settings": settings,
+        "to_device": lambda b: pipelines.make_global_batch(b, mesh, rules),
+        "eval_fn": eval_fn,
+        "after_build": lambda wd: tokenizer.save(wd / TOKENIZER_DIR),
+        # For benchmarks and tools that drive the pieces themselves:
+        "model": model,
+        "tokenizer": tokenizer,
+        "mesh": mesh,
+        "rules": rules,
+    }
+
+
+def stage_main(
+    prog: str,
+    build: Callable[[ml_collections.ConfigDict, pathlib.Path], dict[str, Any]],
+    argv: Sequence[str],
+) -> int:
+    """`flaxlm PROG --config FILE[:PRESET] --workdir DIR [--config.KEY=VALUE ...]`."""
+    try:
+        args, config = parse_stage_args(prog, argv)
+    except loader.ConfigError as err:
+        print(f"flaxlm {prog}: error: {err}", file=sys.stderr)
+        return 2
+    workdir = pathlib.Path(args.workdir)
+    return run_stage(prog, workdir, config, lambda: build(config, workdir))
