@@ -45,7 +45,7 @@ from train.data import builders, pipelines
 from train.loop import LoopSettings
 from train.metrics import peak_flops_per_device
 from train.optim import optimizer_from_config
-from train.stage import TOKENIZER_DIR, StageError, stage_main, stage_parts  # noqa: F401
+from train.stage import StageError, stage_main, stage_parts
 from train.state import TrainState, create_train_state
 from train.step import jit_train_step, make_train_step
 
