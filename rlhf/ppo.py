@@ -63,8 +63,6 @@ from rlhf import rollout as ro
 from rlhf.tasks import load_task
 from train.checkpoint import check_tokenizer, load_params, read_parent
 from train.data import pipelines
-from train.loop import LoopSettings
-from train.metrics import peak_flops_per_device
 from train.reward import abstract_params, load_calibration, reward_model
 from train.sft import (
     data_options,
@@ -74,7 +72,7 @@ from train.sft import (
     start_from_parent,
     to_host,
 )
-from train.stage import StageError, stage_main, stage_parts
+from train.stage import StageError, loop_settings, stage_main, stage_parts
 
 Params = Any
 
@@ -423,17 +421,8 @@ def build(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str,
     eval_fn = None
     if config.eval.every_steps:
         eval_fn = make_eval_fn(config, evaluate, tokenizer, mesh, rules)
-    settings = LoopSettings(
-        total_steps=config.total_steps,
-        tokens_per_step=config.batch_size * total_len,
-        log_every=config.log.every_steps,
-        eval_every=config.eval.every_steps,
-        checkpoint_every=config.checkpoint.every_steps,
-        flops_per_token=flops_per_token(model_cfg, total_len),
-        peak_flops_per_device=peak_flops_per_device(config.log.peak_flops_per_device),
-        nonfinite=config.nonfinite,
-        stop_at_step=config.stop_at_step,
-        desc="ppo",
+    settings = loop_settings(
+        config, "ppo", config.batch_size * total_len, flops_per_token(model_cfg, total_len)
     )
     parts = stage_parts(
         stage="ppo",

@@ -32,10 +32,8 @@ from model.transformer import Transformer
 from train import distributed, losses
 from train.checkpoint import lineage
 from train.data import builders, pipelines
-from train.loop import LoopSettings
-from train.metrics import peak_flops_per_device
 from train.optim import optimizer_from_config
-from train.stage import TOKENIZER_DIR, StageError, stage_main, stage_parts
+from train.stage import TOKENIZER_DIR, StageError, loop_settings, stage_main, stage_parts
 from train.state import create_train_state
 from train.step import jit_train_step, make_train_step
 
@@ -212,17 +210,11 @@ def build(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str,
         config.z_loss,
         skip_nonfinite=config.nonfinite == "skip",
     )
-    settings = LoopSettings(
-        total_steps=config.total_steps,
-        tokens_per_step=config.batch_size * config.seq_len,
-        log_every=config.log.every_steps,
-        eval_every=config.eval.every_steps,
-        checkpoint_every=config.checkpoint.every_steps,
-        flops_per_token=flops_per_token(model_cfg, config.seq_len),
-        peak_flops_per_device=peak_flops_per_device(config.log.peak_flops_per_device),
-        nonfinite=config.nonfinite,
-        stop_at_step=config.stop_at_step,
-        desc="pretrain",
+    settings = loop_settings(
+        config,
+        "pretrain",
+        config.batch_size * config.seq_len,
+        flops_per_token(model_cfg, config.seq_len),
     )
     return stage_parts(
         stage="pretrain",

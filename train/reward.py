@@ -56,8 +56,7 @@ from train.checkpoint import (
     write_json,
 )
 from train.data import builders, pipelines
-from train.loop import LoopSettings
-from train.metrics import MetricWriter, peak_flops_per_device
+from train.metrics import MetricWriter
 from train.optim import accumulate_gradients
 from train.sft import (
     batch_multiple,
@@ -69,7 +68,14 @@ from train.sft import (
     start_from_parent,
     to_host,
 )
-from train.stage import TOKENIZER_DIR, StageError, parse_stage_args, run_stage, stage_parts
+from train.stage import (
+    TOKENIZER_DIR,
+    StageError,
+    loop_settings,
+    parse_stage_args,
+    run_stage,
+    stage_parts,
+)
 from train.state import TrainState, init_params_fn, param_shardings, step_rng
 from train.step import jit_train_step
 
@@ -239,19 +245,10 @@ def build(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str,
         config.reward.center_coef,
         skip_nonfinite=config.nonfinite == "skip",
     )
-    settings = LoopSettings(
-        total_steps=config.total_steps,
-        tokens_per_step=config.batch_size * K * T,
-        log_every=config.log.every_steps,
-        eval_every=config.eval.every_steps,
-        checkpoint_every=config.checkpoint.every_steps,
-        # No LM head: drop its 6·V·D from the LM's FLOPs per token.
-        flops_per_token=flops_per_token(model_cfg, T)
-        - 6.0 * model_cfg.vocab_size * model_cfg.d_model,
-        peak_flops_per_device=peak_flops_per_device(config.log.peak_flops_per_device),
-        nonfinite=config.nonfinite,
-        stop_at_step=config.stop_at_step,
-        desc="reward",
+    # No LM head: drop its 6·V·D from the LM's FLOPs per token.
+    lm_head_flops = 6.0 * model_cfg.vocab_size * model_cfg.d_model
+    settings = loop_settings(
+        config, "reward", config.batch_size * K * T, flops_per_token(model_cfg, T) - lm_head_flops
     )
     return stage_parts(
         stage="reward",

@@ -201,6 +201,26 @@ def run_stage(
     return 0
 
 
+def loop_settings(
+    config: ml_collections.ConfigDict, desc: str, tokens_per_step: int, flops_per_token: float
+) -> LoopSettings:
+    """The loop's settings from the keys every stage shares."""
+    from train.metrics import peak_flops_per_device  # measures the CPU once: only when built
+
+    return LoopSettings(
+        total_steps=config.total_steps,
+        tokens_per_step=tokens_per_step,
+        log_every=config.log.every_steps,
+        eval_every=config.eval.every_steps,
+        checkpoint_every=config.checkpoint.every_steps,
+        flops_per_token=flops_per_token,
+        peak_flops_per_device=peak_flops_per_device(config.log.peak_flops_per_device),
+        nonfinite=config.nonfinite,
+        stop_at_step=config.stop_at_step,
+        desc=desc,
+    )
+
+
 def stage_parts(
     *,
     stage: str,
