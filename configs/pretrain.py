@@ -58,6 +58,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model.d_model, c.model.num_layers, c.model.num_heads = 128, 4, 4
         c.model.num_kv_heads, c.model.head_dim, c.model.mlp_dim = 4, 32, 512
         c.model.max_seq_len = 256
+        # Unrolled layers: 113 ms vs 153 ms per step on the 2-core CPU (docs/benchmarks.md);
+        # four layers compile quickly either way.
+        c.model.scan_layers = False
         c.total_steps, c.batch_size, c.seq_len = 2000, 12, 64
         c.optim.lr, c.optim.warmup_steps, c.optim.weight_decay = 2e-3, 100, 0.1
         c.optim.b2 = 0.99
