@@ -1,6 +1,6 @@
 """Training throughput and MFU of a small char-level model, against this machine's peak.
 
-    python benchmarks/pretrain_throughput.py [--steps 60 --repeats 3]
+    python benchmarks/pretrain_throughput.py [--steps 60 --repeats 3 --unrolled]
 
 Shape: 4 layers, 4 heads, d_model 128, context 64, batch 12, char-level vocabulary
 (the shakespeare_char tokenizer: its pieces padded to a multiple of 128). The peak is the
@@ -45,10 +45,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--unrolled", action="store_true", help="scan_layers=False")
     args = parser.parse_args()
+    shape = SHAPE.replace(scan_layers=not args.unrolled)
     mesh = sh.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     rules = sh.get_rules("dp")
-    model = Transformer(SHAPE)
+    model = Transformer(shape)
     tx, lr_fn = make_optimizer(lr=1e-3, total_steps=10_000, warmup_steps=10)
     state, shardings = create_train_state(model, tx, mesh, rules, seed=0)
     step = jit_train_step(make_train_step(model, tx, lr_fn), shardings, mesh, rules)
@@ -72,10 +74,11 @@ def main() -> None:
         jax.block_until_ready(metrics)
         rates.append(args.steps * BATCH * SEQ / (time.perf_counter() - start))
     peak, rate = statistics.median(peaks), statistics.median(rates)
-    fpt = flops_per_token(SHAPE, SEQ)
+    fpt = flops_per_token(shape, SEQ)
     print(
         f"jax {jax.__version__} on {jax.devices()[0].device_kind}; "
-        f"{param_count(SHAPE) / 1e6:.2f}M params, {fpt / 1e6:.2f} MFLOP/token"
+        f"{param_count(shape) / 1e6:.2f}M params, scan_layers={shape.scan_layers}, "
+        f"{fpt / 1e6:.2f} MFLOP/token"
     )
     print(f"peak fp32 matmul: {peak / 1e9:.1f} GFLOP/s (median of {args.repeats})")
     print(f"compile + first step: {compile_s:.2f} s")
