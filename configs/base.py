@@ -32,26 +32,60 @@ def base_config() -> ml_collections.ConfigDict:
     c.nonfinite = "stop"  # stop | skip (discard the update and count it)
     c.init_from = ""  # a workdir or checkpoint to start from (later stages)
     c.model = model_section()
-    c.optim = ml_collections.ConfigDict({
-        "name": "adamw", "lr": 3e-4, "schedule": "cosine", "warmup_steps": 0,
-        "min_lr_ratio": 0.1, "decay_fraction": 0.2, "weight_decay": 0.1, "b1": 0.9,
-        "b2": 0.95, "eps": 1e-8, "clip_norm": 1.0})
+    c.optim = ml_collections.ConfigDict(
+        {
+            "name": "adamw",
+            "lr": 3e-4,
+            "schedule": "cosine",
+            "warmup_steps": 0,
+            "min_lr_ratio": 0.1,
+            "decay_fraction": 0.2,
+            "weight_decay": 0.1,
+            "b1": 0.9,
+            "b2": 0.95,
+            "eps": 1e-8,
+            "clip_norm": 1.0,
+        }
+    )
     # mesh.preset: a slice name from configs/meshes.py (v5e-16, 8xH100, ...) that sets the four
     # other keys; explicit --config.mesh.* overrides still win.
-    c.mesh = ml_collections.ConfigDict({
-        "data": -1, "fsdp": 1, "tensor": 1, "strategy": "fsdp", "preset": ""})
-    c.data = ml_collections.ConfigDict({
-        "name": "", "path": "", "split": "train", "data_dir": "", "local_copy": "",
-        "text_key": "text", "doc_mode": "blank_line", "bad_records": "skip",
-        "packing": "first_fit", "tokenizer": "", "tokenizer_type": "bpe",
-        "vocab_size": 4096, "num_workers": 0,
-        # True: ignore the checkpoint's data position (e.g. after changing the number of
-        # hosts, whose shards it records) and restart the pipeline from its beginning.
-        "reset_position": False})
-    c.eval = ml_collections.ConfigDict({
-        "every_steps": 0, "name": "", "path": "", "split": "validation", "max_batches": 0,
-        "batch_size": 0, "sample_prompt": "", "sample_tokens": 64})
-    c.checkpoint = ml_collections.ConfigDict({
-        "every_steps": 0, "max_to_keep": 3, "keep_best": False, "async_save": True})
+    c.mesh = ml_collections.ConfigDict(
+        {"data": -1, "fsdp": 1, "tensor": 1, "strategy": "fsdp", "preset": ""}
+    )
+    c.data = ml_collections.ConfigDict(
+        {
+            "name": "",
+            "path": "",
+            "split": "train",
+            "data_dir": "",
+            "local_copy": "",
+            "text_key": "text",
+            "doc_mode": "blank_line",
+            "bad_records": "skip",
+            "packing": "first_fit",
+            "tokenizer": "",
+            "tokenizer_type": "bpe",
+            "vocab_size": 4096,
+            "num_workers": 0,
+            # True: ignore the checkpoint's data position (e.g. after changing the number of
+            # hosts, whose shards it records) and restart the pipeline from its beginning.
+            "reset_position": False,
+        }
+    )
+    c.eval = ml_collections.ConfigDict(
+        {
+            "every_steps": 0,
+            "name": "",
+            "path": "",
+            "split": "validation",
+            "max_batches": 0,
+            "batch_size": 0,
+            "sample_prompt": "",
+            "sample_tokens": 64,
+        }
+    )
+    c.checkpoint = ml_collections.ConfigDict(
+        {"every_steps": 0, "max_to_keep": 3, "keep_best": False, "async_save": True}
+    )
     c.log = ml_collections.ConfigDict({"every_steps": 10, "peak_flops_per_device": 0.0})
     return c

@@ -74,8 +74,9 @@ def parse_value(key: str, text: str, current: Any) -> Any:
     return text
 
 
-def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]
-                    ) -> ml_collections.ConfigDict:
+def apply_overrides(
+    config: ml_collections.ConfigDict, overrides: Sequence[str]
+) -> ml_collections.ConfigDict:
     """Apply ["key=value", ...] (dotted keys, no '--config.' prefix)."""
     config = ml_collections.ConfigDict(config.to_dict())  # a copy
     with config.unlocked():
@@ -87,8 +88,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]
             node = config
             for i, part in enumerate(parents):
                 if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
-                    raise ConfigError(f"--config.{key}: unknown key "
-                                      f"{'.'.join(parents[:i + 1])!r}")
+                    raise ConfigError(f"--config.{key}: unknown key {'.'.join(parents[: i + 1])!r}")
                 node = node[part]
             if leaf not in node:
                 known = ", ".join(sorted(node.keys()))
@@ -109,7 +109,7 @@ def split_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     while i < len(argv):
         arg = argv[i]
         if arg.startswith("--config."):
-            body = arg[len("--config."):]
+            body = arg[len("--config.") :]
             if "=" not in body:
                 if i + 1 >= len(argv):
                     raise ConfigError(f"{arg}: missing value")

@@ -23,8 +23,9 @@ import ml_collections
 
 from configs.base import base_config
 
-SHARED_SHAKESPEARE = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / \
-    "tinyshakespeare.txt"
+SHARED_SHAKESPEARE = (
+    pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+)
 
 PRESETS = ("tiny", "shakespeare_char", "shakespeare_bpe", "125m", "350m", "1b", "7b")
 
