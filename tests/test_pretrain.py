@@ -266,3 +266,33 @@ def test_bad_config_is_one_line_and_writes_nothing(tmp_path, data_dir, override,
     assert message in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert not workdir.exists()
+
+
+def test_resuming_with_another_model_shape_is_refused_before_any_write(tmp_path, data_dir, capsys):
+    assert run(tmp_path, data_dir, "--config.total_steps=2", "--config.eval.every_steps=0") == 0
+    config_before = (tmp_path / "config.json").read_text()
+    steps_before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    capsys.readouterr()
+    code = run(
+        tmp_path,
+        data_dir,
+        "--config.total_steps=4",
+        "--config.eval.every_steps=0",
+        "--config.model.num_layers=3",
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "model.num_layers: 2 -> 3" in err
+    assert (tmp_path / "config.json").read_text() == config_before
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == steps_before
+    assert not (tmp_path / "checkpoints_damaged").exists()
+    # A numerics-only change (remat) resumes.
+    assert (
+        run(
+            tmp_path,
+            data_dir,
+            "--config.total_steps=3",
+            "--config.eval.every_steps=0",
+            "--config.model.remat_policy=full",
+        )
+        == 0
+    )

@@ -20,7 +20,14 @@ from configs import loader
 from configs.meshes import apply_mesh_preset
 from model import sharding as sh
 from train import distributed
-from train.checkpoint import Checkpointer, abstract_with_shardings, write_json
+from train.checkpoint import (
+    PARAM_SHAPE_KEYS,
+    Checkpointer,
+    InitFromError,
+    abstract_with_shardings,
+    read_parent,
+    write_json,
+)
 from train.loop import LoopSettings, NonFiniteLossError, Preempted, train_loop
 from train.metrics import MetricWriter
 
@@ -103,7 +110,7 @@ def restore_or_start(
             check_resume_compatible(
                 {f"model.{k}": v for k, v in meta["model"].items()},
                 {f"model.{k}": v for k, v in model_dict.items()},
-                [f"model.{k}" for k in model_dict],
+                [f"model.{k}" for k in PARAM_SHAPE_KEYS],
             )
 
     restored = checkpointer.restore(abstract, check_meta=check)
@@ -114,6 +121,24 @@ def restore_or_start(
         batches.set_state(data_state)
     print(f"resuming from checkpoint step {step}", file=sys.stderr)
     return new_state, meta
+
+
+def check_workdir_model(workdir: pathlib.Path, model_dict: dict | None) -> None:
+    """Refuse, before anything is written, to resume a workdir whose newest checkpoint
+    holds another model shape (its config.json and checkpoints stay as they are).
+    Numerics that leave shapes alone (dtype, remat, dropout, ...) may change on resume."""
+    if model_dict is None or not (workdir / "checkpoints").is_dir():
+        return
+    try:
+        saved = read_parent(workdir).model
+    except InitFromError:  # no readable checkpoint yet: nothing to protect
+        return
+    keys = [f"model.{k}" for k in PARAM_SHAPE_KEYS]
+    check_resume_compatible(
+        {f"model.{k}": v for k, v in saved.items()},
+        {f"model.{k}": v for k, v in model_dict.items()},
+        keys,
+    )
 
 
 def _host_invariant(meta: dict) -> dict:
@@ -143,6 +168,7 @@ def run_stage(
         validate_common(config)
         parts = build()
         distributed.check_same_everywhere(_host_invariant(parts["meta"]), "resolved config")
+        check_workdir_model(workdir, parts["meta"].get("model"))
     except (loader.ConfigError, StageError, ValueError, FileNotFoundError, TypeError) as err:
         print(f"flaxlm {prog}: error: {err}", file=sys.stderr)
         return 2
