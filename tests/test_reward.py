@@ -21,17 +21,14 @@ import pytest
 from flax import linen as nn
 from scipy import stats
 
-from model import sharding as sh
 from model import tokenizer as tk
 from model.config import get_preset
-from model.transformer import Transformer
+from tests.test_sft import write_parent
 from train import reward
 from train import reward_losses as rl
-from train.checkpoint import Checkpointer, lineage, read_parent
+from train.checkpoint import read_parent
 from train.data import pipelines
 from train.metrics import read_metrics
-from train.optim import make_optimizer
-from train.state import create_train_state
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "reward.py")
@@ -235,26 +232,6 @@ def test_gradients_reach_the_head_and_backbone_not_padded_responses(tokenizer):
 # ----------------------------------------------------------------------------- the stage
 
 
-def write_parent(workdir: pathlib.Path, tokenizer: tk.Tokenizer) -> pathlib.Path:
-    """A pretraining-style checkpoint (random tiny model, this tokenizer) to start from."""
-    cfg = get_preset("tiny", vocab_size=-(-tokenizer.vocab_size // 128) * 128)
-    mesh, rules = sh.make_mesh(-1, 1, 1), sh.get_rules("fsdp")
-    tx, _ = make_optimizer(total_steps=10)
-    state, _ = create_train_state(Transformer(cfg), tx, mesh, rules, seed=1)
-    tokenizer.save(workdir / "tokenizer")
-    meta = {
-        "stage": "pretrain",
-        "config": {"seq_len": 64},
-        "model": cfg.to_dict(),
-        "tokenizer": {"path": "tokenizer", "fingerprint": tokenizer.fingerprint},
-        "lineage": lineage("pretrain"),
-    }
-    checkpointer = Checkpointer(workdir, async_save=False)
-    checkpointer.save(3, state, {}, meta)
-    checkpointer.close()
-    return workdir
-
-
 def write_jsonl(path: pathlib.Path, rows: list[dict]) -> str:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
@@ -264,7 +241,7 @@ def write_jsonl(path: pathlib.Path, rows: list[dict]) -> str:
 def trained(tmp_path_factory, tokenizer):
     """One `flaxlm reward` run: 60 steps of 16 prompts with 2-4 ranked responses each."""
     root = tmp_path_factory.mktemp("reward")
-    parent = write_parent(root / "parent", tokenizer)
+    parent, _ = write_parent(root / "parent", tokenizer)
     rng = random.Random(0)
     train = [ranked_record(rng, rng.choice([2, 3, 4])) for _ in range(2000)]
     heldout = [ranked_record(rng, rng.choice([2, 3, 4])) for _ in range(128)]
