@@ -63,7 +63,7 @@ from rlhf import rollout as ro
 from rlhf.tasks import load_task
 from train.checkpoint import check_tokenizer, load_params, read_parent
 from train.data import pipelines
-from train.reward import abstract_params, load_calibration, reward_model
+from train.reward import load_calibration, reward_model
 from train.sft import (
     data_options,
     init_state_from,
@@ -73,6 +73,7 @@ from train.sft import (
     to_host,
 )
 from train.stage import StageError, loop_settings, stage_main, stage_parts
+from train.state import abstract_sharded_params
 
 Params = Any
 
@@ -399,8 +400,8 @@ def build(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str,
         rng=replicated,
     )
     frozen = {
-        "ref": load_params(parent, abstract_params(models["policy"], mesh, rules)),
-        "reward": load_params(rm_parent, abstract_params(models["reward"], mesh, rules)),
+        "ref": load_params(parent, abstract_sharded_params(models["policy"], mesh, rules)),
+        "reward": load_params(rm_parent, abstract_sharded_params(models["reward"], mesh, rules)),
     }
     step = make_ppo_step(
         config,

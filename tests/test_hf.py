@@ -29,6 +29,7 @@ from model.hf_tokenizer import write_hf_tokenizer  # noqa: E402
 from model.transformer import Transformer  # noqa: E402
 from train import cli, hf_cli, sft  # noqa: E402
 from train.checkpoint import Checkpointer, lineage, load_params, read_parent  # noqa: E402
+from train.state import abstract_sharded_params  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -107,7 +108,7 @@ def random_tokens(vocab: int, seed: int, shape=(3, 48)) -> np.ndarray:
 
 
 def abstract(model: Transformer, mesh, rules):
-    return hf_cli.abstract_params(model, mesh, rules)
+    return abstract_sharded_params(model, mesh, rules)
 
 
 # ----------------------------------------------------------------------------- import

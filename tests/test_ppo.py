@@ -21,8 +21,8 @@ from rlhf import rollout as ro
 from train import pretrain, reward, sft
 from train.checkpoint import load_params, read_parent
 from train.metrics import read_metrics
-from train.reward import abstract_params
 from train.stage import parse_stage_args
+from train.state import abstract_sharded_params
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -235,7 +235,7 @@ def test_reference_never_changes(chain, runs):
     parts = runs["parts"]
     sft_params = load_params(
         read_parent(chain["sft"]),
-        abstract_params(parts["models"]["policy"], parts["mesh"], parts["rules"]),
+        abstract_sharded_params(parts["models"]["policy"], parts["mesh"], parts["rules"]),
     )
     ref = jax.device_get(parts["frozen"]["ref"])
     for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(jax.device_get(sft_params)), strict=True):

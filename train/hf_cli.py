@@ -32,7 +32,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import linen as nn
 
 from model import hf, hf_files
 from model import sharding as sh
@@ -43,14 +42,13 @@ from model.tokenizer import load_tokenizer as load_flaxlm_tokenizer
 from model.transformer import Transformer
 from train.checkpoint import (
     Checkpointer,
-    abstract_with_shardings,
     lineage,
     load_params,
     read_parent,
     write_json,
 )
 from train.stage import TOKENIZER_DIR
-from train.state import init_params_fn, param_shardings
+from train.state import abstract_sharded_params
 
 STAGE = "import-hf"
 CALIBRATION_FILE = "reward_calibration.json"  # written by `flaxlm reward`
@@ -63,15 +61,6 @@ class HFCommandError(ValueError):
 # ----------------------------------------------------------------------------- shared
 
 
-def abstract_params(model: Transformer, mesh: jax.sharding.Mesh, rules: sh.Rules) -> Any:
-    """Parameter ShapeDtypeStructs carrying this mesh's shardings (nothing allocated)."""
-    tokens = jnp.zeros((1, 8), jnp.int32)
-    shapes = nn.unbox(jax.eval_shape(init_params_fn(model, tokens), jax.random.key(0)))
-    shardings = param_shardings(model, mesh, rules)
-    sh.check_divisible(shapes, shardings)
-    return abstract_with_shardings(shapes, shardings)
-
-
 def placement(
     model: Transformer, mesh_shape: Sequence[int] | None, strategy: str
 ) -> tuple[jax.sharding.Mesh, sh.Rules, Any]:
@@ -82,13 +71,13 @@ def placement(
         # A shape without -1 may use fewer devices than there are (the first ones).
         devices = None if -1 in mesh_shape else jax.devices()[: math.prod(mesh_shape)]
         mesh = sh.make_mesh(*mesh_shape, devices=devices)
-        return mesh, rules, abstract_params(model, mesh, rules)
+        return mesh, rules, abstract_sharded_params(model, mesh, rules)
     try:
         mesh = sh.make_mesh(1, -1, 1)
-        return mesh, rules, abstract_params(model, mesh, rules)
+        return mesh, rules, abstract_sharded_params(model, mesh, rules)
     except ValueError:
         mesh = sh.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-        return mesh, rules, abstract_params(model, mesh, rules)
+        return mesh, rules, abstract_sharded_params(model, mesh, rules)
 
 
 def parse_mesh(text: str | None) -> tuple[int, int, int] | None:

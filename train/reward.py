@@ -37,7 +37,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from flax import linen as nn
 
 from configs import loader
 from model import sharding as sh
@@ -49,7 +48,6 @@ from train import distributed
 from train import reward_losses as rl
 from train.checkpoint import (
     Parent,
-    abstract_with_shardings,
     check_tokenizer,
     load_params,
     read_parent,
@@ -76,7 +74,11 @@ from train.stage import (
     run_stage,
     stage_parts,
 )
-from train.state import TrainState, init_params_fn, param_shardings, step_rng
+from train.state import (
+    TrainState,
+    abstract_sharded_params,
+    step_rng,
+)
 from train.step import jit_train_step
 
 CALIBRATION_FILE = "reward_calibration.json"
@@ -272,13 +274,6 @@ def build(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str,
 # ----------------------------------------------------------------------------- scoring
 
 
-def abstract_params(model: Transformer, mesh: jax.sharding.Mesh, rules: sh.Rules) -> Any:
-    """The model's parameter shapes with this mesh's shardings (nothing allocated)."""
-    tokens = jnp.zeros((1, 8), jnp.int32)
-    shapes = nn.unbox(jax.eval_shape(init_params_fn(model, tokens), jax.random.key(0)))
-    return abstract_with_shardings(shapes, param_shardings(model, mesh, rules))
-
-
 def score_texts(
     model: Transformer,
     params: Any,
@@ -348,11 +343,11 @@ def calibrate(config: ml_collections.ConfigDict, workdir: pathlib.Path, parts: d
         return existing
     c, mesh, rules = config.calibration, parts["mesh"], parts["rules"]
     model, tokenizer = parts["model"], parts["tokenizer"]
-    params = load_params(own, abstract_params(model, mesh, rules))
+    params = load_params(own, abstract_sharded_params(model, mesh, rules))
     policy_parent = read_parent(c.policy or config.init_from)
     check_tokenizer(policy_parent, tokenizer.fingerprint, str(workdir / TOKENIZER_DIR))
     policy = Transformer(ModelConfig(**policy_parent.model))
-    policy_params = load_params(policy_parent, abstract_params(policy, mesh, rules))
+    policy_params = load_params(policy_parent, abstract_sharded_params(policy, mesh, rules))
     prompts = reference_prompts(config)
     prompts = [prompts[i % len(prompts)] for i in range(c.num_samples)]
     sampling = SamplingConfig(c.temperature, c.top_k, c.top_p, tokenizer.vocab_size)
@@ -477,7 +472,7 @@ def score_workdir(
     model = reward_model(ModelConfig(**parent.model))
     mesh = sh.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     rules = sh.get_rules("dp")
-    params = load_params(parent, abstract_params(model, mesh, rules))
+    params = load_params(parent, abstract_sharded_params(model, mesh, rules))
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": prompt}
     ]

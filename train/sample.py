@@ -28,7 +28,7 @@ from model.config import ModelConfig
 from model.tokenizer import BOS_ID, END_ID, EOS_ID, Tokenizer, load_tokenizer
 from model.transformer import Transformer, init_cache
 from train.checkpoint import InitFromError, Parent, load_params, read_parent
-from train.state import param_shardings
+from train.state import abstract_sharded_params
 
 RAW_STAGES = ("pretrain", "import-hf")
 
@@ -45,16 +45,7 @@ class Policy:
         self.model = Transformer(self.config)
         self.mesh = sh.make_mesh(data=1, fsdp=-1)  # parameters split over every device
         self.rules = sh.get_rules("fsdp")
-        shardings = param_shardings(self.model, self.mesh, self.rules)
-        shapes = jax.eval_shape(
-            lambda: self.model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
-        )
-        target = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.value.shape, a.value.dtype, sharding=s),
-            shapes,
-            shardings,
-            is_leaf=lambda x: hasattr(x, "value"),
-        )
+        target = abstract_sharded_params(self.model, self.mesh, self.rules)
         self.params = load_params(self.parent, target)
         if self.parent.tokenizer_dir is None:
             raise InitFromError(f"{self.parent.checkpoint} records no tokenizer")

@@ -47,6 +47,18 @@ def param_shardings(model: nn.Module, mesh: Mesh, rules: sh.Rules, seq_len: int 
     return sh.logical_to_sharding(nn.get_partition_spec(boxed), mesh, rules)
 
 
+def abstract_sharded_params(model: nn.Module, mesh: Mesh, rules: sh.Rules) -> Any:
+    """The model's parameter ShapeDtypeStructs carrying this mesh's shardings (nothing
+    allocated): the target to restore or stream parameters into."""
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    shapes = nn.unbox(jax.eval_shape(init_params_fn(model, tokens), jax.random.key(0)))
+    shardings = param_shardings(model, mesh, rules)
+    sh.check_divisible(shapes, shardings)
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings
+    )
+
+
 def state_shardings(
     model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, rules: sh.Rules
 ) -> tuple[TrainState, TrainState]:
