@@ -409,7 +409,11 @@ def main(argv: Sequence[str]) -> int:
     except loader.ConfigError as err:
         print(f"flaxlm reward: error: {err}", file=sys.stderr)
         return 2
-    workdir = pathlib.Path(args.workdir)
+    return run(config, pathlib.Path(args.workdir))
+
+
+def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> int:
+    """Train (or resume) and calibrate: `flaxlm reward` after its arguments are parsed."""
     parts: dict[str, Any] = {}
 
     def build_and_keep() -> dict[str, Any]:

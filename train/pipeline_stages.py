@@ -1,0 +1,232 @@
+"""The pipeline's stages: what each reads and writes, and how it is linked to the others.
+
+Training stages run through their own stage code (train/stage.py `run_stage`) on the
+pipeline's section of their config, with the links filled in here: data paths, the
+`init_from` / `reward_from` workdirs, the task, the tokenizer, the seed and a TFDS
+data_dir inside the workdir. The data stages (data, tokenizer, rm_data) write into a
+temporary directory and rename it when complete, so an interrupted one leaves nothing
+half-written and is simply redone.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+import sys
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from rlhf.tasks import load_task
+
+TRAINING = ("pretrain", "sft", "reward", "ppo", "dpo", "grpo")
+
+
+def data_paths(workdir: pathlib.Path) -> dict[str, pathlib.Path]:
+    d, rm = workdir / "data", workdir / "rm_data"
+    return {
+        "pretrain": d / "pretrain.txt",
+        "sft": d / "sft.jsonl",
+        "sft_eval": d / "sft_eval.jsonl",
+        "prompts": d / "prompts.jsonl",
+        "eval_prompts": d / "eval_prompts.jsonl",
+        "ranked": rm / "ranked.jsonl",
+        "ranked_eval": rm / "ranked_eval.jsonl",
+        "rm_summary": rm / "summary.json",
+        "tokenizer": workdir / "tokenizer",
+    }
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+    """Fail before anything is written: the task loads, K >= 2, sections exist."""
+    load_task(config.task)  # ValueError naming the task path
+    if config.rm_data.k < 2:
+        raise ValueError(f"rm_data.k={config.rm_data.k}: the labeler needs K >= 2")
+    if config.rm_data.num_prompts < 1 or config.rm_data.num_prompts > config.data.n_prompts:
+        raise ValueError(
+            f"rm_data.num_prompts={config.rm_data.num_prompts} must be in [1, data.n_prompts="
+            f"{config.data.n_prompts}]"
+        )
+    if config.tokenizer.type not in ("char", "bpe", "unigram"):
+        raise ValueError(f"tokenizer.type={config.tokenizer.type!r}: choose char, bpe or unigram")
+
+
+def set_key(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = config
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+
+
+def stage_config(
+    config: ml_collections.ConfigDict, stage: str, workdir: pathlib.Path
+) -> ml_collections.ConfigDict:
+    """The stage's section of the pipeline config with the links to the other stages."""
+    p = data_paths(workdir)
+    c = ml_collections.ConfigDict(config[stage].to_dict())  # a copy
+    links: dict[str, Any] = {"seed": config.seed, "data.data_dir": str(workdir / "tfds")}
+    if stage == "pretrain":
+        links |= {"data.path": p["pretrain"], "data.tokenizer": p["tokenizer"]}
+        links |= {"data.doc_mode": "blank_line"}
+    elif stage == "sft":
+        links |= {"init_from": workdir / "pretrain", "data.path": p["sft"]}
+        links |= {"eval.path": p["sft_eval"]}
+    elif stage == "reward":
+        links |= {"init_from": workdir / "sft", "data.path": p["ranked"]}
+        links |= {"eval.path": p["ranked_eval"], "calibration.prompts_path": p["eval_prompts"]}
+        links |= {"reward.max_responses": config.rm_data.k}
+    elif stage in ("ppo", "grpo"):
+        links |= {"init_from": workdir / "sft", "reward_from": workdir / "reward"}
+        links |= {"data.path": p["prompts"], "eval.path": p["eval_prompts"], "task": config.task}
+    elif stage == "dpo":
+        links |= {"init_from": workdir / "sft", "data.path": p["ranked"]}
+        links |= {"eval.path": p["ranked_eval"], "task": config.task}
+    with c.unlocked():
+        for key, value in links.items():
+            set_key(c, key, str(value) if isinstance(value, pathlib.Path) else value)
+    return c
+
+
+def replace_dir(tmp: pathlib.Path, final: pathlib.Path) -> None:
+    """Rename a completed temporary directory into place (replacing an older copy)."""
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+
+
+def fresh_tmp(final: pathlib.Path) -> pathlib.Path:
+    tmp = final.with_name(final.name + ".tmp")
+    if tmp.exists():  # left by an interrupted attempt
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+# ----------------------------------------------------------------------------- data stages
+
+
+def run_data(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> int:
+    from rlhf.labeler import write_task_data
+
+    task = load_task(config.task)
+    d = config.data
+    final = workdir / "data"
+    tmp = fresh_tmp(final)
+    paths = write_task_data(
+        task, tmp, np.random.default_rng(config.seed), d.n_docs, d.n_sft, d.n_prompts, d.n_eval
+    )
+    replace_dir(tmp, final)
+    print(f"data: {', '.join(pathlib.Path(v).name for v in paths.values())} in {final}")
+    return 0
+
+
+def run_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> int:
+    from model.tokenizer import train_tokenizer, training_sentences
+
+    path = data_paths(workdir)["pretrain"]
+    with path.open(encoding="utf-8") as f:
+        tokenizer = train_tokenizer(
+            training_sentences(f), config.tokenizer.vocab_size, config.tokenizer.type
+        )
+    final = data_paths(workdir)["tokenizer"]
+    tmp = fresh_tmp(final)
+    tokenizer.save(tmp)
+    replace_dir(tmp, final)
+    print(f"tokenizer: {config.tokenizer.type}, {tokenizer.vocab_size} pieces -> {final}")
+    return 0
+
+
+def read_prompts(path: pathlib.Path, limit: int | None = None) -> list[str]:
+    rows = [json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()]
+    return rows[:limit] if limit else rows
+
+
+def run_rm_data(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> int:
+    """K samples of the SFT policy per prompt, ranked by the labeler (train) and by the
+    noiseless oracle (held out)."""
+    import jax
+
+    from model.generate import SamplingConfig
+    from rlhf import rm_data
+    from rlhf import rollout as ro
+    from rlhf.labeler import Labeler, write_jsonl
+    from train.sample import Policy
+
+    r, p = config.rm_data, data_paths(workdir)
+    task = load_task(config.task)
+    policy = Policy(str(workdir / "sft"))
+    sampling = ro.sampling_for(
+        SamplingConfig(temperature=r.temperature), policy.config.vocab_size, policy.tokenizer
+    )
+    key = jax.random.fold_in(jax.random.key(config.seed), 7)
+    common = {
+        "prompt_len": config.ppo.seq_len,
+        "max_new_tokens": r.max_new_tokens,
+        "sampling": sampling,
+        "batch_size": r.batch_size,
+        "mesh": policy.mesh,
+        "rules": policy.rules,
+    }
+    labeler = Labeler(config.labeler.random_rate, config.labeler.score_noise)
+    final = p["ranked"].parent
+    tmp = fresh_tmp(final)
+    summary = {}
+    for name, prompts_path, limit, who in (
+        ("ranked", p["prompts"], r.num_prompts, labeler),
+        ("ranked_eval", p["eval_prompts"], None, Labeler(random_rate=0.0)),
+    ):
+        prompts = read_prompts(prompts_path, limit)
+        groups = rm_data.sample_groups(
+            policy.model,
+            policy.params,
+            policy.tokenizer,
+            prompts,
+            r.k,
+            jax.random.fold_in(key, len(summary)),
+            desc=f"rm_data: {name}",
+            **common,
+        )
+        rng = np.random.default_rng([config.seed, len(summary)])
+        records, summary[name] = rm_data.ranked_records(task, prompts, groups, who, rng)
+        write_jsonl(tmp / f"{name}.jsonl", records)
+        print(f"rm_data: {name}: {json.dumps(summary[name])}")
+    (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    replace_dir(tmp, final)
+    return 0
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+def run_training(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path) -> int:
+    import importlib
+
+    from train.stage import run_stage
+
+    c = stage_config(config, stage, workdir)
+    stage_dir = workdir / stage
+    if stage == "reward":
+        from train import reward
+
+        return reward.run(c, stage_dir)
+    module = {"pretrain": "train.pretrain", "sft": "train.sft"}.get(stage, f"rlhf.{stage}")
+    build = importlib.import_module(module).build
+    return run_stage(stage, stage_dir, c, lambda: build(c, stage_dir))
+
+
+def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path) -> int:
+    if stage in TRAINING:
+        return run_training(stage, config, workdir)
+    if stage == "report":
+        from train import pipeline_report
+
+        return pipeline_report.run(config, workdir)
+    runner = {"data": run_data, "tokenizer": run_tokenizer, "rm_data": run_rm_data}[stage]
+    try:
+        return runner(config, workdir)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"flaxlm pipeline: {stage}: error: {err}", file=sys.stderr)
+        return 2
