@@ -18,13 +18,22 @@ INSTALL_REQUIRES = [
     "grain>=0.2.18",
     "array-record>=0.8.6",
     "absl-py>=2.5.1",
+    "matplotlib>=3.11",  # the pipeline's and sweeps' report plots
     # tensorflow-datasets imports it for builders defined in packages but declares it
     # only for Python < 3.9.
     "importlib-resources>=7.1.0",
 ]
 
 EXTRAS = {
-    "test": ["pytest>=9.0", "ruff>=0.17", "scipy>=1.13"],
+    # nbclient, nbformat and ipykernel execute notebooks/quickstart.ipynb in the tests.
+    "test": [
+        "pytest>=9.0",
+        "ruff>=0.17",
+        "scipy>=1.13",
+        "nbclient>=0.11",
+        "nbformat>=5.11",
+        "ipykernel>=7.4",
+    ],
     # torch==2.13.0 is the CPU build; any newer pin pulls a multi-GB CUDA build.
     "hf": ["torch==2.13.0", "transformers>=5.24", "safetensors>=0.8", "tokenizers>=0.23"],
     "tpu": ["jax[tpu]>=0.10.2"],

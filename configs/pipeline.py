@@ -28,7 +28,8 @@ Stages (`stages`, comma separated, in this order):
 - report: DIR/report.md and its PNG plots from every stage's metrics.jsonl, plus the
   oracle score of SFT and RL policies on the held-out prompts and side-by-side samples.
 
-Presets: `demo` (the default: Addition, ≤ 10 minutes on 2 CPU cores) and `tiny` (tests).
+Presets: `demo` (the default: the `uppercase` task, sized for 2 CPU cores) and `tiny`
+(tests).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ ALL_STAGES += ("report",)
 TRAINING_STAGES = ("pretrain", "sft", "reward", "ppo", "dpo", "grpo")  # configs/<name>.py
 DEFAULT_STAGES = "data,tokenizer,pretrain,sft,rm_data,reward,ppo,report"
 
-# The chat-sized char model both presets use (prompt + response fit in 32 tokens).
+# The chat-sized char model both presets use (prompt + response fit in 34 tokens).
 CHAR_MODEL = {"d_model": 128, "num_layers": 3, "num_heads": 4, "num_kv_heads": 4}
 CHAR_MODEL |= {"head_dim": 32, "mlp_dim": 384, "max_seq_len": 64, "scan_layers": False}
 
@@ -65,14 +66,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         raise ValueError(f"unknown preset {preset!r}; choose from {PRESETS}")
     c = ml_collections.ConfigDict()
     c.stage = "pipeline"
-    c.task = "addition"
+    c.task = "uppercase"
     c.seed = 0
     c.stages = DEFAULT_STAGES
     c.data = ml_collections.ConfigDict({"n_docs": 400, "n_sft": 2000, "n_prompts": 2000})
     c.data.n_eval = 64
     c.tokenizer = ml_collections.ConfigDict({"type": "char", "vocab_size": 512})
     c.rm_data = ml_collections.ConfigDict(
-        {"k": 4, "num_prompts": 512, "temperature": 1.0, "max_new_tokens": 8, "batch_size": 128}
+        {"k": 4, "num_prompts": 512, "temperature": 1.0, "max_new_tokens": 10, "batch_size": 128}
     )
     c.labeler = ml_collections.ConfigDict({"random_rate": 0.5, "score_noise": 0.0})
     c.report = ml_collections.ConfigDict({"num_samples": 8, "eval_samples": 4})
@@ -97,8 +98,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.reward.seq_len, c.reward.batch_size = 32, 16
     c.reward.optim.lr = 1e-3
     c.reward.eval.max_batches = 0  # the whole held-out set
-    c.reward.calibration.max_new_tokens = 8
-    c.ppo.seq_len, c.ppo.ppo.max_new_tokens = 16, 8
+    c.reward.calibration.max_new_tokens = 10
+    c.ppo.seq_len, c.ppo.ppo.max_new_tokens = 24, 10
     c.ppo.batch_size = 32
     c.ppo.eval.every_steps = 10
     if preset == "demo":

@@ -82,10 +82,11 @@ def ranked_records(
     groups: Sequence[Sequence[str]],
     labeler: Labeler,
     rng: np.random.Generator,
+    allow_empty: bool = False,
 ) -> tuple[list[dict], dict[str, float]]:
     """Ranked JSONL records for each prompt's group, and a summary: groups kept and dropped
     (all tied), the labeler's measured pairwise agreement with the oracle, the groups'
-    mean oracle score."""
+    mean oracle score. No group left is an error unless `allow_empty`."""
     records, agree, pairs, scores = [], 0.0, 0, []
     for prompt, responses in zip(prompts, groups, strict=True):
         record = ranked_record(task, prompt, responses, rng, labeler)
@@ -96,6 +97,12 @@ def ranked_records(
         records.append(record)
         a, n = pairwise_agreement(group_scores, record["ranking"])
         agree, pairs = agree + a, pairs + n
+    if not records and not allow_empty:
+        raise StageError(
+            f"rm_data: all {len(prompts)} groups tie under the labeler (no comparison to "
+            "learn from): the policy's samples are too poor or too alike; train it longer "
+            "or raise rm_data.temperature"
+        )
     summary = {
         "groups": len(records),
         "dropped_all_tied": len(prompts) - len(records),

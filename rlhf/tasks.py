@@ -224,4 +224,69 @@ class SortLetters:
         return _corpus(self, rng, n_docs, self.lines_per_doc, " -> ")
 
 
-TASKS = {"addition": "rlhf.tasks:Addition", "sort": "rlhf.tasks:SortLetters"}
+# ----------------------------------------------------------------------------- uppercase
+
+
+class Uppercase:
+    """Prompt "shout abcde" -> "ABCDE"; half the time the teacher leaves the last letter small.
+
+    The easiest of the three for a small model (a per-character mapping, no arithmetic or
+    comparison), so it is the pipeline demo's task: SFT learns the format within minutes
+    on a CPU and what is left is exactly the teacher's habit, which only the preference
+    signal can remove. Prompts: "shout " + `min_len`..`max_len` lowercase letters. The
+    default fixes the length at 5: every answer letter then sits at the same distance
+    from its source letter, which one attention head learns quickly, where variable
+    lengths need an induction circuit a 3-layer char model did not form in 600 steps.
+    Mistake: every letter uppercased but the last ("ABCDe").
+    Oracle: the response (surrounding whitespace ignored) must be the prompt's letters in
+    order, in any case, else 0 (repeating, padding, dropping or changing letters earn
+    nothing). 1 when all are uppercase; otherwise ½ · the fraction of uppercase letters.
+    """
+
+    def __init__(
+        self, min_len: int = 5, max_len: int = 5, p_correct: float = 0.5, lines_per_doc: int = 8
+    ):
+        if not 2 <= min_len <= max_len:
+            raise ValueError(f"min_len={min_len}, max_len={max_len}: need 2 <= min <= max")
+        _check_p(p_correct)
+        self.min_len, self.max_len = min_len, max_len
+        self.p_correct, self.lines_per_doc = p_correct, lines_per_doc
+
+    @staticmethod
+    def parse(prompt: str) -> str:
+        match = re.fullmatch(r"shout ([a-z]+)", prompt.strip())
+        if match is None:
+            raise ValueError(f"Uppercase: prompt {prompt!r} is not 'shout <letters>'")
+        return match.group(1)
+
+    @staticmethod
+    def last_left_small(word: str) -> str:
+        """The teacher's systematic mistake."""
+        return word[:-1].upper() + word[-1]
+
+    def prompts(self, rng: np.random.Generator, n: int) -> list[str]:
+        letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+        sizes = rng.integers(self.min_len, self.max_len + 1, size=n)
+        return ["shout " + "".join(rng.choice(letters, size=int(k))) for k in sizes]
+
+    def demonstration(self, prompt: str, rng: np.random.Generator) -> str:
+        word = self.parse(prompt)
+        return word.upper() if rng.random() < self.p_correct else self.last_left_small(word)
+
+    def score(self, prompt: str, response: str) -> float:
+        word, given = self.parse(prompt), response.strip()
+        if not given.isascii() or given.lower() != word:
+            return 0.0
+        if given == word.upper():
+            return 1.0
+        return 0.5 * sum(c.isupper() for c in given) / len(given)
+
+    def pretraining_corpus(self, rng: np.random.Generator, n_docs: int) -> list[str]:
+        return _corpus(self, rng, n_docs, self.lines_per_doc, " -> ")
+
+
+TASKS = {
+    "addition": "rlhf.tasks:Addition",
+    "sort": "rlhf.tasks:SortLetters",
+    "uppercase": "rlhf.tasks:Uppercase",
+}

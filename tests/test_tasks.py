@@ -9,8 +9,8 @@ from rlhf import labeler as lab
 from rlhf import tasks
 from train.data import builders
 
-TASKS = [tasks.Addition(), tasks.SortLetters()]
-IDS = ["addition", "sort"]
+TASKS = [tasks.Addition(), tasks.SortLetters(), tasks.Uppercase()]
+IDS = ["addition", "sort", "uppercase"]
 
 
 def as_text(value):
@@ -26,12 +26,16 @@ def correct_answer(task, prompt: str) -> str:
     if isinstance(task, tasks.Addition):
         a, b = task.parse(prompt)
         return str(a + b)
+    if isinstance(task, tasks.Uppercase):
+        return task.parse(prompt).upper()
     return "".join(sorted(task.parse(prompt)))
 
 
 def teacher_mistake(task, prompt: str) -> str:
     if isinstance(task, tasks.Addition):
         return str(task.carry_free_sum(*task.parse(prompt)))
+    if isinstance(task, tasks.Uppercase):
+        return task.last_left_small(task.parse(prompt))
     return task.last_in_place(task.parse(prompt))
 
 
@@ -95,6 +99,17 @@ def test_sort_oracle_by_hand():
     assert task.score("sort dbca", "dcba") == 0.0
     assert task.score("sort aab", "aab") == 1.0
     assert task.score("sort dbca", "abc") == 0.0  # a letter dropped
+
+
+def test_uppercase_oracle_by_hand():
+    task = tasks.Uppercase()
+    assert task.score("shout abcd", "ABCD") == 1.0
+    assert task.score("shout abcd", " ABCD\n") == 1.0
+    assert task.score("shout abcd", "ABCd") == pytest.approx(0.5 * 3 / 4)
+    assert task.score("shout abcd", "abcd") == 0.0  # the prompt echoed: no credit
+    assert task.score("shout abcd", "ABDC") == 0.0  # letters out of order
+    assert task.score("shout abcd", "ABC") == 0.0  # a letter dropped
+    assert tasks.load_task("uppercase").parse("shout xyz") == "xyz"
 
 
 @pytest.mark.parametrize("task", TASKS, ids=IDS)

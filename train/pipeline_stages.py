@@ -78,6 +78,8 @@ def stage_config(
         links |= {"init_from": workdir / "sft", "data.path": p["ranked"]}
         links |= {"eval.path": p["ranked_eval"], "calibration.prompts_path": p["eval_prompts"]}
         links |= {"reward.max_responses": config.rm_data.k}
+        if not has_records(p["ranked_eval"]):  # every held-out group tied: nothing to score
+            links |= {"eval.path": "", "eval.every_steps": 0}
     elif stage in ("ppo", "grpo"):
         links |= {"init_from": workdir / "sft", "reward_from": workdir / "reward"}
         links |= {"data.path": p["prompts"], "eval.path": p["eval_prompts"], "task": config.task}
@@ -88,6 +90,10 @@ def stage_config(
         for key, value in links.items():
             set_key(c, key, str(value) if isinstance(value, pathlib.Path) else value)
     return c
+
+
+def has_records(path: pathlib.Path) -> bool:
+    return path.is_file() and any(line.strip() for line in path.open())
 
 
 def replace_dir(tmp: pathlib.Path, final: pathlib.Path) -> None:
@@ -174,6 +180,8 @@ def run_rm_data(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> int
     final = p["ranked"].parent
     tmp = fresh_tmp(final)
     summary = {}
+    # The held-out groups may all tie (a policy that never answers right): the reward
+    # stage then runs without its held-out evaluation.
     for name, prompts_path, limit, who in (
         ("ranked", p["prompts"], r.num_prompts, labeler),
         ("ranked_eval", p["eval_prompts"], None, Labeler(random_rate=0.0)),
@@ -190,7 +198,9 @@ def run_rm_data(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> int
             **common,
         )
         rng = np.random.default_rng([config.seed, len(summary)])
-        records, summary[name] = rm_data.ranked_records(task, prompts, groups, who, rng)
+        records, summary[name] = rm_data.ranked_records(
+            task, prompts, groups, who, rng, allow_empty=name == "ranked_eval"
+        )
         write_jsonl(tmp / f"{name}.jsonl", records)
         print(f"rm_data: {name}: {json.dumps(summary[name])}")
     (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
