@@ -8,7 +8,11 @@ Data: a prompts JSONL, one `{"prompt": ...}` (or `{"messages": [...]}`) per line
 (`data.path`, or `data.name` for a prepared TFDS dataset). `init_from` is the SFT run
 (policy and frozen reference); `reward_from` a `flaxlm reward` run with its
 `reward_calibration.json` (value model and reward). `task` (optional, e.g. `addition`,
-`sort` or `module:Class`) only adds the hidden oracle's score to the metrics.
+`sort` or `module:Class`) adds the hidden oracle's score to the metrics.
+
+`ppo.reward`: "model" (default) rewards the last token with the calibrated reward-model
+score; "oracle" with the task's oracle score instead (needs `task`; an upper reference:
+PPO against the true objective; the value model still starts from `reward_from`).
 
 One loop step is one PPO iteration: `batch_size` prompts → rollouts → scores →
 `ppo.epochs` passes over `ppo.minibatches` minibatches. `seq_len` is the (left padded)
@@ -36,13 +40,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = base_config()
     c.stage = "ppo"
     c.reward_from = ""  # a `flaxlm reward` workdir or checkpoint
-    c.task = ""  # optional oracle for metrics only
+    c.task = ""  # optional oracle: metrics, or the reward with ppo.reward=oracle
     c.sampling = ml_collections.ConfigDict({"temperature": 1.0, "top_k": 0, "top_p": 1.0})
     c.kl = ml_collections.ConfigDict(
         {"beta": 0.05, "target": 0.0, "horizon": 10_000.0, "estimator": "k1"}
     )
     c.ppo = ml_collections.ConfigDict(
         {
+            "reward": "model",  # model | oracle: what scores the last response token
             "max_new_tokens": 16,
             "epochs": 4,
             "minibatches": 2,

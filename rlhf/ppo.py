@@ -7,8 +7,10 @@ RLHF with PPO (Ziegler et al., 2019; Stiennon et al., 2020; Ouyang et al., 2022)
 - the value model is the reward model's architecture (scalar head, no LM head) started
   from the reward checkpoint (`reward_from`); the reward model itself is frozen;
 - reward per token r_t = -β·(log π - log π_ref)_t, plus at the last response token the
-  calibrated reward-model score gain·raw + bias (train/reward.py `load_calibration`),
-  minus `ppo.missing_eos_penalty` when the response hit the token limit;
+  calibrated reward-model score gain·raw + bias (train/reward.py `load_calibration`), or
+  with `ppo.reward=oracle` the task's oracle score of the decoded response (an upper
+  reference; rlhf/ppo_reward.py), minus `ppo.missing_eos_penalty` when the response hit
+  the token limit;
 - β fixed (`kl.target` 0) or adaptive (rlhf/kl.py), kept in the train state as `kl_coef`;
 - GAE, batch-level advantage whitening, clipped policy and value losses (rlhf/ppo_math.py),
   `ppo.epochs` passes over `ppo.minibatches` shuffled minibatches per rollout batch.
@@ -29,12 +31,14 @@ the sampler's distribution differ from the one scored (the sampler's log-probs a
 pre-truncation), so the defaults leave it off. Every forward pass is deterministic
 (no dropout), so sampler, learner and reference score the same function.
 
-Metrics per iteration (metrics.jsonl): rm_score (calibrated, before the eos penalty),
-oracle_score (when `task` is set; computed from decoded text on the host, never seen
-by the learner), kl (k1 summed over the response, mean over B), kl_coef, entropy,
-policy_loss, value_loss, clip_fraction, approx_kl, ratio_mean, ratio_var,
-value_explained_variance (the rollout's values vs. GAE returns), response_length,
-eos_rate, log_prob_gap, time_rollout / time_scoring / time_learning (seconds).
+Metrics per iteration (metrics.jsonl): rm_score (calibrated, before the eos penalty;
+the reward model's even when the oracle is the reward), reward (the last-token score
+after the eos penalty), oracle_score (when `task` is set; computed from decoded text on
+the host, seen by the learner only with `ppo.reward=oracle`), kl (k1 summed over the
+response, mean over B), kl_coef, entropy, policy_loss, value_loss, clip_fraction,
+approx_kl, ratio_mean, ratio_var, value_explained_variance (the rollout's values vs. GAE
+returns), response_length, eos_rate, log_prob_gap, time_rollout / time_scoring /
+time_learning (seconds).
 """
 
 from __future__ import annotations
@@ -55,11 +59,13 @@ from configs import loader
 from model import sharding as sh
 from model.config import ModelConfig, flops_per_token
 from model.generate import Prompts, SamplingConfig
-from model.tokenizer import END_ID, USER_ID, Tokenizer
+from model.tokenizer import Tokenizer
 from model.transformer import Transformer
 from rlhf import kl as kl_lib
 from rlhf import ppo_learner as pl
+from rlhf import ppo_reward as pr
 from rlhf import rollout as ro
+from rlhf.ppo_reward import oracle_score, prompt_texts  # noqa: F401  (public here too)
 from rlhf.tasks import load_task
 from train.checkpoint import check_tokenizer, load_params, read_parent
 from train.data import pipelines
@@ -70,7 +76,6 @@ from train.sft import (
     make_tx,
     open_records,
     start_from_parent,
-    to_host,
 )
 from train.stage import StageError, loop_settings, stage_main, stage_parts
 from train.state import abstract_sharded_params
@@ -91,23 +96,6 @@ class PPOState(struct.PyTreeNode):
 
 
 # ----------------------------------------------------------------------------- one iteration
-
-
-def prompt_texts(tokenizer: Tokenizer, prompt_tokens: np.ndarray) -> list[str]:
-    """The last user turn of each left-padded chat prompt row [B, P] (for the oracle)."""
-    texts = []
-    for row in np.asarray(prompt_tokens).tolist():
-        start = len(row) - row[::-1].index(USER_ID)
-        end = row.index(END_ID, start) if END_ID in row[start:] else len(row)
-        texts.append(tokenizer.decode(row[start:end]))
-    return texts
-
-
-def oracle_score(task: Any, tokenizer: Tokenizer, rollout: ro.Rollout) -> float:
-    """Mean hidden-oracle score of the rollout's responses (host side, metrics only)."""
-    prompts = prompt_texts(tokenizer, to_host(rollout.prompt_tokens))
-    responses = ro.decode_responses(tokenizer, rollout)
-    return float(np.mean([task.score(p, r) for p, r in zip(prompts, responses, strict=True)]))
 
 
 def sample_rollout(
@@ -177,6 +165,41 @@ def make_evaluate(
     return evaluate
 
 
+def make_scoring(
+    config: ml_collections.ConfigDict,
+    models: dict[str, Transformer],
+    frozen: dict[str, Params],
+    calibration: dict,
+    sampling: SamplingConfig,
+    mesh: jax.sharding.Mesh,
+    rules: sh.Rules,
+    tokenizer: Tokenizer,
+    task: Any = None,
+) -> Any:
+    """(state, rollout, β) -> (scored, Experience, metrics, last-token scores [B]).
+
+    The scoring half of an iteration: the jitted forward passes (rlhf/ppo_learner.py
+    `score_rollout`), the sampler/learner log-prob check (its gap in the metrics as
+    log_prob_gap), then rewards and GAE with the score `ppo.reward` names
+    (rlhf/ppo_reward.py). `frozen` holds `ref` (π_ref) and `reward` parameters.
+    """
+    score = jax.jit(lambda *a: pl.score_rollout(models, sampling, *a))
+    experience = pr.make_experience_fn(config, calibration, tokenizer, mesh, rules, task)
+
+    def scoring(state: PPOState, rollout: ro.Rollout, beta: jax.Array) -> tuple:
+        with sh.sharding_context(mesh, rules):
+            scored = score(
+                state.params, frozen["ref"], state.value_params, frozen["reward"], rollout
+            )
+            gap = ro.check_log_probs(
+                rollout.log_probs, scored["log_probs"], rollout.mask, config.ppo.log_prob_atol
+            )
+            exp, metrics, scores = experience(scored, rollout, beta)
+        return scored, exp, metrics | {"log_prob_gap": gap}, scores
+
+    return scoring
+
+
 def make_ppo_step(
     config: ml_collections.ConfigDict,
     models: dict[str, Transformer],
@@ -189,20 +212,19 @@ def make_ppo_step(
     rules: sh.Rules,
     tokenizer: Tokenizer,
     task: Any = None,
+    scoring: Any = None,
 ) -> Any:
     """The loop's `train_step(state, prompt batch) -> (state, metrics)` for one iteration.
 
     `frozen` holds `ref` (π_ref) and `reward` parameters; they are arguments of the jitted
-    scoring pass, never outputs of anything, so they cannot change.
+    scoring pass, never outputs of anything, so they cannot change. `scoring`: a
+    `make_scoring` function to share (one compilation), else a new one.
     """
     p = config.ppo
-    score = jax.jit(lambda *a: pl.score_rollout(models, sampling, *a))
-    gain, bias = float(calibration["gain"]), float(calibration["bias"])
-    experience = jax.jit(
-        lambda scored, rollout, beta: pl.make_experience(
-            scored, rollout, beta, gain, bias, p, config.kl.estimator
+    if scoring is None:
+        scoring = make_scoring(
+            config, models, frozen, calibration, sampling, mesh, rules, tokenizer, task
         )
-    )
     learn_fn = pl.make_learn(models, sampling, p, *txs)
 
     def learn_and_advance(state: PPOState, exp: pl.Experience, key: jax.Array, beta: jax.Array):
@@ -231,25 +253,17 @@ def make_ppo_step(
                 rules,
             )
             jax.block_until_ready(rollout)
-            t1 = time.perf_counter()
-            scored = score(
-                state.params, frozen["ref"], state.value_params, frozen["reward"], rollout
-            )
-            gap = ro.check_log_probs(
-                rollout.log_probs, scored["log_probs"], rollout.mask, p.log_prob_atol
-            )
-            exp, metrics = experience(scored, rollout, beta)
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            t2 = time.perf_counter()
-            B = int(rollout.mask.shape[0])
-            controller = kl_lib.make_kl_controller(float(beta), config.kl.target, config.kl.horizon)
-            new_beta = jnp.float32(controller.update(metrics["kl"], B).value)
+        t1 = time.perf_counter()
+        _, exp, metrics, _ = scoring(state, rollout, beta)
+        t2 = time.perf_counter()
+        B = int(rollout.mask.shape[0])
+        controller = kl_lib.make_kl_controller(float(beta), config.kl.target, config.kl.horizon)
+        new_beta = jnp.float32(controller.update(metrics["kl"], B).value)
+        with sh.sharding_context(mesh, rules):
             state, learned = learn(state, exp, jax.random.fold_in(key, 1), new_beta)
             jax.block_until_ready(learned)
-            t3 = time.perf_counter()
-        if task is not None:
-            metrics["oracle_score"] = oracle_score(task, tokenizer, rollout)
-        metrics |= {"kl_coef": float(beta), "log_prob_gap": gap}
+        t3 = time.perf_counter()
+        metrics |= {"kl_coef": float(beta)}
         metrics |= {"time_rollout": t1 - t0, "time_scoring": t2 - t1, "time_learning": t3 - t2}
         return state, {**metrics, **learned}
 
@@ -312,6 +326,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise StageError("sampling.temperature=0 (greedy): PPO needs a stochastic policy")
     if not config.reward_from:
         raise StageError("reward_from is empty: PPO needs a `flaxlm reward` run")
+    reward = p.get("reward", "model")
+    if reward not in pr.REWARD_SOURCES:
+        raise StageError(f"ppo.reward={reward!r}: choose from {pr.REWARD_SOURCES}")
+    if reward == "oracle" and not config.task:
+        raise StageError("ppo.reward=oracle needs task (e.g. --config.task=addition)")
 
 
 def updates_config(config: ml_collections.ConfigDict, lr: float) -> ml_collections.ConfigDict:
@@ -403,6 +422,9 @@ def build(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str,
         "ref": load_params(parent, abstract_sharded_params(models["policy"], mesh, rules)),
         "reward": load_params(rm_parent, abstract_sharded_params(models["reward"], mesh, rules)),
     }
+    scoring = make_scoring(
+        config, models, frozen, calibration, sampling, mesh, rules, tokenizer, task
+    )
     step = make_ppo_step(
         config,
         models,
@@ -415,6 +437,7 @@ def build(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str,
         rules,
         tokenizer,
         task,
+        scoring,
     )
     evaluate = make_evaluate(
         config, models, frozen, calibration, sampling, mesh, rules, tokenizer, task
@@ -442,7 +465,10 @@ def build(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str,
         rules=rules,
         extra_meta={"value_model": rm_cfg.to_dict()},
     )
-    return {**parts, "models": models, "frozen": frozen, "evaluate": evaluate}
+    # For tests and tools: "scoring" is (state, rollout, β) -> (scored, Experience, metrics,
+    # last-token scores [B]), the step's scoring half; "sampling" the rollouts' settings.
+    extra = {"models": models, "frozen": frozen, "evaluate": evaluate, "scoring": scoring}
+    return {**parts, **extra, "sampling": sampling, "task": task}
 
 
 def main(argv: Sequence[str]) -> int:
