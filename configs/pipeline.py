@@ -20,13 +20,18 @@ Stages (`stages`, comma separated, in this order):
   (`data.*` counts) → DIR/data/;
 - tokenizer: a sentencepiece tokenizer (`tokenizer.type` char or bpe) on the corpus;
 - pretrain, sft, reward, ppo, dpo, grpo: the stage commands, each in DIR/<stage>/;
+- ppo_oracle: PPO (the `ppo` section) with the task's oracle as the reward
+  (`ppo.reward=oracle`), the upper reference for what the reward model leaves on the table;
 - rm_data: `rm_data.k` responses sampled from the SFT policy for each of
   `rm_data.num_prompts` prompts, ranked by the simulated labeler (`labeler.*`, ~75%
   agreement with the oracle by default) → DIR/rm_data/ranked.jsonl; the held-out prompts
   get K samples ranked by the noiseless oracle (ranked_eval.jsonl), so the reward model's
   eval accuracy is measured against the oracle;
-- report: DIR/report.md and its PNG plots from every stage's metrics.jsonl, plus the
-  oracle score of SFT and RL policies on the held-out prompts and side-by-side samples.
+- report: DIR/report.md and its PNG plots from every stage's metrics.jsonl, and
+  `flaxlm rlhf-eval` on the held-out prompts (`report.eval_samples` samples per prompt):
+  each policy's oracle score, RM score and KL to SFT, the reward model's accuracy against
+  the oracle on each policy's samples, best-of-n on the SFT samples, and greedy answers
+  side by side.
 
 Presets: `demo` (the default: the `uppercase` task, sized for 2 CPU cores) and `tiny`
 (tests).
@@ -39,8 +44,8 @@ import importlib
 import ml_collections
 
 PRESETS = ("demo", "tiny")
-ALL_STAGES = ("data", "tokenizer", "pretrain", "sft", "rm_data", "reward", "ppo", "dpo", "grpo")
-ALL_STAGES += ("report",)
+ALL_STAGES = ("data", "tokenizer", "pretrain", "sft", "rm_data", "reward", "ppo", "ppo_oracle")
+ALL_STAGES += ("dpo", "grpo", "report")
 TRAINING_STAGES = ("pretrain", "sft", "reward", "ppo", "dpo", "grpo")  # configs/<name>.py
 DEFAULT_STAGES = "data,tokenizer,pretrain,sft,rm_data,reward,ppo,report"
 
@@ -76,7 +81,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         {"k": 4, "num_prompts": 512, "temperature": 1.0, "max_new_tokens": 10, "batch_size": 128}
     )
     c.labeler = ml_collections.ConfigDict({"random_rate": 0.5, "score_noise": 0.0})
-    c.report = ml_collections.ConfigDict({"num_samples": 8, "eval_samples": 4})
+    c.report = ml_collections.ConfigDict({"num_samples": 8, "eval_samples": 16})
 
     for name in TRAINING_STAGES:
         try:  # DEV: remove once configs/dpo.py and configs/grpo.py exist
@@ -101,12 +106,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.reward.calibration.max_new_tokens = 10
     c.ppo.seq_len, c.ppo.ppo.max_new_tokens = 24, 10
     c.ppo.batch_size = 32
-    c.ppo.eval.every_steps = 10
+    c.ppo.eval.every_steps, c.ppo.log.every_steps = 10, 1
     if preset == "demo":
         pt.total_steps = 600
         c.sft.total_steps, c.sft.eval.every_steps = 200, 100
-        c.reward.total_steps, c.reward.eval.every_steps = 200, 100
-        c.ppo.total_steps = 60
+        c.reward.total_steps, c.reward.eval.every_steps = 150, 50
+        c.ppo.total_steps = 40
     else:  # tiny: every stage runs for a few steps (tests)
         c.data.n_docs, c.data.n_sft, c.data.n_prompts, c.data.n_eval = 60, 200, 200, 16
         c.rm_data.num_prompts, c.rm_data.batch_size = 32, 32

@@ -22,9 +22,9 @@ import numpy as np
 
 from rlhf.tasks import load_task
 from train.metrics import read_metrics
-from train.pipeline_stages import data_paths, read_prompts
+from train.pipeline_stages import TRAINING, data_paths, read_prompts
 
-POLICY_STAGES = ("sft", "ppo", "dpo", "grpo")
+POLICY_STAGES = ("sft", "ppo", "ppo_oracle", "dpo", "grpo")
 
 
 def last(rows: list[dict], key: str) -> float | None:
@@ -40,7 +40,7 @@ def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 def stage_metrics(workdir: pathlib.Path) -> dict[str, list[dict]]:
     out = {}
-    for stage in ("pretrain", "sft", "reward", "ppo", "dpo", "grpo"):
+    for stage in TRAINING:
         path = workdir / stage / "metrics.jsonl"
         if path.is_file():
             out[stage] = read_metrics(workdir / stage)
@@ -62,6 +62,10 @@ KEY_FIGURES = {
         ("oracle score (last iteration)", "oracle_score"),
         ("held-out oracle score", "eval_oracle_score"),
     ),
+    "ppo_oracle": (
+        ("oracle score (last iteration)", "oracle_score"),
+        ("KL to SFT, nats/response", "kl"),
+    ),
     "dpo": (("reward accuracy", "reward_accuracy"), ("held-out oracle score", "eval_oracle_score")),
     "grpo": (("RM score (last iteration)", "rm_score"), ("KL to SFT", "kl")),
 }
@@ -70,6 +74,7 @@ PLOTS = {
     "sft": ("loss", "eval_loss"),
     "reward": ("loss", "eval_pair_accuracy"),
     "ppo": ("rm_score", "kl", "oracle_score", "eval_oracle_score"),
+    "ppo_oracle": ("oracle_score", "kl", "eval_oracle_score"),
     "dpo": ("loss", "reward_accuracy"),
     "grpo": ("rm_score", "kl", "oracle_score"),
 }
@@ -110,10 +115,15 @@ def oracle_matrix(task: Any, prompts: list[str], groups: list[list[str]]) -> np.
     )
 
 
-def evaluate_policies(
-    config: ml_collections.ConfigDict, workdir: pathlib.Path
-) -> tuple[dict[str, dict], list[str], dict[str, list[str]]]:
-    """Oracle scores of each policy on the held-out prompts; greedy answers per policy."""
+def sample_answers(
+    config: ml_collections.ConfigDict,
+    workdir: pathlib.Path,
+    stage: str,
+    prompts: list[str],
+    temperature: float,
+    k: int,
+) -> list[list[str]]:
+    """k answers per prompt from a stage's policy (the same key for every policy)."""
     import jax
 
     from model.generate import SamplingConfig
@@ -121,44 +131,80 @@ def evaluate_policies(
     from rlhf import rollout as ro
     from train.sample import Policy
 
+    policy = Policy(str(workdir / stage))
+    sampling = ro.sampling_for(
+        SamplingConfig(temperature=temperature), policy.config.vocab_size, policy.tokenizer
+    )
+    return rm_data.sample_groups(
+        policy.model,
+        policy.params,
+        policy.tokenizer,
+        prompts,
+        k,
+        jax.random.fold_in(jax.random.key(config.seed), 11),
+        prompt_len=config.ppo.seq_len,
+        max_new_tokens=config.ppo.ppo.max_new_tokens,
+        sampling=sampling,
+        batch_size=config.rm_data.batch_size,
+        mesh=policy.mesh,
+        rules=policy.rules,
+        desc=f"report: {stage} T={temperature}",
+    )
+
+
+def rlhf_eval(
+    config: ml_collections.ConfigDict, workdir: pathlib.Path, stages: list[str]
+) -> dict[str, Any] | None:
+    """`flaxlm rlhf-eval` (rlhf/evaluate_cli.py) on the held-out prompts, or None without a
+    calibrated reward model."""
+    from rlhf import evaluate_cli
+    from train.reward import CALIBRATION_FILE
+
+    if not (workdir / "reward" / CALIBRATION_FILE).is_file():
+        return None
+    argv = ["--sft", str(workdir / "sft"), "--reward", str(workdir / "reward")]
+    for stage in stages:
+        argv += ["--policy", str(workdir / stage)]
+    argv += ["--prompts", str(data_paths(workdir)["eval_prompts"]), "--task", config.task]
+    argv += ["--n", str(config.report.eval_samples), "--seed", str(config.seed)]
+    argv += ["--max-new-tokens", str(config.ppo.ppo.max_new_tokens)]
+    result = evaluate_cli.run(evaluate_cli.parse_args(argv))
+    print(evaluate_cli.table(result), file=sys.stderr)
+    return result
+
+
+def evaluate_policies(
+    config: ml_collections.ConfigDict, workdir: pathlib.Path
+) -> tuple[dict[str, dict], dict | None, list[str], dict[str, list[str]]]:
+    """Per policy on the held-out prompts: the rlhf-eval figures (oracle, RM score, KL to
+    SFT, RM accuracy against the oracle on its samples; the oracle score alone when no
+    reward model ran) and its greedy answers. Also best-of-n on the SFT samples."""
     task = load_task(config.task)
     prompts = read_prompts(data_paths(workdir)["eval_prompts"])
-    key = jax.random.fold_in(jax.random.key(config.seed), 11)
-    results, greedy_answers = {}, {}
-    for stage in POLICY_STAGES:
-        if not (workdir / stage / "checkpoints").is_dir():
-            continue
-        policy = Policy(str(workdir / stage))
-        answers = {}
-        for name, temperature, k in (
-            ("sampled", 1.0, config.report.eval_samples),
-            ("greedy", 0.0, 1),
-        ):
-            sampling = ro.sampling_for(
-                SamplingConfig(temperature=temperature),
-                policy.config.vocab_size,
-                policy.tokenizer,
+    stages = [s for s in POLICY_STAGES if (workdir / s / "checkpoints").is_dir()]
+    evaluated = rlhf_eval(config, workdir, [s for s in stages if s != "sft"])
+    results: dict[str, dict] = {}
+    if evaluated is not None:
+        for row in evaluated["policies"]:
+            results[row["name"]] = {
+                "oracle_sampled": row["oracle_score"],
+                "rm_score": row["rm_score"],
+                "kl_to_sft": row["kl_to_sft"],
+                "rm_accuracy": row.get("rm_pairwise_accuracy"),
+            }
+    greedy = {}
+    for stage in stages:
+        if evaluated is None:
+            sampled = sample_answers(
+                config, workdir, stage, prompts, 1.0, config.report.eval_samples
             )
-            answers[name] = rm_data.sample_groups(
-                policy.model,
-                policy.params,
-                policy.tokenizer,
-                prompts,
-                k,
-                key,  # the same key for every policy: paired samples
-                prompt_len=config.ppo.seq_len,
-                max_new_tokens=config.ppo.ppo.max_new_tokens,
-                sampling=sampling,
-                batch_size=config.rm_data.batch_size,
-                mesh=policy.mesh,
-                rules=policy.rules,
-                desc=f"report: {stage} {name}",
-            )
-        scores = {name: oracle_matrix(task, prompts, groups) for name, groups in answers.items()}
-        results[stage] = {f"oracle_{name}": float(s.mean()) for name, s in scores.items()}
-        results[stage]["exact_greedy"] = float(np.mean(scores["greedy"] == 1.0))
-        greedy_answers[stage] = [g[0] for g in answers["greedy"]]
-    return results, prompts, greedy_answers
+            results[stage] = {"oracle_sampled": float(oracle_matrix(task, prompts, sampled).mean())}
+        greedy[stage] = [g[0] for g in sample_answers(config, workdir, stage, prompts, 0.0, 1)]
+        scores = oracle_matrix(task, prompts, [[g] for g in greedy[stage]])
+        results[stage] |= {"oracle_greedy": float(scores.mean())}
+        results[stage] |= {"exact_greedy": float(np.mean(scores == 1.0))}
+    best = None if evaluated is None else evaluated.get("best_of_n")
+    return results, best, prompts, greedy
 
 
 # ----------------------------------------------------------------------------- the report
@@ -179,7 +225,7 @@ def md_table(header: list[str], rows: list[list[Any]]) -> list[str]:
 
 
 def build_summary(
-    metrics: dict[str, list[dict]], policies: dict[str, dict], rm_summary: dict
+    metrics: dict[str, list[dict]], policies: dict[str, dict], rm_summary: dict, best: dict | None
 ) -> dict[str, float]:
     summary: dict[str, float] = {}
     for stage, figures in KEY_FIGURES.items():
@@ -191,6 +237,9 @@ def build_summary(
         summary |= {f"{stage}_{k}": v for k, v in figures.items()}
     if "ranked" in rm_summary:
         summary["labeler_agreement"] = rm_summary["ranked"]["labeler_agreement"]
+    if best:
+        summary["best_of_n_oracle"] = best["rm_chosen_oracle_score"]
+        summary["best_of_n_kl"] = best["kl"]
     if "sft" in policies:
         for stage in POLICY_STAGES[1:]:
             if stage in policies:
@@ -206,7 +255,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> int:
     state = json.loads((workdir / STATE_FILE).read_text())
     rm_path = data_paths(workdir)["rm_summary"]
     rm_summary = json.loads(rm_path.read_text()) if rm_path.is_file() else {}
-    policies, prompts, greedy = evaluate_policies(config, workdir)
+    policies, best, prompts, greedy = evaluate_policies(config, workdir)
     out = workdir / "report"
     out.mkdir(exist_ok=True)
     plots = {s: plot_stage(s, rows, out) for s, rows in metrics.items()}
@@ -235,23 +284,40 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> int:
                 for name, s in rm_summary.items()
             ],
         )
-    lines += ["", f"## Policies on the {len(prompts)} held-out prompts (oracle score, 0-1)", ""]
+    lines += ["", f"## Policies on the {len(prompts)} held-out prompts", ""]
+    n = config.report.eval_samples
+    lines += [
+        f"Oracle and reward-model scores are means over {n} samples per prompt at T=1 (the same",
+        "key for every policy); KL to SFT in nats per response; RM accuracy is the reward",
+        "model's pairwise accuracy against the oracle on that policy's own samples.",
+        "",
+    ]
+    columns = ("oracle_sampled", "rm_score", "kl_to_sft", "rm_accuracy")
+    columns += ("oracle_greedy", "exact_greedy")
     lines += md_table(
         [
             "policy",
-            f"mean oracle, {config.report.eval_samples} samples/prompt at T=1",
-            "mean oracle, greedy",
-            "greedy exactly right",
+            "oracle",
+            "RM score",
+            "KL to SFT",
+            "RM accuracy",
+            "greedy oracle",
+            "greedy right",
         ],
-        [
-            [s, p["oracle_sampled"], p["oracle_greedy"], p["exact_greedy"]]
-            for s, p in policies.items()
-        ],
+        [[s, *(p.get(c) for c in columns)] for s, p in policies.items()],
     )
+    if best:
+        lines += [
+            "",
+            f"Best-of-{best['n']} on the SFT samples, picked by the reward model: oracle score "
+            f"{fmt(best['rm_chosen_oracle_score'])} (picked by the oracle itself: "
+            f"{fmt(best['oracle_chosen_oracle_score'])}), analytic KL to SFT {fmt(best['kl'])} "
+            "nats (log n − (n−1)/n).",
+        ]
     lines += ["", "## Curves", ""]
     lines += [f"![{s}](report/{p.name})" for s, p in plots.items() if p is not None]
     task = load_task(config.task)
-    n = min(config.report.num_samples, len(prompts))
+    n = min(config.report.num_samples, len(prompts))  # side-by-side rows
     lines += ["", f"## Greedy answers to the first {n} held-out prompts (oracle score)", ""]
     names = list(greedy)
     lines += md_table(
@@ -262,7 +328,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> int:
             for i in range(n)
         ],
     )
-    summary = build_summary(metrics, policies, rm_summary)
+    summary = build_summary(metrics, policies, rm_summary, best)
     write_json_atomic(workdir / "summary.json", summary)
     (workdir / "metrics.jsonl").write_text(json.dumps({"step": 0, **summary}) + "\n")
     (workdir / "report.md").write_text("\n".join(lines) + "\n")

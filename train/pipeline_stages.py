@@ -21,7 +21,8 @@ import numpy as np
 
 from rlhf.tasks import load_task
 
-TRAINING = ("pretrain", "sft", "reward", "ppo", "dpo", "grpo")
+TRAINING = ("pretrain", "sft", "reward", "ppo", "ppo_oracle", "dpo", "grpo")
+SECTION = {"ppo_oracle": "ppo"}  # stages that run another stage's config section
 
 
 def data_paths(workdir: pathlib.Path) -> dict[str, pathlib.Path]:
@@ -66,7 +67,7 @@ def stage_config(
 ) -> ml_collections.ConfigDict:
     """The stage's section of the pipeline config with the links to the other stages."""
     p = data_paths(workdir)
-    c = ml_collections.ConfigDict(config[stage].to_dict())  # a copy
+    c = ml_collections.ConfigDict(config[SECTION.get(stage, stage)].to_dict())  # a copy
     links: dict[str, Any] = {"seed": config.seed, "data.data_dir": str(workdir / "tfds")}
     if stage == "pretrain":
         links |= {"data.path": p["pretrain"], "data.tokenizer": p["tokenizer"]}
@@ -80,9 +81,11 @@ def stage_config(
         links |= {"reward.max_responses": config.rm_data.k}
         if not has_records(p["ranked_eval"]):  # every held-out group tied: nothing to score
             links |= {"eval.path": "", "eval.every_steps": 0}
-    elif stage in ("ppo", "grpo"):
+    elif stage in ("ppo", "ppo_oracle", "grpo"):
         links |= {"init_from": workdir / "sft", "reward_from": workdir / "reward"}
         links |= {"data.path": p["prompts"], "eval.path": p["eval_prompts"], "task": config.task}
+        if stage == "ppo_oracle":
+            links |= {"ppo.reward": "oracle"}
     elif stage == "dpo":
         links |= {"init_from": workdir / "sft", "data.path": p["ranked"]}
         links |= {"eval.path": p["ranked_eval"], "task": config.task}
@@ -222,7 +225,9 @@ def run_training(stage: str, config: ml_collections.ConfigDict, workdir: pathlib
         from train import reward
 
         return reward.run(c, stage_dir)
-    module = {"pretrain": "train.pretrain", "sft": "train.sft"}.get(stage, f"rlhf.{stage}")
+    module = {"pretrain": "train.pretrain", "sft": "train.sft", "ppo_oracle": "rlhf.ppo"}.get(
+        stage, f"rlhf.{stage}"
+    )
     build = importlib.import_module(module).build
     return run_stage(stage, stage_dir, c, lambda: build(c, stage_dir))
 
