@@ -57,8 +57,6 @@ CHAR_MODEL |= {"head_dim": 32, "mlp_dim": 384, "max_seq_len": 64, "scan_layers":
 def _stage_defaults(c: ml_collections.ConfigDict) -> None:
     """What every stage section shares in the pipeline: no TFDS names, local files."""
     for name in TRAINING_STAGES:
-        if name not in c:  # DEV
-            continue
         section = c[name]
         section.data.name, section.eval.name = "", ""
         section.checkpoint.max_to_keep = 2
@@ -84,10 +82,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.report = ml_collections.ConfigDict({"num_samples": 8, "eval_samples": 16})
 
     for name in TRAINING_STAGES:
-        try:  # DEV: remove once configs/dpo.py and configs/grpo.py exist
-            c[name] = importlib.import_module(f"configs.{name}").get_config("tiny")
-        except ModuleNotFoundError:
-            continue
+        c[name] = importlib.import_module(f"configs.{name}").get_config("tiny")
     _stage_defaults(c)
 
     pt = c.pretrain
@@ -107,19 +102,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.ppo.seq_len, c.ppo.ppo.max_new_tokens = 24, 10
     c.ppo.batch_size = 32
     c.ppo.eval.every_steps, c.ppo.log.every_steps = 10, 1
+    c.dpo.seq_len, c.dpo.batch_size, c.dpo.dpo.max_new_tokens = 32, 32, 10
+    c.dpo.optim.lr, c.dpo.optim.warmup_steps = 1e-4, 0
+    c.grpo.seq_len, c.grpo.grpo.max_new_tokens, c.grpo.batch_size = 24, 10, 8  # 8 x G rows
+    c.grpo.eval.every_steps, c.grpo.log.every_steps = 10, 1
     if preset == "demo":
         pt.total_steps = 600
         c.sft.total_steps, c.sft.eval.every_steps = 200, 100
         c.reward.total_steps, c.reward.eval.every_steps = 150, 50
         c.ppo.total_steps = 40
+        c.dpo.total_steps, c.dpo.eval.every_steps = 100, 50
+        c.grpo.total_steps = 40
     else:  # tiny: every stage runs for a few steps (tests)
         c.data.n_docs, c.data.n_sft, c.data.n_prompts, c.data.n_eval = 60, 200, 200, 16
         c.rm_data.num_prompts, c.rm_data.batch_size = 32, 32
         c.report.num_samples, c.report.eval_samples = 4, 2
         pt.total_steps, pt.checkpoint.every_steps = 20, 10
         for name in ("sft", "reward", "dpo", "grpo"):
-            if name not in c:  # DEV
-                continue
             c[name].total_steps, c[name].checkpoint.every_steps = 10, 5
             c[name].eval.every_steps = 10
         c.ppo.total_steps, c.ppo.checkpoint.every_steps, c.ppo.eval.every_steps = 4, 2, 2
