@@ -31,9 +31,18 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sft": ("train.sft:main", "supervised fine-tuning on conversations (loss on responses)"),
     "reward": ("train.reward:main", "train a reward model on ranked responses (K-wise loss)"),
     "score": ("train.reward:score_main", "print a trained reward model's reward for a response"),
+    "pipeline": (
+        "train.pipeline:main",
+        "run every stage, tokenizer to RLHF and a report, in one resumable workdir",
+    ),
     "ppo": ("rlhf.ppo:main", "RLHF with PPO against a reward model, KL to the SFT policy"),
+    "dpo": ("rlhf.dpo:main", "DPO on ranked preference pairs, frozen SFT reference"),
+    "grpo": ("rlhf.grpo:main", "RLHF with GRPO: G samples per prompt, group-relative advantages"),
+    "rlhf-eval": ("rlhf.evaluate_cli:main", "held-out RLHF eval: oracle, RM, KL, best-of-n"),
     "export-hf": ("train.hf_cli:export_main", "export a checkpoint as a Hugging Face Llama model"),
     "import-hf": ("train.hf_cli:import_main", "import a Hugging Face Llama model as a checkpoint"),
+    "sweep": ("train.sweep:main", "run an ablation's arms x seeds (paired), then its report"),
+    "report": ("train.report:main", "tables with 95% CIs and plots for a sweep directory"),
 }
 
 

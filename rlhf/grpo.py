@@ -1,0 +1,453 @@
+"""`flaxlm grpo --config configs/grpo.py:PRESET --workdir DIR --config.init_from=SFT_RUN
+--config.reward_from=REWARD_RUN --config.data.path=prompts.jsonl`.
+
+Group Relative Policy Optimization (Shao et al., 2024, DeepSeekMath), outcome supervision:
+- policy π and frozen reference π_ref both start from the SFT checkpoint (`init_from`);
+  π_ref is read once into its own buffers and is never an output of anything;
+- per iteration, `batch_size` prompts are each sampled G = `grpo.group_size` times
+  (rows prompt-major: [B·G, P]); each response gets one score: the calibrated reward
+  model (`grpo.reward=model`, gain·raw + bias as in PPO) or the task's hidden oracle
+  on the decoded text (`grpo.reward=oracle`, the upper-bound reference), minus
+  `grpo.missing_eos_penalty` when it hit the token limit;
+- advantages are the scores normalized within each group (rlhf/grpo_math.py; no critic),
+  the loss the clipped surrogate plus β·k3 KL to π_ref per token (`kl.beta`, fixed),
+  over `grpo.epochs` passes of `grpo.minibatches` shuffled minibatches.
+
+As in PPO (rlhf/ppo.py, whose rollout and scoring pieces this reuses): log-probs are of
+the sampling distribution (temperature, vocab limit); the learner's recomputed log-probs
+must match the sampler's (rlhf/rollout.py `check_log_probs`) and are the "old" ones of
+the ratio; the iteration's RNG is fold_in(state.rng, step), so a resumed run replays
+exactly. The checkpoint holds a plain TrainState (the policy).
+
+Metrics per iteration: rm_score (calibrated, before the eos penalty; when a reward model
+is loaded), oracle_score (when `task` is set), reward (the score learned from, after the
+penalty), kl (k1 summed over the response vs π_ref, mean over B·G, before learning),
+entropy, group_std (mean within-group std of the reward), zero_std_groups (fraction of
+groups without signal), loss, grad_norm, clip_fraction, kl_k3 / response_kl_k3 (the
+loss's KL term per token / per response), response_length, eos_rate, log_prob_gap,
+time_rollout / time_scoring / time_learning (seconds).
+"""
+
+from __future__ import annotations
+
+import pathlib
+import time
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from configs import loader
+from model import sharding as sh
+from model.config import flops_per_token
+from model.generate import SamplingConfig
+from model.tokenizer import Tokenizer
+from model.transformer import Transformer
+from rlhf import kl as kl_lib
+from rlhf import ppo
+from rlhf import ppo_learner as pl
+from rlhf import ppo_math as pm
+from rlhf import ppo_reward as pr
+from rlhf import rollout as ro
+from rlhf.grpo_math import group_advantages, grpo_loss
+from rlhf.tasks import load_task
+from train.checkpoint import Parent, load_params
+from train.data import pipelines
+from train.reward import reward_model
+from train.sft import (
+    batch_multiple,
+    data_options,
+    init_state_from,
+    make_tx,
+    open_records,
+    start_from_parent,
+)
+from train.stage import StageError, loop_settings, stage_main, stage_parts
+from train.state import TrainState, abstract_sharded_params
+
+Params = Any
+REWARDS = pr.REWARD_SOURCES  # "model" | "oracle"
+PROMPT_KEYS = ("tokens", "segment_ids", "positions")  # a prompts batch, [B, P] each
+# Checkpoints whose `params` are a chat policy (LM head): what DPO and GRPO start from.
+POLICY_STAGES = ("sft", "dpo", "grpo", "ppo")
+
+
+def check_policy_parent(parent: Parent, stage: str) -> None:
+    """Refuse an init_from that is not a chat policy (a pretrained LM, a reward model)."""
+    if parent.stage not in POLICY_STAGES:
+        raise StageError(
+            f"init_from={parent.checkpoint} is a {parent.stage} checkpoint; {stage} starts "
+            f"from an SFT policy (or one of {POLICY_STAGES[1:]})"
+        )
+
+
+def make_policy_evaluate(
+    policy: Transformer,
+    ref_params: Params,
+    sampling: SamplingConfig,
+    max_new_tokens: int,
+    mesh: jax.sharding.Mesh,
+    rules: sh.Rules,
+    tokenizer: Tokenizer,
+    task: Any = None,
+    reward: tuple[Transformer, Params, float, float] | None = None,
+) -> Any:
+    """(policy params, prompt batch [B, P], key) -> {kl, response_length, eos_rate
+    [, rm_score][, oracle_score]}: one sampled response per prompt, no learning.
+
+    `reward` = (reward model, its params, gain, bias) adds the calibrated rm_score.
+    """
+    rm_model, rm_params, gain, bias = reward if reward is not None else (None, None, 1.0, 0.0)
+
+    @jax.jit
+    def measure(params: Params, ref: Params, rm: Params, rollout: ro.Rollout) -> dict:
+        lp = pl.masked_log_probs(pl.response_logits(policy, params, rollout, sampling), rollout)
+        ref_lp = pl.masked_log_probs(pl.response_logits(policy, ref, rollout, sampling), rollout)
+        out = {
+            "kl": jnp.mean(kl_lib.sequence_kl(kl_lib.kl_k1(lp, ref_lp), rollout.mask)),
+            "response_length": jnp.mean(jnp.sum(rollout.mask, axis=-1).astype(jnp.float32)),
+            "eos_rate": jnp.mean(rollout.ended.astype(jnp.float32)),
+        }
+        if rm is not None:
+            out["rm_score"] = gain * jnp.mean(pl.last_token_scores(rm_model, rm, rollout)) + bias
+        return out
+
+    def evaluate(params: Params, batch: dict[str, jax.Array], key: jax.Array) -> dict:
+        with sh.sharding_context(mesh, rules):
+            rollout = ppo.sample_rollout(
+                {"policy": policy}, params, batch, key, max_new_tokens, sampling, mesh, rules
+            )
+            metrics = measure(params, ref_params, rm_params, rollout)
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if task is not None:
+            metrics["oracle_score"] = pr.oracle_score(task, tokenizer, rollout)
+        return metrics
+
+    return evaluate
+
+
+# ----------------------------------------------------------------------------- one iteration
+
+
+class Experience(NamedTuple):
+    """One group-sampled batch ready for learning; per-token arrays [B·G, N], 0 off mask."""
+
+    rollout: ro.Rollout
+    old_log_probs: jax.Array  # learner log-probs of π_old at the sampling temperature
+    ref_log_probs: jax.Array
+    advantages: jax.Array  # [B·G], one per response
+
+
+def score_rollout(
+    models: dict[str, Transformer],
+    sampling: SamplingConfig,
+    params: Params,
+    ref_params: Params,
+    rm_params: Params | None,
+    rollout: ro.Rollout,
+) -> dict[str, jax.Array]:
+    """log_probs, ref_log_probs [B, N], entropy (mean per token)[, raw_scores [B]]."""
+    logits = pl.response_logits(models["policy"], params, rollout, sampling)
+    ref_logits = pl.response_logits(models["policy"], ref_params, rollout, sampling)
+    out = {
+        "log_probs": pl.masked_log_probs(logits, rollout),
+        "ref_log_probs": pl.masked_log_probs(ref_logits, rollout),
+        "entropy": pm.masked_mean(pm.entropy_from_logits(logits), rollout.mask),
+    }
+    if rm_params is not None:
+        out["raw_scores"] = pl.last_token_scores(models["reward"], rm_params, rollout)
+    return out
+
+
+def make_experience(
+    scored: dict[str, jax.Array],
+    rollout: ro.Rollout,
+    scores: jax.Array,
+    g: ml_collections.ConfigDict,
+) -> tuple[Experience, dict[str, jax.Array]]:
+    """Scores [B·G] → eos penalty → group advantages [B·G], plus the rollout's metrics."""
+    mask = rollout.mask
+    rewards = pm.missing_eos_penalty(scores, rollout.ended, g.missing_eos_penalty)
+    grouped = rewards.reshape(-1, g.group_size)  # [B, G]: rows are prompt-major
+    adv = group_advantages(grouped, scale_by_std=g.scale_by_std).reshape(-1)
+    kl = kl_lib.kl_k1(scored["log_probs"], scored["ref_log_probs"])
+    std = jnp.std(grouped, axis=1)
+    metrics = {
+        "reward": jnp.mean(rewards),
+        "kl": jnp.mean(kl_lib.sequence_kl(kl, mask)),
+        "entropy": scored["entropy"],
+        "group_std": jnp.mean(std),
+        "zero_std_groups": jnp.mean((std < 1e-6).astype(jnp.float32)),
+        "response_length": jnp.mean(jnp.sum(mask, axis=-1).astype(jnp.float32)),
+        "eos_rate": jnp.mean(rollout.ended.astype(jnp.float32)),
+    }
+    exp = Experience(rollout, scored["log_probs"], scored["ref_log_probs"], adv)
+    return exp, metrics
+
+
+def make_learn(
+    policy: Transformer,
+    sampling: SamplingConfig,
+    g: ml_collections.ConfigDict,
+    beta: float,
+    tx: optax.GradientTransformation,
+) -> Any:
+    """(state, experience, key) -> (state updated and stepped, mean metrics over updates)."""
+
+    def loss_fn(params: Params, mini: Experience) -> tuple[jax.Array, dict]:
+        logits = pl.response_logits(policy, params, mini.rollout, sampling)
+        log_probs = pl.masked_log_probs(logits, mini.rollout)
+        return grpo_loss(
+            log_probs,
+            mini.old_log_probs,
+            mini.ref_log_probs,
+            mini.advantages,
+            mini.rollout.mask,
+            g.clip_eps,
+            beta,
+        )
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def learn(state: TrainState, exp: Experience, key: jax.Array) -> tuple[TrainState, dict]:
+        order = pl.minibatch_indices(key, exp.advantages.shape[0], g.epochs, g.minibatches)
+
+        def update(carry: tuple, rows: jax.Array) -> tuple[tuple, dict]:
+            params, opt_state = carry
+            mini = jax.tree.map(lambda x: jnp.take(x, rows, axis=0), exp)
+            (loss, m), grads = grad_fn(params, mini)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+            metrics |= {"clip_fraction": m["clip_fraction"], "kl_k3": m["kl"]}
+            metrics["response_kl_k3"] = m["response_kl"]  # "kl" is the rollout's k1
+            return (optax.apply_updates(params, updates), opt_state), metrics
+
+        (params, opt_state), metrics = jax.lax.scan(update, (state.params, state.opt_state), order)
+        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        return new, jax.tree.map(jnp.mean, metrics)
+
+    return learn
+
+
+def make_grpo_step(
+    config: ml_collections.ConfigDict,
+    models: dict[str, Transformer],
+    frozen: dict[str, Params],
+    calibration: dict | None,
+    sampling: SamplingConfig,
+    tx: optax.GradientTransformation,
+    shardings: TrainState,
+    mesh: jax.sharding.Mesh,
+    rules: sh.Rules,
+    tokenizer: Tokenizer,
+    task: Any = None,
+) -> Any:
+    """The loop's `train_step(state, prompt batch [B, P]) -> (state, metrics)`.
+
+    `frozen` holds `ref` and, when a reward model is loaded, `reward`: arguments of the
+    jitted scoring pass only, so they cannot change.
+    """
+    g = config.grpo
+    score = jax.jit(lambda *a: score_rollout(models, sampling, *a))
+    experience = jax.jit(
+        lambda scored, rollout, scores: make_experience(scored, rollout, scores, g)
+    )
+    learn = jax.jit(
+        make_learn(models["policy"], sampling, g, config.kl.beta, tx),
+        out_shardings=(shardings, sh.replicated(mesh)),
+        donate_argnums=0,
+    )
+    gain, bias = (calibration["gain"], calibration["bias"]) if calibration else (1.0, 0.0)
+
+    def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict]:
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        t0 = time.perf_counter()
+        with sh.sharding_context(mesh, rules):
+            groups = {k: jnp.repeat(batch[k], g.group_size, axis=0) for k in PROMPT_KEYS}
+            rollout = ppo.sample_rollout(
+                models,
+                state.params,
+                groups,
+                jax.random.fold_in(key, 0),
+                g.max_new_tokens,
+                sampling,
+                mesh,
+                rules,
+            )
+            jax.block_until_ready(rollout)
+            t1 = time.perf_counter()
+            scored = score(state.params, frozen["ref"], frozen.get("reward"), rollout)
+            gap = ro.check_log_probs(
+                rollout.log_probs, scored["log_probs"], rollout.mask, g.log_prob_atol
+            )
+            metrics: dict[str, float] = {}
+            scores = {}
+            if "raw_scores" in scored:
+                scores["model"] = gain * scored["raw_scores"] + bias
+                metrics["rm_score"] = float(jnp.mean(scores["model"]))
+            if task is not None:
+                oracle = pr.oracle_row_scores(task, tokenizer, rollout)
+                scores["oracle"] = pr.to_mesh(oracle, mesh, rules)
+                metrics["oracle_score"] = float(np.mean(oracle))
+            exp, rollout_metrics = experience(scored, rollout, scores[g.reward])
+            metrics |= {k: float(v) for k, v in jax.device_get(rollout_metrics).items()}
+            t2 = time.perf_counter()
+            state, learned = learn(state, exp, jax.random.fold_in(key, 1))
+            jax.block_until_ready(learned)
+            t3 = time.perf_counter()
+        metrics |= {"log_prob_gap": gap}
+        metrics |= {"time_rollout": t1 - t0, "time_scoring": t2 - t1, "time_learning": t3 - t2}
+        return state, {**metrics, **learned}
+
+    return train_step
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    g, s = config.grpo, config.sampling
+    keys = ("epochs", "minibatches", "max_new_tokens", "clip_eps", "log_prob_atol")
+    loader.check_positive(config, *(f"grpo.{k}" for k in keys))
+    if g.group_size < 2:
+        raise StageError(
+            f"grpo.group_size={g.group_size}: must be >= 2 (advantages are relative to the "
+            "other samples of the same prompt)"
+        )
+    if g.reward not in REWARDS:
+        raise StageError(f"grpo.reward={g.reward!r}: choose from {REWARDS}")
+    if g.reward == "oracle" and not config.task:
+        raise StageError("grpo.reward=oracle needs task (the hidden oracle, e.g. addition)")
+    if g.reward == "model" and not config.reward_from:
+        raise StageError("reward_from is empty: grpo.reward=model needs a `flaxlm reward` run")
+    if config.nonfinite != "stop" or config.grad_accum_steps != 1:
+        raise StageError("grpo supports nonfinite=stop and grad_accum_steps=1 only")
+    if (config.batch_size * g.group_size) % g.minibatches:
+        raise StageError(
+            f"batch_size x grpo.group_size = {config.batch_size * g.group_size} is not "
+            f"divisible by grpo.minibatches={g.minibatches}"
+        )
+    if config.kl.beta < 0:
+        raise StageError(f"kl.beta={config.kl.beta}: must be >= 0")
+    if config.eval.every_steps and not (config.eval.path or config.eval.name):
+        raise StageError("eval.every_steps > 0 needs eval.path (held-out prompts JSONL)")
+    try:
+        sampling = SamplingConfig(s.temperature, s.top_k, s.top_p)
+    except ValueError as err:
+        raise StageError(f"sampling: {err}") from None
+    if sampling.greedy:
+        raise StageError("sampling.temperature=0 (greedy): GRPO needs a stochastic policy")
+
+
+def updates_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`config` for `make_tx` with the schedule counted in optimizer updates."""
+    c = ml_collections.ConfigDict(config.to_dict())
+    per_iteration = config.grpo.epochs * config.grpo.minibatches
+    c.total_steps *= per_iteration
+    c.optim.warmup_steps *= per_iteration
+    return c
+
+
+def build(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, Any]:
+    del workdir
+    validate(config)
+    mesh = sh.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    rules = sh.get_rules(config.mesh.strategy)
+    parent, tokenizer, model_cfg = start_from_parent(config, "grpo")
+    check_policy_parent(parent, "grpo")
+    g = config.grpo
+    models = {"policy": Transformer(model_cfg)}
+    total_len = config.seq_len + g.max_new_tokens
+    configs = [("policy", model_cfg)]
+    rm_parent, calibration = None, None
+    if config.reward_from:
+        rm_parent, rm_cfg, calibration = ppo.load_reward_parent(config, tokenizer)
+        models["reward"] = reward_model(rm_cfg)
+        configs.append(("reward model", rm_cfg))
+    for name, cfg in configs:
+        if total_len > cfg.max_seq_len:
+            raise StageError(
+                f"seq_len + grpo.max_new_tokens = {total_len} exceeds the {name}'s "
+                f"max_seq_len={cfg.max_seq_len}"
+            )
+    task = load_task(config.task) if config.task else None
+    s = config.sampling
+    sampling = ro.sampling_for(
+        SamplingConfig(s.temperature, s.top_k, s.top_p), model_cfg.vocab_size, tokenizer
+    )
+    rollouts = config.batch_size * g.group_size
+    if rollouts % batch_multiple(mesh, rules):
+        raise StageError(
+            f"batch_size x grpo.group_size = {rollouts} rollouts must be a multiple of the "
+            f"{batch_multiple(mesh, rules)} ways the batch is split over devices"
+        )
+    source = open_records(config, "data", "prompts")
+    options = data_options(config, mesh, rules, train=True)
+    batches = iter(
+        pipelines.prompts_dataset(
+            source,
+            tokenizer,
+            pipelines.local_batch_size(config.batch_size, options.shard_count),
+            config.seq_len,
+            options,
+        )
+    )
+    tx, _ = make_tx(updates_config(config))
+    state, shardings = init_state_from(parent, models["policy"], tx, mesh, rules, config.seed)
+    abstract = {k: abstract_sharded_params(m, mesh, rules) for k, m in models.items()}
+    frozen = {"ref": load_params(parent, abstract["policy"])}
+    if rm_parent is not None:
+        frozen["reward"] = load_params(rm_parent, abstract["reward"])
+    step = make_grpo_step(
+        config, models, frozen, calibration, sampling, tx, shardings, mesh, rules, tokenizer, task
+    )
+    reward = None
+    if rm_parent is not None:
+        reward = (models["reward"], frozen["reward"], calibration["gain"], calibration["bias"])
+    evaluate = make_policy_evaluate(
+        models["policy"],
+        frozen["ref"],
+        sampling,
+        g.max_new_tokens,
+        mesh,
+        rules,
+        tokenizer,
+        task,
+        reward,
+    )
+    eval_fn = None
+    if config.eval.every_steps:
+        eval_fn = ppo.make_eval_fn(
+            config, lambda st, b, k: evaluate(st.params, b, k), tokenizer, mesh, rules
+        )
+    settings = loop_settings(
+        config, "grpo", rollouts * total_len, flops_per_token(model_cfg, total_len)
+    )
+    lineage = parent.lineage("grpo")
+    if rm_parent is not None:
+        lineage["reward_model"] = str(rm_parent.checkpoint)
+    parts = stage_parts(
+        stage="grpo",
+        config=config,
+        model_cfg=model_cfg,
+        tokenizer=tokenizer,
+        lineage=lineage,
+        model=models["policy"],
+        state=state,
+        shardings=shardings,
+        train_step=step,
+        batches=batches,
+        settings=settings,
+        eval_fn=eval_fn,
+        mesh=mesh,
+        rules=rules,
+    )
+    return {**parts, "models": models, "frozen": frozen, "evaluate": evaluate}
+
+
+def main(argv: Sequence[str]) -> int:
+    return stage_main("grpo", build, argv)
