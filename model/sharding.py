@@ -30,6 +30,7 @@ HEADS = "heads"
 KV_HEADS = "kv_heads"
 HEAD_DIM = "head_dim"
 NORM = "norm"
+POSITION = "position"  # rows of the learned position table: no rule, so replicated
 LAYERS = "layers"
 # Activation axes.
 ACT_BATCH = "activation_batch"
@@ -121,6 +122,13 @@ def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 2) -> NamedSharding:
     """Sharding of a [batch, ...] input array: batch split by the ACT_BATCH rule."""
     spec = nn.logical_to_mesh_axes((ACT_BATCH,) + (None,) * (ndim - 1), rules)
     return NamedSharding(mesh, spec)
+
+
+def batch_split(mesh: Mesh, rules: Rules) -> int:
+    """How many ways the batch axis of an input is split (the devices holding distinct rows)."""
+    axes = batch_sharding(mesh, rules, 1).spec[0]
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+    return int(np.prod([mesh.shape[a] for a in axes]))
 
 
 def check_divisible(abstract_tree: Any, shardings: Any) -> None:

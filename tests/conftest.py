@@ -1,13 +1,26 @@
-"""Test setup: 8 fake CPU devices, set before jax is imported anywhere."""
+"""Test setup: 8 fake CPU devices, set before jax is imported anywhere, and a persistent
+compilation cache private to this session, shared with the subprocesses tests start."""
 
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Many tests compile the same tiny programs, often in fresh processes (CLI runs, resumes):
+# a cache keyed by the program and devices saves their recompilation (measured: the
+# tiny pretraining run's user time 21 s -> 8.4 s on a second launch, the first of which
+# also prepared its data). A new directory per session, removed at its end, so no program
+# compiled by older code is ever reused.
+_CACHE_DIR = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _CACHE_DIR = tempfile.mkdtemp(prefix="flaxlm-jax-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE_DIR
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
-import jax
+import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -15,6 +28,11 @@ jax.config.update("jax_default_matmul_precision", "highest")
 import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    if _CACHE_DIR is not None:
+        shutil.rmtree(_CACHE_DIR, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -28,3 +46,11 @@ def tiny_pipeline(tmp_path_factory) -> pathlib.Path:
     config = f"{root / 'configs' / 'pipeline.py'}:tiny"
     assert pipeline.main(["--config", config, "--workdir", str(workdir)]) == 0
     return workdir
+
+
+@pytest.fixture(scope="session")
+def rl_chain(tmp_path_factory) -> dict:
+    """Tiny pretrain → SFT → reward runs (tests/rl_chain.py), shared by the RL tests."""
+    from tests.rl_chain import make_chain
+
+    return make_chain(tmp_path_factory.mktemp("rl_chain"))

@@ -2,14 +2,12 @@
 log-probs against a plain per-example forward pass, loss log 2 while π = π_ref, a seeded
 run that raises the held-out reward accuracy, one-line errors.
 
-The pretrain → SFT → reward chain (tests/test_ppo.py's recipe) is built once per session
-and shared with tests/test_grpo.py (`shared_chain`)."""
+The pretrain → SFT → reward chain is tests/rl_chain.py's, built once per session and
+shared with the PPO, GRPO and RLHF-eval tests (tests/conftest.py `rl_chain`)."""
 
 from __future__ import annotations
 
 import functools
-import importlib
-import json
 import math
 import pathlib
 
@@ -17,15 +15,13 @@ import jax
 import numpy as np
 import pytest
 
-from rlhf import dpo, tasks
-from rlhf import labeler as lab
-from tests.test_ppo import ranked_rows, stage_args
-from train import cli, pretrain, reward, sft
+from rlhf import dpo
+from tests.rl_chain import stage_args
+from train import cli
 from train.checkpoint import read_parent
 from train.metrics import read_metrics
 from train.stage import parse_stage_args
 
-_CHAIN: dict[str, dict] = {}
 STEPS = 16  # the in-process run; the CLI run stops at 2 and 4 of the same config
 # Measured per run, not reproducible across runs: left out of the resume comparison.
 TIMING = ("tokens_per_sec", "mfu", "time_rollout", "time_scoring", "time_learning")
@@ -43,75 +39,9 @@ METRICS = (
 )
 
 
-def make_chain(root: pathlib.Path) -> dict:
-    """Tiny pretrain → SFT → calibrated reward runs on Addition, plus ranked DPO data:
-    `dpo_ranked` (48 training prompts, the labeler's ranks) and `ranked_eval` (the 32
-    held-out prompts, the oracle's ranks)."""
-    task, rng = tasks.Addition(), np.random.default_rng(0)
-    paths = lab.write_task_data(task, root / "data", rng, 200, 512, 256, n_eval=32)
-    tfds_dir = root / "tfds"
-    pre, sft_dir, rm_dir = root / "pretrain", root / "sft", root / "reward"
-    common = ("--config.eval.every_steps=0", "--config.total_steps=30")
-    assert (
-        pretrain.main(
-            stage_args(
-                "pretrain.py",
-                pre,
-                tfds_dir,
-                "--config.data.name=",
-                f"--config.data.path={paths['pretrain']}",
-                "--config.eval.name=",
-                *common,
-            )
-        )
-        == 0
-    )
-    sft_args = (f"--config.init_from={pre}", f"--config.data.path={paths['sft']}", *common)
-    assert sft.main(stage_args("sft.py", sft_dir, tfds_dir, *sft_args)) == 0
-    rows = ranked_rows(task, task.prompts(rng, 512), rng)
-    ranked = root / "ranked.jsonl"
-    lab.write_jsonl(ranked, rows)
-    lab.write_jsonl(root / "dpo_ranked.jsonl", rows[:48])
-    with open(paths["eval_prompts"], encoding="utf-8") as f:
-        held_out = [json.loads(line)["prompt"] for line in f]
-    lab.write_jsonl(root / "ranked_eval.jsonl", oracle_ranked(task, held_out, rng))
-    rm_args = (
-        f"--config.init_from={sft_dir}",
-        f"--config.data.path={ranked}",
-        f"--config.calibration.prompts_path={paths['eval_prompts']}",
-        *common,
-    )
-    assert reward.main(stage_args("reward.py", rm_dir, tfds_dir, *rm_args)) == 0
-    paths |= {"dpo_ranked": str(root / "dpo_ranked.jsonl")}
-    paths |= {"ranked_eval": str(root / "ranked_eval.jsonl")}
-    return {"root": root, "paths": paths, "sft": sft_dir, "reward": rm_dir, "tfds": tfds_dir}
-
-
-def oracle_ranked(task: tasks.Addition, prompts: list[str], rng: np.random.Generator) -> list:
-    """tests/test_ppo.py's candidates, ranked by the exact oracle (no labeler noise): the
-    held-out reward accuracy then measures agreement with the truth."""
-    rows = []
-    for row in ranked_rows(task, prompts, rng):
-        ranks = lab.dense_ranks([task.score(row["prompt"], r) for r in row["responses"]])
-        if max(ranks) > 0:
-            rows.append({**row, "ranking": ranks})
-    return rows
-
-
-def shared_chain(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """One chain per test session, whichever of the DPO/GRPO modules asks first.
-
-    pytest imports this file as `test_dpo` (rootdir sys.path), test_grpo.py as
-    `tests.test_dpo`: the memo lives in the latter module whoever calls."""
-    memo = importlib.import_module("tests.test_dpo")._CHAIN
-    if "chain" not in memo:
-        memo["chain"] = make_chain(tmp_path_factory.mktemp("rl_chain"))
-    return memo["chain"]
-
-
 @pytest.fixture(scope="module")
-def chain(tmp_path_factory) -> dict:
-    return shared_chain(tmp_path_factory)
+def chain(rl_chain) -> dict:
+    return rl_chain  # tests/rl_chain.py, built once per session (tests/conftest.py)
 
 
 def comparable(lines: list[dict]) -> list[dict]:

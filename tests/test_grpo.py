@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from rlhf import grpo
-from tests.test_dpo import comparable, shared_chain
-from tests.test_ppo import stage_args
+from tests.rl_chain import stage_args
+from tests.test_dpo import comparable
 from train import cli
 from train.checkpoint import load_params, read_parent
 from train.metrics import read_metrics
@@ -46,8 +46,8 @@ METRICS = (
 
 
 @pytest.fixture(scope="module")
-def chain(tmp_path_factory) -> dict:
-    return shared_chain(tmp_path_factory)
+def chain(rl_chain) -> dict:
+    return rl_chain  # tests/rl_chain.py, built once per session (tests/conftest.py)
 
 
 def grpo_args(chain: dict, workdir: pathlib.Path, *extra: str) -> list:

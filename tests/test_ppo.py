@@ -15,10 +15,9 @@ import pytest
 
 from model import sharding as sh
 from rlhf import kl as kl_lib
-from rlhf import labeler as lab
-from rlhf import ppo, tasks
+from rlhf import ppo
 from rlhf import rollout as ro
-from train import pretrain, reward, sft
+from tests.rl_chain import stage_args
 from train.checkpoint import load_params, read_parent
 from train.metrics import read_metrics
 from train.stage import parse_stage_args
@@ -28,81 +27,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 
 
-def ranked_rows(task: tasks.Addition, prompts: list[str], rng: np.random.Generator) -> list:
-    """Per prompt, four candidate sums (right, carry-free, one digit off, random), ranked
-    by the noisy labeler."""
-    rows = []
-    for prompt in prompts:
-        a, b = task.parse(prompt)
-        right = str(a + b)
-        off = right[:-1] + str((int(right[-1]) + 1 + rng.integers(9)) % 10)
-        candidates = [right, str(task.carry_free_sum(a, b)), off, str(rng.integers(10, 200))]
-        row = lab.ranked_record(task, prompt, candidates, rng)
-        if row is not None:
-            rows.append(row)
-    return rows
-
-
-def stage_args(config: str, workdir: pathlib.Path, data_dir: pathlib.Path, *extra: str) -> list:
-    return [
-        "--config",
-        f"{CONFIGS / config}:tiny",
-        "--workdir",
-        str(workdir),
-        f"--config.data.data_dir={data_dir}",
-        *extra,
-    ]
-
-
 @pytest.fixture(scope="module")
-def chain(tmp_path_factory) -> dict:
-    """Tiny pretrain → SFT → reward runs on Addition data from rlhf/labeler.py."""
-    root = tmp_path_factory.mktemp("ppo_chain")
-    task, rng = tasks.Addition(), np.random.default_rng(0)
-    paths = lab.write_task_data(task, root / "data", rng, 200, 512, 256, n_eval=32)
-    tfds_dir = root / "tfds"
-    pre, sft_dir, rm_dir = root / "pretrain", root / "sft", root / "reward"
-    code = pretrain.main(
-        stage_args(
-            "pretrain.py",
-            pre,
-            tfds_dir,
-            "--config.data.name=",
-            f"--config.data.path={paths['pretrain']}",
-            "--config.eval.name=",
-            "--config.eval.every_steps=0",
-            "--config.total_steps=30",
-        )
-    )
-    assert code == 0
-    code = sft.main(
-        stage_args(
-            "sft.py",
-            sft_dir,
-            tfds_dir,
-            f"--config.init_from={pre}",
-            f"--config.data.path={paths['sft']}",
-            "--config.eval.every_steps=0",
-            "--config.total_steps=30",
-        )
-    )
-    assert code == 0
-    ranked = root / "ranked.jsonl"
-    lab.write_jsonl(ranked, ranked_rows(task, task.prompts(rng, 512), rng))
-    code = reward.main(
-        stage_args(
-            "reward.py",
-            rm_dir,
-            tfds_dir,
-            f"--config.init_from={sft_dir}",
-            f"--config.data.path={ranked}",
-            "--config.eval.every_steps=0",
-            "--config.total_steps=30",
-            f"--config.calibration.prompts_path={paths['eval_prompts']}",
-        )
-    )
-    assert code == 0
-    return {"root": root, "paths": paths, "sft": sft_dir, "reward": rm_dir, "tfds": tfds_dir}
+def chain(rl_chain) -> dict:
+    return rl_chain  # tests/rl_chain.py, built once per session (tests/conftest.py)
 
 
 def ppo_args(chain: dict, workdir: pathlib.Path, *extra: str) -> list:

@@ -296,3 +296,13 @@ def test_resuming_with_another_model_shape_is_refused_before_any_write(tmp_path,
         )
         == 0
     )
+
+
+def test_a_batch_the_mesh_cannot_split_is_refused(tmp_path, data_dir, capfd):
+    """12 rows over the 8 devices of the data axis: one line naming batch_size, before any
+    write (it used to fail inside jax at the first step)."""
+    workdir = tmp_path / "run"
+    assert pretrain.main(args(workdir, data_dir, "--config.batch_size=12")) == 2
+    err = capfd.readouterr().err
+    assert "batch_size=12 does not divide over the 8 devices" in err, err[-2000:]
+    assert not workdir.exists()

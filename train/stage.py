@@ -265,8 +265,18 @@ def stage_parts(
     rules: sh.Rules,
     extra_meta: dict | None = None,
 ) -> dict[str, Any]:
-    """The dict `run_stage` consumes, with the checkpoint meta every stage writes."""
+    """The dict `run_stage` consumes, with the checkpoint meta every stage writes.
+
+    Refuses (StageError) a global batch the mesh cannot split over its batch axes.
+    """
     from train.data import pipelines  # data pipelines are only needed once a stage builds
+
+    split = sh.batch_split(mesh, rules)
+    if config.batch_size % split:
+        raise StageError(
+            f"batch_size={config.batch_size} does not divide over the {split} devices that "
+            f"split the batch (mesh.data x mesh.fsdp); use a multiple of {split}"
+        )
 
     meta = {
         "stage": stage,
