@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import math
 import pathlib
 from collections.abc import Sequence
 from typing import Any
@@ -64,13 +65,17 @@ def parse_value(key: str, text: str, current: Any) -> Any:
             return lowered in ("true", "1", "yes")
         if kind is int:
             value = float(text)
-            if value != int(value):
+            if not math.isfinite(value) or value != int(value):  # int(inf) would overflow
                 raise ValueError(text)
             return int(value)
         if kind is float:
-            return float(text)
+            value = float(text)
+            if math.isnan(value):  # passes every `<= 0` check, then poisons the run
+                raise ValueError(text)
+            return value
     except ValueError:
-        raise ConfigError(f"--config.{key}={text!r}: expected {kind.__name__}") from None
+        finite = " (a finite number)" if kind in (int, float) else ""
+        raise ConfigError(f"--config.{key}={text!r}: expected {kind.__name__}{finite}") from None
     return text
 
 

@@ -130,12 +130,24 @@ def read_prompts(path: str) -> list[str]:
 def common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", required=True, help="run directory or checkpoint dir")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default newest)")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="default: 128, or half the model's context when that is shorter",
+    )
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--format", choices=("auto", "raw", "chat"), default="auto")
+
+
+def new_tokens(args: argparse.Namespace, policy: Policy) -> int:
+    """--max-new-tokens, or its default for this model's context."""
+    if args.max_new_tokens is not None:
+        return args.max_new_tokens
+    return min(128, policy.config.max_seq_len // 2)
 
 
 def is_chat(policy: Policy, fmt: str) -> bool:
@@ -153,9 +165,10 @@ def main_sample(argv: Sequence[str]) -> int:
         prompts = list(args.prompt) + (read_prompts(args.prompts_file) if args.prompts_file else [])
         if not prompts:
             raise ValueError("give --prompt TEXT or --prompts-file FILE")
-        if args.num_samples < 1 or args.max_new_tokens < 1:
+        if args.num_samples < 1 or (args.max_new_tokens or 1) < 1:
             raise ValueError("--num-samples and --max-new-tokens must be >= 1")
         policy = Policy(args.workdir, args.step)
+        args.max_new_tokens = new_tokens(args, policy)
         sampling = generate.SamplingConfig(
             args.temperature, args.top_k, args.top_p, policy.tokenizer.vocab_size
         )
@@ -232,6 +245,7 @@ def main_chat(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
     try:
         policy = Policy(args.workdir, args.step)
+        args.max_new_tokens = new_tokens(args, policy)
         sampling = generate.SamplingConfig(
             args.temperature, args.top_k, args.top_p, policy.tokenizer.vocab_size
         )

@@ -103,12 +103,17 @@ class _FilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         return rec.jsonl_records(path, self.KIND)
 
     def _generate_examples(self, paths: Sequence[str]) -> Iterator[tuple[str, rec.Record]]:
+        count = 0
         for file_index, path in enumerate(paths):
             for line, record in self._records(path):
                 if isinstance(record, rec.BadRecordError):
                     self.bad_records.handle(rec.BadRecordError(record.reason, f"{path}:{line}"))
                     continue
+                count += 1
                 yield f"{file_index}:{line}", record
+        if not count:  # else TFDS fails later with a bare "No examples were yielded."
+            why = self.bad_records.summary() if self.bad_records.total else "no records"
+            raise ValueError(f"{', '.join(paths)}: no usable {self.KIND} records ({why})")
 
 
 class TextFiles(_FilesBuilder, skip_registration=True):
