@@ -14,6 +14,8 @@ ACTIVATIONS = ("swiglu", "gelu")
 ATTENTION_IMPLS = ("xla", "cudnn")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 DTYPES = ("float32", "bfloat16", "float16")
+NORMS = ("rmsnorm", "layernorm")
+POSITIONS = ("rope", "learned", "none")  # none = NoPE: only the causal mask orders tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +34,8 @@ class ModelConfig:
     norm_eps: float = 1e-6
     tie_embeddings: bool = True
     activation: str = "swiglu"
+    norm: str = "rmsnorm"  # layernorm: mean-centred, learned scale and bias
+    position: str = "rope"  # learned: absolute table [max_seq_len, D] added to the embedding
     dtype: str = "bfloat16"  # compute dtype
     param_dtype: str = "float32"
     dropout_rate: float = 0.0
@@ -69,6 +73,8 @@ class ModelConfig:
         check(self.norm_eps > 0, "norm_eps", "must be positive")
         check(0.0 <= self.dropout_rate < 1.0, "dropout_rate", "must be in [0, 1)")
         check(self.activation in ACTIVATIONS, "activation", f"must be one of {ACTIVATIONS}")
+        check(self.norm in NORMS, "norm", f"must be one of {NORMS}")
+        check(self.position in POSITIONS, "position", f"must be one of {POSITIONS}")
         check(
             self.attention_impl in ATTENTION_IMPLS,
             "attention_impl",
@@ -169,17 +175,27 @@ def get_preset(name: str, **overrides: Any) -> ModelConfig:
     return PRESETS[name].replace(**overrides)
 
 
-def _block_param_count(cfg: ModelConfig) -> int:
+def _norm_param_count(cfg: ModelConfig) -> int:
+    return (2 if cfg.norm == "layernorm" else 1) * cfg.d_model  # scale (+ bias)
+
+
+def _block_matmul_param_count(cfg: ModelConfig) -> int:
     attn = cfg.d_model * cfg.head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
     mlp_mats = 3 if cfg.activation == "swiglu" else 2
-    return attn + mlp_mats * cfg.d_model * cfg.mlp_dim + 2 * cfg.d_model  # + two norms
+    return attn + mlp_mats * cfg.d_model * cfg.mlp_dim
 
 
 def param_count(cfg: ModelConfig, include_embedding: bool = True) -> int:
-    """Number of parameters of the LM (without a scalar head)."""
-    blocks = cfg.num_layers * _block_param_count(cfg) + cfg.d_model  # + final norm
+    """Number of parameters of the LM (without a scalar head).
+
+    The learned position table counts as embedding (a lookup, like the token table).
+    """
+    per_block = _block_matmul_param_count(cfg) + 2 * _norm_param_count(cfg)
+    blocks = cfg.num_layers * per_block + _norm_param_count(cfg)  # + final norm
     head = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model
     embed = cfg.vocab_size * cfg.d_model
+    if cfg.position == "learned":
+        embed += cfg.max_seq_len * cfg.d_model
     return blocks + head + (embed if include_embedding else 0)
 
 
@@ -190,7 +206,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     12 * layers * heads * head_dim * seq_len for the attention scores and weighted sum.
     The causal mask is not discounted, as in PaLM's MFU.
     """
-    matmul_params = cfg.num_layers * (_block_param_count(cfg) - 2 * cfg.d_model)
+    matmul_params = cfg.num_layers * _block_matmul_param_count(cfg)
     matmul_params += cfg.vocab_size * cfg.d_model
     attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
     return 6.0 * matmul_params + attention

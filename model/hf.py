@@ -81,6 +81,14 @@ def config_to_hf(
             f"model.activation={cfg.activation!r}: Llama has SwiGLU MLPs only; "
             "a GELU model cannot be exported as Llama"
         )
+    if cfg.norm != "rmsnorm":
+        raise UnsupportedConfigError(
+            f"model.norm={cfg.norm!r}: Llama has RMSNorm only; cannot be exported as Llama"
+        )
+    if cfg.position != "rope":
+        raise UnsupportedConfigError(
+            f"model.position={cfg.position!r}: Llama has RoPE only; cannot be exported as Llama"
+        )
     config: dict[str, Any] = {
         "architectures": [SEQUENCE_CLASSIFICATION if reward else CAUSAL_LM],
         "model_type": "llama",

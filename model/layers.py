@@ -1,4 +1,5 @@
-"""Leaf layers: RMSNorm, rotary embedding, attention (GQA, causal + segment masks, KV cache), MLP.
+"""Leaf layers: RMSNorm, LayerNorm, rotary embedding, attention (GQA, causal + segment
+masks, KV cache), MLP.
 
 Einsum letters: B batch, T query length, S key length, D model, N heads, K kv heads,
 G query heads per kv head (N = K * G), H head dim, F mlp. Every parameter carries logical
@@ -42,6 +43,30 @@ class RMSNorm(nn.Module):
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
         return (x32 * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """(x - mean(x)) / std(x) * scale + bias (biased variance), in fp32 like RMSNorm."""
+
+    eps: float = 1e-6
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        def vector(name: str, init: Callable) -> jax.Array:
+            param = nn.with_logical_partitioning(init, (sh.NORM,))
+            return self.param(name, param, (x.shape[-1],), self.param_dtype).astype(jnp.float32)
+
+        scale, bias = vector("scale", nn.initializers.ones), vector("bias", nn.initializers.zeros)
+        x32 = x.astype(jnp.float32)
+        x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return (x32 * scale + bias).astype(self.dtype)
+
+
+# ModelConfig.norm -> layer; both take (eps, dtype, param_dtype).
+NORMS: dict[str, type[nn.Module]] = {"rmsnorm": RMSNorm, "layernorm": LayerNorm}
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -98,7 +123,7 @@ ATTENTION_FNS: dict[str, Callable[..., jax.Array]] = {
 
 
 class Attention(nn.Module):
-    """Multi-head attention with rotary positions and grouped kv heads.
+    """Multi-head attention with rotary positions (unless `rope` is off) and grouped kv heads.
 
     With `cache` (dict with k, v: [L, B, S, K, H], the stacked cache of every layer) the
     new keys/values are written in place at (`layer`, `cache_index`) and queries attend over
@@ -115,6 +140,7 @@ class Attention(nn.Module):
     attention_impl: str = "xla"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    rope: bool = True  # False: learned absolute positions or NoPE, added/absent outside
 
     @nn.compact
     def __call__(
@@ -138,8 +164,10 @@ class Attention(nn.Module):
             )
             return jnp.einsum("BTD,DNH->BTNH", x, w.astype(self.dtype))
 
-        q = apply_rope(proj("q", n, sh.HEADS), positions, self.rope_theta)
-        k = apply_rope(proj("k", kv, sh.KV_HEADS), positions, self.rope_theta)
+        q, k = proj("q", n, sh.HEADS), proj("k", kv, sh.KV_HEADS)
+        if self.rope:
+            q = apply_rope(q, positions, self.rope_theta)
+            k = apply_rope(k, positions, self.rope_theta)
         v = proj("v", kv, sh.KV_HEADS)
         q = nn.with_logical_constraint(q, (sh.ACT_BATCH, sh.ACT_LENGTH, sh.ACT_HEADS, sh.HEAD_DIM))
 

@@ -1,7 +1,8 @@
 """The decoder-only Transformer: embedding, pre-norm blocks under nn.scan, LM and scalar heads.
 
-Inputs are token ids [B, T] with optional `positions` [B, T] (RoPE positions, restarting
-per packed document) and `segment_ids` [B, T] (document ids within a row, 0 = padding).
+Inputs are token ids [B, T] with optional `positions` [B, T] (RoPE or learned-table
+positions, restarting per packed document) and `segment_ids` [B, T] (document ids within
+a row, 0 = padding).
 With a KV cache (see `init_cache`) the same call serves prefill (T = prompt length) and
 decode (T = 1): new keys are written at `cache_index` and attention spans the buffer.
 """
@@ -16,7 +17,7 @@ from flax import linen as nn
 
 from model import sharding as sh
 from model.config import ModelConfig
-from model.layers import MLP, Attention, RMSNorm, attention_mask, param_init
+from model.layers import MLP, NORMS, Attention, attention_mask, param_init
 
 REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the whole block
@@ -51,7 +52,8 @@ class Block(nn.Module):
         x, cache = carry
         cfg = self.config
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        h = RMSNorm(cfg.norm_eps, dtype, pdtype, name="attn_norm")(x)
+        norm = NORMS[cfg.norm]
+        h = norm(cfg.norm_eps, dtype, pdtype, name="attn_norm")(x)
         h, cache = Attention(
             cfg.num_heads,
             cfg.num_kv_heads,
@@ -61,10 +63,11 @@ class Block(nn.Module):
             cfg.attention_impl,
             dtype,
             pdtype,
+            rope=cfg.position == "rope",
             name="attn",
         )(h, positions, mask, cache, cache_index, layer)
         x = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=self.deterministic)
-        h = RMSNorm(cfg.norm_eps, dtype, pdtype, name="mlp_norm")(x)
+        h = norm(cfg.norm_eps, dtype, pdtype, name="mlp_norm")(x)
         h = MLP(cfg.mlp_dim, cfg.num_layers, cfg.activation, dtype, pdtype, name="mlp")(h)
         x = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=self.deterministic)
         x = nn.with_logical_constraint(x, (sh.ACT_BATCH, sh.ACT_LENGTH, sh.ACT_EMBED))
@@ -124,6 +127,17 @@ class Transformer(nn.Module):
             pdtype,
         )
         x = jnp.take(embedding, tokens, axis=0).astype(dtype)
+        if cfg.position == "learned":
+            # Read at `positions`, not slot indices: packed documents restart at 0 and a
+            # decode step (T = 1) gets its true position. Clipped, since pad slots may hold
+            # any value and generation refuses to run past max_seq_len.
+            table = self.param(
+                "position_embedding",
+                param_init(cfg.d_model**-0.5, (sh.POSITION, sh.EMBED)),
+                (cfg.max_seq_len, cfg.d_model),
+                pdtype,
+            )
+            x = x + jnp.take(table, positions, axis=0, mode="clip").astype(dtype)
         x = nn.with_logical_constraint(x, (sh.ACT_BATCH, sh.ACT_LENGTH, sh.ACT_EMBED))
 
         block = _block_class(cfg)
@@ -148,7 +162,7 @@ class Transformer(nn.Module):
                 )
         x, layer_cache = carry
 
-        hidden = RMSNorm(cfg.norm_eps, dtype, pdtype, name="final_norm")(x)
+        hidden = NORMS[cfg.norm](cfg.norm_eps, dtype, pdtype, name="final_norm")(x)
         logits = scalars = None
         if self.lm_head:
             if cfg.tie_embeddings:

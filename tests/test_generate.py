@@ -381,3 +381,38 @@ def test_vocab_limit_never_draws_padded_ids_and_log_probs_agree():
         model, params, prompts.tokens, prompts.segment_ids, out, temperature=3.0, vocab_limit=40
     )
     np.testing.assert_allclose(np.asarray(rescored), np.asarray(out.log_probs), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- norm / position
+
+
+@pytest.mark.parametrize(
+    "norm, position", [("rmsnorm", "learned"), ("rmsnorm", "none"), ("layernorm", "rope")]
+)
+def test_cached_logits_equal_full_forward_for_norm_and_position(norm: str, position: str):
+    """Prefill + decode equals the full forward, and left padding is invisible: the decode
+    step must read the learned table at the token's position, not its cache slot."""
+    model = Transformer(get_preset("tiny", norm=norm, position=position))
+    params = init_params(model, seed=11)
+    prompts = gen.left_pad(PROMPTS)
+    forced = np.random.default_rng(1).integers(1, 256, (len(PROMPTS), NEW)).astype(np.int32)
+    batch, plen = prompts.tokens.shape
+
+    cache = init_cache(model.config, batch, plen + NEW)
+    logits, cache = jax.jit(gen.prefill, static_argnums=0)(model, params, *prompts, cache)
+    stepwise = [logits]
+    lengths = prompts.segment_ids.sum(axis=1)
+    step = jax.jit(gen.decode_step, static_argnums=0)
+    for i in range(NEW - 1):
+        logits, cache = step(model, params, cache, forced[:, i], lengths + i, plen + i)
+        stepwise.append(logits)
+    stepwise = np.stack([np.asarray(x) for x in stepwise], axis=1)  # [B, NEW, V]
+
+    reference = full_logits(model, params, *joined(prompts, forced))[:, plen - 1 : -1]
+    np.testing.assert_allclose(stepwise, reference, atol=1e-5, rtol=1e-5)
+    for row, prompt in enumerate(PROMPTS):  # each sequence alone, unpadded, from slot 0
+        seq = np.concatenate([prompt, forced[row]])[None].astype(np.int32)
+        alone = full_logits(model, params, seq, np.ones_like(seq), np.arange(seq.size)[None])
+        np.testing.assert_allclose(
+            stepwise[row], alone[0, len(prompt) - 1 : len(prompt) - 1 + NEW], atol=1e-5, rtol=1e-5
+        )

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
+from model import hf
 from model.config import PRESETS, ModelConfig, flops_per_token, get_preset, param_count
-from model.layers import Attention, apply_rope
+from model.layers import Attention, LayerNorm, apply_rope
 from model.transformer import Transformer, unstack_layers
 from tests import reference
 
@@ -180,6 +181,8 @@ def test_flops_per_token_by_hand():
         ({"remat_policy": "some"}, "remat_policy"),
         ({"d_model": 0}, "d_model"),
         ({"dtype": "int8"}, "dtype"),
+        ({"norm": "batchnorm"}, "norm"),
+        ({"position": "alibi"}, "position"),
     ],
 )
 def test_bad_config_names_the_key(change, key):
@@ -192,3 +195,78 @@ def test_unknown_preset_and_key_are_named():
         get_preset("huge")
     with pytest.raises(ValueError, match="num_experts"):
         TINY.replace(num_experts=8)
+
+
+# ----------------------------------------------------------------------------- norm / position
+
+
+def test_layernorm_matches_numpy_reference():
+    rng = np.random.default_rng(7)
+    x = (rng.normal(size=(2, 5, 16)) * 3 + 1.5).astype(np.float32)  # non-zero mean
+    layer = LayerNorm(eps=1e-5)
+    params = {
+        "scale": rng.normal(1.0, 0.3, 16).astype(np.float32),
+        "bias": rng.normal(0.0, 0.3, 16).astype(np.float32),
+    }
+    out = np.asarray(layer.apply({"params": params}, jnp.asarray(x)))
+    x64 = x.astype(np.float64)
+    mean, var = x64.mean(-1, keepdims=True), x64.var(-1, keepdims=True)
+    expected = (x64 - mean) / np.sqrt(var + 1e-5) * params["scale"] + params["bias"]
+    np.testing.assert_allclose(out, expected, atol=1e-5, rtol=1e-5)
+    init = nn.unbox(layer.init(jax.random.key(0), jnp.asarray(x)))["params"]
+    np.testing.assert_array_equal(init["scale"], 1.0)
+    np.testing.assert_array_equal(init["bias"], 0.0)
+
+
+@pytest.mark.parametrize("norm, position", [("layernorm", "rope"), ("rmsnorm", "learned")])
+def test_packed_documents_equal_each_alone_for_norm_and_position(norm, position):
+    cfg = TINY.replace(norm=norm, position=position)
+    model, params = init(cfg, seed=8)
+    rng = np.random.default_rng(8)
+    doc_a, doc_b = rng.integers(0, 256, 7), rng.integers(0, 256, 5)
+    packed = np.concatenate([doc_a, doc_b, [0, 0, 0, 0]])[None]
+    segment_ids = jnp.asarray([[1] * 7 + [2] * 5 + [0] * 4])
+    positions = jnp.asarray([list(range(7)) + list(range(5)) + [0] * 4])
+    out = logits(model, params, packed, positions=positions, segment_ids=segment_ids)
+    np.testing.assert_allclose(out[0, :7], logits(model, params, doc_a[None])[0], atol=1e-5)
+    np.testing.assert_allclose(out[0, 7:12], logits(model, params, doc_b[None])[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("position", ["learned", "none"])
+def test_positions_are_read_by_learned_and_ignored_by_nope(position):
+    model, params = init(TINY.replace(position=position), seed=9)
+    tokens = np.random.default_rng(9).integers(0, 256, (1, 8))
+    base = logits(model, params, tokens)
+    shifted = logits(model, params, tokens, positions=jnp.arange(8)[None] + 3)
+    if position == "learned":
+        assert np.abs(shifted - base).max() > 1e-3
+        assert "position_embedding" in params
+    else:
+        np.testing.assert_array_equal(shifted, base)
+        assert "position_embedding" not in params
+    # Causal either way: a later token changes no earlier logit.
+    changed = tokens.copy()
+    changed[0, 5] = (changed[0, 5] + 1) % 256
+    np.testing.assert_array_equal(logits(model, params, changed)[:, :5], base[:, :5])
+
+
+@pytest.mark.parametrize("norm", ["rmsnorm", "layernorm"])
+@pytest.mark.parametrize("position", ["rope", "learned", "none"])
+@pytest.mark.parametrize("tie", [True, False])
+def test_param_count_matches_for_norm_and_position(norm, position, tie):
+    cfg = TINY.replace(norm=norm, position=position, tie_embeddings=tie)
+    shapes = jax.eval_shape(
+        lambda: Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+    )
+    actual = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(shapes)))
+    assert actual == param_count(cfg)
+    # Neither option adds a matmul, so the FLOP count is unchanged.
+    assert flops_per_token(cfg, 32) == flops_per_token(TINY.replace(tie_embeddings=tie), 32)
+
+
+@pytest.mark.parametrize(
+    "change, key", [({"norm": "layernorm"}, "norm"), ({"position": "none"}, "position")]
+)
+def test_hf_export_refuses_layernorm_and_non_rope(change, key):
+    with pytest.raises(hf.UnsupportedConfigError, match=f"model.{key}="):
+        hf.config_to_hf(TINY.replace(**change))

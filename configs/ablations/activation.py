@@ -4,9 +4,7 @@
 
 SwiGLU has three MLP matrices and GELU two, so the GELU arm's mlp_dim is 1.5x larger
 (768 vs 512): both arms have the same parameters and nearly the same FLOPs per token.
-The issue also asked for normalization (RMSNorm vs LayerNorm) and positional encoding
-(RoPE vs learned) arms: the model has only RMSNorm and RoPE today, so those need model
-features first (see docs/ablations.md); rope_theta.py and attention.py ablate what exists.
+Normalization and positional encoding have their own files: norm.py, position.py.
 """
 
 from __future__ import annotations

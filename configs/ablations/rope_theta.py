@@ -1,10 +1,8 @@
-"""Rotary-embedding base (rope_theta) on tiny_shakespeare: the positional-encoding
-ablation the model supports today.
+"""Rotary-embedding base (rope_theta) on tiny_shakespeare.
 
     flaxlm sweep --config configs/ablations/rope_theta.py --workdir /tmp/abl_rope
 
-The model has RoPE only (no learned or sinusoidal absolute positions, no NoPE), so the
-issue's "RoPE vs learned positions" arm needs a model feature first (docs/ablations.md).
+RoPE against learned absolute positions and NoPE is position.py.
 theta sets the longest wavelength: 100 makes even the slowest pair of dimensions rotate
 within the 64-character context; 10,000 (Llama) and 1,000,000 (long-context models) leave
 the slow pairs nearly position-independent at this length.
