@@ -20,7 +20,6 @@ def test_quickstart_notebook_runs(tiny_pipeline: pathlib.Path, tmp_path, monkeyp
     monkeypatch.setenv("FLAXLM_NOTEBOOK_PRESET", "tiny")
     monkeypatch.setenv("FLAXLM_NOTEBOOK_WORKDIR", str(workdir))
     monkeypatch.setenv("PYTHONPATH", f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    monkeypatch.setenv("MPLBACKEND", "Agg")
     notebook = nbformat.read(ROOT / "notebooks" / "quickstart.ipynb", as_version=4)
     NotebookClient(notebook, timeout=600, resources={"metadata": {"path": str(ROOT)}}).execute()
     outputs = [
