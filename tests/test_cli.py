@@ -45,13 +45,17 @@ def test_unknown_command_fails_with_usage():
     assert "unknown command 'pretrian'" in result.stderr
 
 
-def test_readme_quicktrain_pulse():
-    """The README's first command, shortened to 3 steps: it trains and prints the loss."""
+def test_readme_first_command_is_the_pipeline_demo():
+    """The README's first command installs and runs the demo pipeline (tests/test_readme.py
+    runs it on the tiny pipeline's workdir)."""
     first = readme_commands()[0].split("&&")[1].split()
-    assert first[:2] == ["flaxlm", "quicktrain"]
-    args = first[2:]
-    args[args.index("--steps") + 1] = "3"
-    result = run_flaxlm("quicktrain", *args)
+    assert first[:2] == ["flaxlm", "pipeline"]
+    assert first[first.index("--config") + 1] == "configs/pipeline.py:demo"
+
+
+def test_quicktrain_pulse():
+    """`flaxlm quicktrain` for 3 steps trains and prints finite losses."""
+    result = run_flaxlm("quicktrain", "--preset", "tiny", "--steps", "3")
     assert result.returncode == 0, result.stderr
     losses = [float(x) for x in re.findall(r"loss (\d+\.\d+)", result.stdout)]
     assert len(losses) >= 2 and all(map(lambda x: x == x, losses))
