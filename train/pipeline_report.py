@@ -188,7 +188,7 @@ def evaluate_policies(
         for row in evaluated["policies"]:
             results[row["name"]] = {
                 "oracle_sampled": row["oracle_score"],
-                "rm_score": row["rm_score"],
+                "heldout_rm_score": row["rm_score"],  # not the last-iteration rm_score
                 "kl_to_sft": row["kl_to_sft"],
                 "rm_accuracy": row.get("rm_pairwise_accuracy"),
             }
@@ -292,7 +292,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> int:
         "model's pairwise accuracy against the oracle on that policy's own samples.",
         "",
     ]
-    columns = ("oracle_sampled", "rm_score", "kl_to_sft", "rm_accuracy")
+    columns = ("oracle_sampled", "heldout_rm_score", "kl_to_sft", "rm_accuracy")
     columns += ("oracle_greedy", "exact_greedy")
     lines += md_table(
         [
