@@ -79,7 +79,7 @@ from train.state import (
     abstract_sharded_params,
     step_rng,
 )
-from train.step import jit_train_step
+from train.step import jit_train_step, keep_if_finite
 
 CALIBRATION_FILE = "reward_calibration.json"
 NEW_PARAMS = ("scalar_head", "scalar_bias")  # fresh when starting from an LM
@@ -134,11 +134,9 @@ def make_reward_step(
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr_fn(state.step)}
         metrics |= {"num_prompts": aux["prompts"], **rl.ranking_metrics(aux)}
         if skip_nonfinite:
-            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-            keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
-            params = jax.tree.map(keep, params, state.params)
-            opt_state = jax.tree.map(keep, opt_state, state.opt_state)
-            metrics["skipped"] = 1 - finite.astype(jnp.int32)
+            params, opt_state, metrics["skipped"] = keep_if_finite(
+                loss, grad_norm, (params, opt_state), (state.params, state.opt_state)
+            )
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step

@@ -46,6 +46,16 @@ def lm_loss_fn(model: nn.Module, z_loss: float = 0.0) -> Callable:
     return jax.value_and_grad(summed_loss, has_aux=True)
 
 
+def keep_if_finite(
+    loss: jax.Array, grad_norm: jax.Array, new: Any, old: Any
+) -> tuple[Any, Any, jax.Array]:
+    """The `skip` policy for non-finite updates: `new` (e.g. (params, opt_state)) when loss
+    and gradient norm are finite, else `old`; returns (*chosen, skipped as int32 0/1)."""
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    chosen = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    return (*chosen, 1 - finite.astype(jnp.int32))
+
+
 def make_train_step(
     model: nn.Module,
     tx: optax.GradientTransformation,
@@ -75,11 +85,9 @@ def make_train_step(
             "lr": lr_fn(state.step),
         }
         if skip_nonfinite:
-            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-            keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
-            params = jax.tree.map(keep, params, state.params)
-            opt_state = jax.tree.map(keep, opt_state, state.opt_state)
-            metrics["skipped"] = 1 - finite.astype(jnp.int32)
+            params, opt_state, metrics["skipped"] = keep_if_finite(
+                loss, grad_norm, (params, opt_state), (state.params, state.opt_state)
+            )
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
 
