@@ -5,6 +5,7 @@ import math
 import os
 import pathlib
 import re
+import signal
 import subprocess
 import sys
 
@@ -194,6 +195,35 @@ def test_failures_are_recorded_and_resume_skips_finished_runs(tmp_path):
     with pytest.raises(sweep.SweepError, match="finished with other settings"):
         sweep.execute(changed, tmp_path, changed.runs, fake_runner(calls), echo=lambda s: None)
     assert not calls  # refused before anything ran
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_the_sweep_after_the_current_run_and_resume_continues(tmp_path, signum):
+    """The signal reaches the run (it checkpoints, exits 128 + signal) and the sweep: the
+    run is recorded as interrupted, not failed, and nothing else starts; a rerun resumes it."""
+    plan, _, _ = synthetic_sweep(tmp_path / "straight")
+    calls, inner = [], fake_runner([])
+
+    def preempted_second_run(args, directory):
+        calls.append(directory)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signum)  # as a preemption sends to the whole process group
+            return 128 + signum
+        return inner(args, directory)
+
+    workdir, handler = tmp_path / "run", signal.getsignal(signum)
+    with pytest.raises(sweep.SweepInterrupted) as stop:
+        sweep.execute(plan, workdir, plan.runs, preempted_second_run, echo=lambda s: None)
+    assert stop.value.code == 128 + signum and stop.value.run == plan.runs[1].name
+    assert len(calls) == 2
+    record = json.loads((calls[1] / sweep.RUN_FILE).read_text())
+    assert record["status"] == "interrupted" and record["returncode"] == 128 + signum
+    assert signal.getsignal(signum) == handler  # restored after the sweep
+    calls.clear()
+    failed = sweep.execute(plan, workdir, plan.runs, fake_runner(calls), echo=lambda s: None)
+    assert not failed and len(calls) == len(plan.runs) - 1  # the first run is not repeated
+    record = json.loads((calls[0] / sweep.RUN_FILE).read_text())
+    assert record["status"] == "finished" and record["attempts"] == 2
 
 
 def parse_table(text: str, which: int) -> dict[str, list[str]]:

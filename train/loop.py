@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from train.checkpoint import Checkpointer
 from train.metrics import MetricWriter, mfu
+from train.signals import SignalFlag
 
 
 class Preempted(SystemExit):
@@ -55,26 +56,8 @@ class LoopSettings:
     desc: str = "train"
 
 
-class _SignalFlag:
+class _SignalFlag(SignalFlag):
     """Records SIGTERM/SIGINT instead of dying, so the loop can checkpoint first."""
-
-    def __init__(self) -> None:
-        self.signum = 0
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _SignalFlag:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, _frame: Any) -> None:
-        if self.signum:  # a second signal: stop waiting
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
     def agreed(self) -> int:
         """The signal seen by any host (all hosts must stop at the same step)."""

@@ -21,7 +21,10 @@ data itself (data.*, batch_size, seq_len): the sweep warns about those arms.
 Each run is a subprocess (`python -m train.cli COMMAND ...`) in DIR/runs/ARM/seedS, with
 its log in run.log and its outcome in sweep_run.json: a crash is recorded and the sweep goes
 on, then exits 1 naming the failed runs. Rerunning the sweep skips finished runs (a run
-interrupted midway resumes from its checkpoint, as any stage does). `--shard I/N` runs
+interrupted midway resumes from its checkpoint, as any stage does). SIGTERM or SIGINT to
+the sweep's process group (a preemption, Ctrl-C) lets the current run checkpoint and exit;
+the sweep records it as interrupted and exits 128 + signal without starting the next run.
+A signal to the sweep's process alone lets the current run finish first. `--shard I/N` runs
 every N-th run starting at I (runs are ordered seed-major, so early seeds complete first);
 each host writes the same sweep.json and its own runs, e.g. onto a shared filesystem.
 At the end the report (train/report.py) is written to DIR/report.md unless --no-report.
@@ -36,6 +39,7 @@ import itertools
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 import time
@@ -43,6 +47,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from configs import loader
+from train.signals import SignalFlag
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]  # the repository (train/, configs/, ...)
 RUN_FILE = "sweep_run.json"
@@ -64,6 +69,15 @@ KNOWN_KEYS = {
     "description",
 }
 DATA_KEY_PARTS = ("data", "batch_size", "seq_len")  # keys that change what a run reads
+
+
+class SweepInterrupted(SystemExit):
+    """SIGTERM/SIGINT reached the sweep: the current run checkpointed and exited (exit
+    code 128 + signal, as a stage's)."""
+
+    def __init__(self, signum: int, run: str):
+        super().__init__(128 + signum)
+        self.signum, self.run = signum, run
 
 
 class SweepError(ValueError):
@@ -255,11 +269,7 @@ def subprocess_runner(args: list[str], directory: pathlib.Path) -> int:
             stderr=subprocess.STDOUT,
             env=env,
         )
-        try:
-            return proc.wait()
-        except KeyboardInterrupt:  # the child got the SIGINT too: let it checkpoint and exit
-            proc.wait()
-            raise
+        return proc.wait()
 
 
 def log_tail(directory: pathlib.Path, lines: int = 5) -> str:
@@ -279,38 +289,46 @@ def execute(
     runner: Callable[[list[str], pathlib.Path], int] = subprocess_runner,
     echo: Callable[[str], None] = print,
 ) -> list[str]:
-    """Run what is not finished, one at a time; returns the names of failed runs."""
+    """Run what is not finished, one at a time; returns the names of failed runs. A
+    SIGTERM/SIGINT lets the current run checkpoint and exit, records it as interrupted
+    (not failed) and raises SweepInterrupted before the next run starts."""
     # Checked for every run first: a changed ablation is refused before anything runs.
     done = [is_finished(run_dir(workdir, run), run_args(plan, run, workdir)) for run in runs]
     failed = []
-    for i, run in enumerate(runs, 1):
-        directory = run_dir(workdir, run)
-        args = run_args(plan, run, workdir)
-        prefix = f"[{i}/{len(runs)}] {run.name}"
-        if done[i - 1]:
-            echo(f"{prefix}: finished earlier, skipped")
-            continue
-        previous = read_json(directory / RUN_FILE) or {}
-        echo(f"{prefix}: running (log {directory / LOG_FILE})")
-        start = time.perf_counter()
-        code = runner(args, directory)
-        wall = time.perf_counter() - start
-        record = {
-            "arm": run.arm,
-            "seed": run.seed,
-            "args": args,
-            "status": "finished" if code == 0 else "failed",
-            "returncode": code,
-            # Attempts that failed or were interrupted count: the run's total time to finish.
-            "wall_s": previous.get("wall_s", 0.0) + wall,
-            "attempts": previous.get("attempts", 0) + 1,
-        }
-        write_json_atomic(directory / RUN_FILE, record)
-        if code == 0:
-            echo(f"{prefix}: finished in {wall:.1f} s")
-        else:
-            failed.append(run.name)
-            echo(f"{prefix}: FAILED (exit {code}) in {wall:.1f} s\n{log_tail(directory)}")
+    with SignalFlag() as stop:
+        for i, run in enumerate(runs, 1):
+            directory = run_dir(workdir, run)
+            args = run_args(plan, run, workdir)
+            prefix = f"[{i}/{len(runs)}] {run.name}"
+            if done[i - 1]:
+                echo(f"{prefix}: finished earlier, skipped")
+                continue
+            if stop.signum:  # it arrived after the previous run had finished
+                raise SweepInterrupted(stop.signum, run.name)
+            previous = read_json(directory / RUN_FILE) or {}
+            echo(f"{prefix}: running (log {directory / LOG_FILE})")
+            start = time.perf_counter()
+            code = runner(args, directory)
+            wall = time.perf_counter() - start
+            status = "finished" if code == 0 else "interrupted" if stop.signum else "failed"
+            record = {
+                "arm": run.arm,
+                "seed": run.seed,
+                "args": args,
+                "status": status,
+                "returncode": code,
+                # Failed or interrupted attempts count: the run's total time to finish.
+                "wall_s": previous.get("wall_s", 0.0) + wall,
+                "attempts": previous.get("attempts", 0) + 1,
+            }
+            write_json_atomic(directory / RUN_FILE, record)
+            if status == "finished":
+                echo(f"{prefix}: finished in {wall:.1f} s")
+            elif status == "interrupted":
+                raise SweepInterrupted(stop.signum, run.name)
+            else:
+                failed.append(run.name)
+                echo(f"{prefix}: FAILED (exit {code}) in {wall:.1f} s\n{log_tail(directory)}")
     return failed
 
 
@@ -370,6 +388,13 @@ def main(argv: Sequence[str]) -> int:
     except SweepError as err:
         print(f"flaxlm sweep: error: {err}", file=sys.stderr)
         return 2
+    except SweepInterrupted as stop:
+        print(
+            f"flaxlm sweep: {signal.Signals(stop.signum).name} during {stop.run}: stopped; "
+            "rerun the same command to resume",
+            file=sys.stderr,
+        )
+        return 128 + stop.signum
     if not args.no_report:
         from train import report  # matplotlib and friends: only once there is something to show
 

@@ -6,12 +6,6 @@ from tests.faults import harness
 
 GAPS = [
     (
-        "sweep",
-        "signals",
-        "not injected: a sweep is a parent running one `flaxlm` subprocess "
-        "per run; the runs' own recovery is what the pretrain row covers",
-    ),
-    (
         "all",
         "multi-host faults",
         "one host dying mid-step, or hosts disagreeing on a signal: "

@@ -165,6 +165,39 @@ COMMANDS = {
     ),
 }
 
+
+def sweep_args(chain: dict, workdir: pathlib.Path) -> list[str]:
+    """A sweep of one arm x 2 seeds of tiny pretraining on the task text; its ablation file
+    is written beside the workdir."""
+    ablation = workdir.parent / f"{workdir.name}_ablation.py"
+    spec = {
+        "command": "pretrain",
+        "config": f"{harness.CONFIGS / 'pretrain.py'}:tiny",
+        "overrides": {
+            "data.name": "",
+            "eval.name": "",
+            "data.path": str(chain["paths"]["pretrain"]),
+            "data.data_dir": str(workdir.parent / f"{workdir.name}_tfds"),
+            "eval.every_steps": 0,
+            "total_steps": 8,
+            "checkpoint.every_steps": 2,
+            "log.every_steps": 1,
+        },
+        "arms": {"base": {}},
+        "seeds": [0, 1],
+        "metrics": ["final_loss"],
+    }
+    ablation.write_text(f"def get_ablation(arg=None):\n    return {spec!r}\n")
+    return ["--config", str(ablation), "--workdir", str(workdir)]
+
+
+COMMANDS["sweep"] = Command(
+    "sweep",
+    sweep_args,
+    16,
+    metrics=tuple(f"runs/base/seed{s}/metrics.jsonl" for s in (0, 1)),
+)
+
 # The whole tiny pipeline (slow): progress = the training steps of its stages in order.
 FULL_PIPELINE = Command(
     "pipeline",
@@ -322,7 +355,7 @@ SLOW_POINTS = int(
 
 def links(name: str, request: pytest.FixtureRequest) -> dict:
     """Pretraining and the pipeline need only the task files; the rest the trained chain."""
-    fixture = "task_data" if name in ("pretrain", "pipeline") else "chain"
+    fixture = "task_data" if name in ("pretrain", "pipeline", "sweep") else "chain"
     return request.getfixturevalue(fixture)
 
 
