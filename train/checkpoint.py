@@ -6,16 +6,24 @@ A checkpoint at step N is the directory `<workdir>/checkpoints/N/` with three it
   meta   JSON: resolved config, stage, lineage (parent checkpoint, git revision, time) and
          the tokenizer's location.
 Saves are async and atomic (Orbax writes a temporary directory and renames it), so a
-kill -9 leaves either the previous checkpoint or the new one. A checkpoint that fails to
-restore is reported, moved to `<workdir>/checkpoints_damaged/` (never deleted) and the
-previous one is used. Nothing is pickled.
+kill -9 leaves either the previous checkpoint or the new one. Once Orbax has finalized a
+step, process 0 writes `N/integrity.json` (size and sha256 of every file in the step), so
+a flipped byte that Orbax itself would restore silently is caught. A checkpoint that
+fails its integrity check or fails to restore is reported, moved to
+`<workdir>/checkpoints_damaged/` (never deleted) and the previous one is used. A save that
+fails (a full disk) stops the run with one line naming the step (CheckpointSaveError).
+Nothing is pickled.
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
+import logging
+import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -25,7 +33,18 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from train import distributed
+
 ITEMS = ("state", "data", "meta")
+MANIFEST = "integrity.json"  # in each step directory: relative path -> size, sha256
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written (e.g. a full disk): one line naming the step."""
+
+
+class CheckpointDamagedError(ValueError):
+    """A checkpoint's files disagree with its integrity manifest."""
 
 
 def git_revision() -> str | None:
@@ -68,6 +87,150 @@ def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
     )
 
 
+# ----------------------------------------------------------------------------- integrity
+# Orbax stores no checksum of the array data (a flipped byte restores silently), so each
+# finalized step gets a manifest. A step without one is restored unverified, with a
+# warning: it was saved before this check existed, or the run was killed between Orbax's
+# finalization and the manifest write (the manifest is written only after finalization,
+# so it never describes a half-written step).
+
+
+def _sha256(path: pathlib.Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _step_files(step_dir: pathlib.Path) -> list[pathlib.Path]:
+    """Every file of a step except the manifest itself (and its temporary copy)."""
+    skip = {MANIFEST, MANIFEST + ".tmp"}
+    files = (p for p in step_dir.rglob("*") if p.is_file())
+    return sorted(p for p in files if p.relative_to(step_dir).as_posix() not in skip)
+
+
+def file_table(step_dir: pathlib.Path) -> dict[str, dict[str, Any]]:
+    """relative path -> {"size", "sha256"} for every file of the step."""
+    return {
+        p.relative_to(step_dir).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in _step_files(step_dir)
+    }
+
+
+def _write_atomic(path: pathlib.Path, text: str) -> None:
+    """Temp file, fsync, rename: after a crash the file is whole or absent, never short
+    (a short manifest would wrongly mark an intact checkpoint as damaged)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def write_manifest(step_dir: pathlib.Path) -> None:
+    manifest = {"version": 1, "files": file_table(step_dir)}
+    _write_atomic(step_dir / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+
+
+def integrity_problem(step_dir: pathlib.Path) -> str | None:
+    """What is wrong with the step's files against its manifest, or None when they match.
+
+    Raises FileNotFoundError when the step has no manifest. Files the manifest does not
+    list are ignored. Sizes are compared first (cheap); hashing stops at the first
+    mismatch.
+    """
+    try:
+        files = json.loads((step_dir / MANIFEST).read_text(encoding="utf-8"))["files"]
+        recorded = {str(k): (int(v["size"]), str(v["sha256"])) for k, v in files.items()}
+    except FileNotFoundError:  # no manifest: the caller decides
+        raise
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        return f"{MANIFEST} is unreadable ({type(err).__name__}: {err})"
+    for rel, (size, _) in recorded.items():
+        path = step_dir / rel
+        if not path.is_file():
+            return f"{rel} is missing ({MANIFEST} lists it)"
+        if path.stat().st_size != size:
+            return f"{rel} has {path.stat().st_size} bytes, {MANIFEST} says {size}"
+    for rel, (_, digest) in recorded.items():
+        if _sha256(step_dir / rel) != digest:
+            return f"{rel} does not match its sha256 in {MANIFEST}"
+    return None
+
+
+def _integrity_status(step_dir: pathlib.Path) -> str:
+    """The verdict: ok, unverified (no manifest) or the problem. Process 0 alone reads the files
+    (the workdir is shared) and every process gets its verdict, so all hosts take the
+    same checkpoint."""
+    status = ""
+    if jax.process_index() == 0:
+        try:
+            status = integrity_problem(step_dir) or "ok"
+        except FileNotFoundError:
+            status = "unverified"
+    return distributed.allgather_bytes(status.encode())[0].decode()
+
+
+# ----------------------------------------------------------------------------- save errors
+
+
+def describe_save_error(err: BaseException) -> str:
+    """The OS error behind a failed save ("[Errno 27] File too large"), else the error's
+    first line. Tensorstore reports OS errors inside a long message as os_error_code."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno:
+            return f"[Errno {seen.errno}] {seen.strerror or os.strerror(seen.errno)}"
+        code = re.search(r"os_error_code='?(\d+)", str(seen))
+        if code:
+            number = int(code.group(1))
+            return f"[Errno {number}] {os.strerror(number)}"
+        seen = seen.__cause__ or seen.__context__
+    text = re.sub(r"\s*\[tensorstore_spec=.*", "", str(err)).strip()
+    first = text.splitlines()[0][:300] if text else ""
+    return first or type(err).__name__
+
+
+class _DropBackgroundSaveNoise(logging.Filter):
+    """Orbax logs each failure of a background save with its traceback (from several
+    threads, then again when asyncio collects the failed tasks) before it re-raises the
+    error to the caller, which Checkpointer reports as one line: drop the copies."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname:
+            return False
+        return not (record.name == "asyncio" and "orbax" in record.getMessage())
+
+
+_NOISE_FILTER = _DropBackgroundSaveNoise()
+
+
+def _closed_loop_callback(unraisable: Any) -> bool:
+    """Tensorstore finishing a write of a failed save posts its result to the event loop
+    Orbax already closed; nothing waits for it any more."""
+    exc, tb = unraisable.exc_value, unraisable.exc_traceback
+    frames = []
+    while tb is not None:
+        frames.append(tb.tb_frame.f_code.co_name)
+        tb = tb.tb_next
+    return isinstance(exc, RuntimeError) and "call_soon_threadsafe" in frames
+
+
+def _quiet_background_save_errors() -> None:
+    """Install the filter and the unraisable hook once (idempotent)."""
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).addFilter(_NOISE_FILTER)  # no-op when already there
+    previous = sys.unraisablehook
+    if getattr(previous, "flaxlm_quiet", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        if not _closed_loop_callback(unraisable):
+            previous(unraisable)
+
+    hook.flaxlm_quiet = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
+
+
 class Checkpointer:
     """Save/restore (state, data-iterator state, meta) under `<workdir>/checkpoints`.
 
@@ -102,6 +265,9 @@ class Checkpointer:
             create=True,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        self.async_save = async_save
+        self._pending: int | None = None  # the step whose save may still be running
+        _quiet_background_save_errors()
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -118,13 +284,25 @@ class Checkpointer:
         meta: dict,
         metrics: dict[str, float] | None = None,
     ) -> None:
-        """Start an async save of step `step` (returns once the arrays are copied off)."""
+        """Start an async save of step `step` (returns once the arrays are copied off).
+
+        Waits for the previous save first (as Orbax would) and writes its manifest.
+        Raises CheckpointSaveError when the previous or this save failed.
+        """
+        self._finish_pending()
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=ocp.args.JsonSave(data_state or {}),
             meta=ocp.args.JsonSave(meta),
         )
-        self.manager.save(step, args=args, metrics=metrics, force=True)
+        self._pending = step
+        try:
+            self.manager.save(step, args=args, metrics=metrics, force=True)
+        except Exception as err:
+            self._pending = None
+            raise self._save_error(step, err) from None
+        if not self.async_save:
+            self._finish_pending()
 
     def restore(
         self,
@@ -143,6 +321,7 @@ class Checkpointer:
         candidates = [step] if step is not None else self.steps()[::-1]
         for candidate in candidates:
             try:
+                verified = self._verify(candidate)
                 meta = self.restore_meta(candidate)
             except Exception as err:
                 if step is not None:
@@ -163,8 +342,23 @@ class Checkpointer:
                     raise
                 self._quarantine(candidate, err)
                 continue
+            if not verified:
+                print(
+                    f"warning: checkpoint {self.directory / str(candidate)} has no {MANIFEST} "
+                    "(saved before integrity checks, or the run stopped right after the "
+                    "save); restored without verifying its files",
+                    file=sys.stderr,
+                )
             return candidate, restored["state"], dict(restored["data"] or {}), meta
         return None
+
+    def _verify(self, step: int) -> bool:
+        """True when the step matches its manifest, False when it has none; raises
+        CheckpointDamagedError when they disagree."""
+        status = _integrity_status(self.directory / str(step))
+        if status not in ("ok", "unverified"):
+            raise CheckpointDamagedError(f"integrity check failed: {status}")
+        return status == "ok"
 
     def restore_meta(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
@@ -186,12 +380,47 @@ class Checkpointer:
             shutil.move(str(self.directory / str(step)), str(target))
         self.manager.reload()
 
+    def _save_error(self, step: int, err: BaseException) -> CheckpointSaveError:
+        return CheckpointSaveError(
+            f"saving checkpoint {step} to {self.directory / str(step)} failed: "
+            f"{describe_save_error(err)}"
+        )
+
+    def _finish_pending(self) -> None:
+        """Wait for the running save; once Orbax has finalized it, write its manifest."""
+        step, self._pending = self._pending, None
+        try:
+            self.manager.wait_until_finished()
+        except Exception as err:
+            if step is None:
+                raise
+            raise self._save_error(step, err) from None
+        if step is not None and jax.process_index() == 0:  # one writer on a shared workdir
+            self._write_manifest(self.directory / str(step))
+
+    @staticmethod
+    def _write_manifest(step_dir: pathlib.Path) -> None:
+        if not step_dir.is_dir():  # not finalized (Orbax logged why): nothing to describe
+            return
+        try:
+            write_manifest(step_dir)
+        except OSError as err:  # the checkpoint itself is complete: it restores unverified
+            (step_dir / (MANIFEST + ".tmp")).unlink(missing_ok=True)
+            print(
+                f"warning: writing {step_dir / MANIFEST} failed ({describe_save_error(err)}); "
+                "the checkpoint will be restored without verifying its files",
+                file=sys.stderr,
+            )
+
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Wait for the running save (CheckpointSaveError when it failed)."""
+        self._finish_pending()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self._finish_pending()
+        finally:
+            self.manager.close()
 
 
 def write_json(path: str | pathlib.Path, obj: Any) -> None:
@@ -203,8 +432,6 @@ def write_json(path: str | pathlib.Path, obj: Any) -> None:
 
 
 # ----------------------------------------------------------------------------- init_from
-import logging  # noqa: E402  (this section was appended; its one extra import)
-
 # A later stage (SFT, reward, RLHF) starts from another run's checkpoint: it takes that
 # run's model shape, tokenizer and parameters, and records the parent in its lineage.
 
@@ -341,6 +568,9 @@ def load_params(parent: Parent, target: Any, init: Any | None = None, new: tuple
     as `scalar_head`); they are taken from `init`. Any other absent parameter, or a leaf
     whose shape differs, is refused with its path.
     """
+    status = _integrity_status(parent.checkpoint)
+    if status not in ("ok", "unverified"):  # no manifest: an older checkpoint, read as before
+        raise InitFromError(f"init_from={parent.checkpoint} is damaged ({status})")
     directory = parent.checkpoint / "state"
     checkpointer = ocp.PyTreeCheckpointer()
     absl_logger = logging.getLogger("absl")

@@ -38,9 +38,6 @@ def pretrain_args(chain: dict, workdir: pathlib.Path, *extra: str) -> list[str]:
 
 
 @pytest.mark.slow
-# Observed: the save's EFBIG surfaces as a traceback ending in "RuntimeError: Event loop is
-# closed" (Orbax's async save); the previous checkpoint is intact and the rerun matches.
-@pytest.mark.xfail(strict=True, reason="a traceback instead of one line")
 def test_disk_full_during_save_keeps_the_previous_checkpoint(task_data, tmp_path):
     chain = task_data
     root = tmp_path
