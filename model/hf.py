@@ -123,6 +123,66 @@ def config_to_hf(
     return config | dict(extra or {})
 
 
+# The sizes every Llama config.json states; the other keys read below have defaults.
+REQUIRED_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+)
+POSITIVE_INTS = (
+    *REQUIRED_KEYS,
+    "num_key_value_heads",
+    "head_dim",
+    "max_position_embeddings",
+    "num_labels",
+)
+# JSON types of the keys `config_from_hf` reads (null is its default for the optional ones).
+KEY_TYPES: dict[str, Any] = {
+    **{key: int for key in POSITIVE_INTS},
+    "rms_norm_eps": (int, float),
+    "rope_theta": (int, float),
+    "partial_rotary_factor": (int, float),
+    "model_type": str,
+    "hidden_act": str,
+    "architectures": list,
+    "layer_types": list,
+    "id2label": dict,
+    "rope_scaling": dict,
+    "rope_parameters": dict,
+}
+
+
+_WORDS = {
+    int: "an integer",
+    (int, float): "a number",
+    str: "a string",
+    list: "a list",
+    dict: "an object",
+}
+
+
+def check_config_keys(hf: Mapping[str, Any]) -> None:
+    """Refuse, naming the keys, a config.json without Llama's sizes or with a value of the
+    wrong JSON type: the mapping then reads well-typed values only (no KeyError or
+    TypeError from a crafted or truncated file)."""
+    if not isinstance(hf, Mapping):
+        raise UnsupportedConfigError(f"HF config is a {type(hf).__name__}, not a JSON object")
+    missing = [key for key in REQUIRED_KEYS if hf.get(key) is None]
+    if missing:
+        raise UnsupportedConfigError(
+            f"HF config lacks the Llama key(s) {', '.join(missing)}; not a Llama config"
+        )
+    for key, kind in KEY_TYPES.items():
+        value = hf.get(key)
+        # bool is an int in Python, never a size in JSON.
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
+            raise UnsupportedConfigError(f"HF config {key}={value!r}: expected {_WORDS[kind]}")
+        if key in POSITIVE_INTS and value is not None and value <= 0:
+            raise UnsupportedConfigError(f"HF config {key}={value!r}: must be > 0")
+
+
 def _refuse(field: str, value: Any, why: str) -> None:
     raise UnsupportedConfigError(f"HF config {field}={value!r}: {why}; flaxlm cannot represent it")
 
@@ -153,8 +213,10 @@ def config_from_hf(
 
     dtype: the compute dtype; None follows the checkpoint (float32 stays float32, any
     16-bit checkpoint computes in bfloat16). Parameters are always `param_dtype` (fp32).
-    Refuses, with the field named, whatever the mapping cannot represent exactly.
+    Refuses, with the field named, a malformed config (`check_config_keys`) and whatever
+    the mapping cannot represent exactly.
     """
+    check_config_keys(hf)
     model_type = hf.get("model_type")
     if model_type != "llama":
         _refuse("model_type", model_type, "only Llama-architecture models are supported")

@@ -141,5 +141,8 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
     path = os.path.join(directory, CONFIG_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{directory}: no {CONFIG_FILE} (not a Hugging Face model dir)")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError as err:  # not JSON (or not UTF-8): one line naming the file
+        raise ValueError(f"{path}: not valid JSON ({err})") from None

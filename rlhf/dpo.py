@@ -309,8 +309,7 @@ def build(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str,
     validate(config)
     mesh = sh.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     rules = sh.get_rules(config.mesh.strategy)
-    parent, tokenizer, model_cfg = start_from_parent(config, "dpo")
-    grpo.check_policy_parent(parent, "dpo")
+    parent, tokenizer, model_cfg = start_from_parent(config, "dpo")  # refuses non-policies
     d, s = config.dpo, config.sampling
     task = load_task(config.task) if config.task else None
     sampling = ro.sampling_for(

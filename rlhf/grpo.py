@@ -55,7 +55,7 @@ from rlhf import ppo_reward as pr
 from rlhf import rollout as ro
 from rlhf.grpo_math import group_advantages, grpo_loss
 from rlhf.tasks import load_task
-from train.checkpoint import Parent, load_params
+from train.checkpoint import load_params
 from train.data import pipelines
 from train.reward import reward_model
 from train.sft import (
@@ -72,17 +72,6 @@ from train.state import TrainState, abstract_sharded_params
 Params = Any
 REWARDS = pr.REWARD_SOURCES  # "model" | "oracle"
 PROMPT_KEYS = ("tokens", "segment_ids", "positions")  # a prompts batch, [B, P] each
-# Checkpoints whose `params` are a chat policy (LM head): what DPO and GRPO start from.
-POLICY_STAGES = ("sft", "dpo", "grpo", "ppo")
-
-
-def check_policy_parent(parent: Parent, stage: str) -> None:
-    """Refuse an init_from that is not a chat policy (a pretrained LM, a reward model)."""
-    if parent.stage not in POLICY_STAGES:
-        raise StageError(
-            f"init_from={parent.checkpoint} is a {parent.stage} checkpoint; {stage} starts "
-            f"from an SFT policy (or one of {POLICY_STAGES[1:]})"
-        )
 
 
 def make_policy_evaluate(
@@ -357,8 +346,7 @@ def build(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str,
     validate(config)
     mesh = sh.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     rules = sh.get_rules(config.mesh.strategy)
-    parent, tokenizer, model_cfg = start_from_parent(config, "grpo")
-    check_policy_parent(parent, "grpo")
+    parent, tokenizer, model_cfg = start_from_parent(config, "grpo")  # refuses non-policies
     g = config.grpo
     models = {"policy": Transformer(model_cfg)}
     total_len = config.seq_len + g.max_new_tokens

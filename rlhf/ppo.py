@@ -77,7 +77,14 @@ from train.sft import (
     open_records,
     start_from_parent,
 )
-from train.stage import StageError, loop_settings, stage_main, stage_parts
+from train.stage import (
+    REWARD_FROM_KIND,
+    StageError,
+    check_parent_kind,
+    loop_settings,
+    stage_main,
+    stage_parts,
+)
 from train.state import abstract_sharded_params
 
 Params = Any
@@ -348,11 +355,7 @@ def load_reward_parent(config: ml_collections.ConfigDict, tokenizer: Tokenizer) 
     """(parent, model config, calibration) of `reward_from`; refuses non-reward or
     uncalibrated checkpoints and another tokenizer."""
     rm_parent = read_parent(config.reward_from)
-    if rm_parent.stage != "reward":
-        raise StageError(
-            f"reward_from={rm_parent.checkpoint} is a {rm_parent.stage} checkpoint, "
-            "not a reward model"
-        )
+    check_parent_kind(rm_parent, "reward_from", REWARD_FROM_KIND)
     check_tokenizer(rm_parent, tokenizer.fingerprint, "the policy's tokenizer")
     calibration = load_calibration(rm_parent.workdir)
     if calibration is None or calibration.get("step") != rm_parent.step:

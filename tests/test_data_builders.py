@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from train.data import builders
+from train.data import records as rec
 from train.data.records import BadRecordError
 
 SHAKESPEARE = Path(__file__).resolve().parent.parent / ".." / "shared/data/tinyshakespeare.txt"
@@ -49,6 +50,25 @@ def test_text_files(tmp_path, mode, want):
     (tmp_path / "b.txt").write_text("delta 😀\n", encoding="utf-8")
     prepared = builders.prepare("text", str(tmp_path / "*.txt"), str(tmp_path / "tfds"), mode)
     assert {as_text(r["text"]) for r in read_all(prepared)} == want
+
+
+def test_split_document_bounds_pieces_and_loses_nothing():
+    text = "word " * 50 + "x" * 70 + "\nend"
+    pieces = rec.split_document(text, 32)
+    assert "".join(pieces) == text and all(len(p) <= 32 for p in pieces)
+    assert pieces[0] == "word " * 6  # cut after a space, not inside a word
+    assert rec.split_document("short", 32) == ["short"]
+    assert rec.split_document("", 32) == [""]
+
+
+def test_a_huge_line_is_stored_as_bounded_pieces(tmp_path):
+    """A line over MAX_DOC_CHARS becomes consecutive records (unique keys), in order."""
+    huge = "1+2=3 " * (rec.MAX_DOC_CHARS // 2)
+    path = write_jsonl(tmp_path / "docs.jsonl", [{"text": "small"}, {"text": huge}])
+    prepared = builders.prepare("text", path, str(tmp_path / "tfds"), doc_mode="jsonl")
+    texts = [as_text(r["text"]) for r in read_all(prepared)]
+    assert len(texts) >= 4 and all(len(t) <= rec.MAX_DOC_CHARS for t in texts)
+    assert sorted(texts) == sorted(["small", *rec.split_document(huge)])
 
 
 def test_text_jsonl_with_bad_lines_skipped(tmp_path):

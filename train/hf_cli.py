@@ -200,7 +200,10 @@ def import_hf(
     """Import an HF Llama directory into a new flaxlm workdir; returns its checkpoint dir."""
     hf_dir, workdir = pathlib.Path(hf_dir).resolve(), pathlib.Path(workdir).resolve()
     hf_config = hf_files.read_config(hf_dir)
-    cfg, reward = hf.config_from_hf(hf_config, dtype, scan_layers=scan_layers)
+    try:
+        cfg, reward = hf.config_from_hf(hf_config, dtype, scan_layers=scan_layers)
+    except hf.UnsupportedConfigError as err:  # name the file the bad key is in
+        raise hf.UnsupportedConfigError(f"{hf_dir / hf_files.CONFIG_FILE}: {err}") from None
     heads = {"lm_head": not reward, "scalar_head": reward}
     reader = hf_files.SafetensorsDir(hf_dir)
     hf.check_names(reader.names(), cfg, heads["lm_head"], reward)

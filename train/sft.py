@@ -43,7 +43,14 @@ from train import distributed, losses
 from train.checkpoint import Parent, check_tokenizer, child_model_dict, load_params, read_parent
 from train.data import builders, pipelines
 from train.optim import optimizer_from_config
-from train.stage import StageError, loop_settings, stage_main, stage_parts
+from train.stage import (
+    INIT_FROM_KINDS,
+    StageError,
+    check_parent_kind,
+    loop_settings,
+    stage_main,
+    stage_parts,
+)
 from train.state import TrainState, create_train_state
 from train.step import jit_train_step, make_train_step
 
@@ -94,6 +101,7 @@ def start_from_parent(
 ) -> tuple[Parent, Tokenizer, ModelConfig]:
     """Read `init_from` (meta only): the parent, its tokenizer and the child's model config.
 
+    A parent of a kind `stage` cannot start from (INIT_FROM_KINDS) is refused.
     `config.model` is rewritten to the resolved fields so config.json is self-contained.
     """
     if not config.init_from:
@@ -102,6 +110,7 @@ def start_from_parent(
             "(--config.init_from=WORKDIR_OR_CHECKPOINT)"
         )
     parent = read_parent(config.init_from)
+    check_parent_kind(parent, "init_from", INIT_FROM_KINDS[stage])
     overrides = {k: v for k, v in config.model.to_dict().items() if k != "preset"}
     model_dict = child_model_dict(parent, overrides)
     for key, value in model_dict.items():

@@ -23,7 +23,9 @@ from train import distributed
 from train.checkpoint import (
     PARAM_SHAPE_KEYS,
     Checkpointer,
+    CheckpointSaveError,
     InitFromError,
+    Parent,
     abstract_with_shardings,
     read_parent,
     write_json,
@@ -37,6 +39,44 @@ TOKENIZER_DIR = "tokenizer"  # every stage's workdir keeps its tokenizer here
 
 class StageError(ValueError):
     """Bad input to a stage: reported as one line, non-zero exit, workdir untouched."""
+
+
+# What a checkpoint holds, by the stage that wrote it (meta "stage"): a raw LM, a chat
+# policy (both have an LM head) or a reward model (a scalar head, no LM head).
+RAW_LM_STAGES = ("pretrain", "import-hf")
+POLICY_STAGES = ("sft", "dpo", "grpo", "ppo")
+LM_STAGES = RAW_LM_STAGES + POLICY_STAGES
+# What each stage may start from (`init_from`): (in words, the parent stages). SFT and
+# reward take any LM; the RLHF stages a chat policy (it is also their frozen reference).
+# A reward model is never a policy: its parameters would load under an LM head they were
+# never trained with.
+INIT_FROM_KINDS = {
+    "sft": ("a language model", LM_STAGES),
+    "reward": ("a language or reward model", (*LM_STAGES, "reward")),
+    "ppo": ("a chat policy", POLICY_STAGES),
+    "dpo": ("a chat policy", POLICY_STAGES),
+    "grpo": ("a chat policy", POLICY_STAGES),
+}
+REWARD_FROM_KIND = ("a reward model", ("reward",))  # PPO's and GRPO's `reward_from`
+
+
+def parent_kind(parent: Parent) -> str:
+    """The stage a checkpoint counts as: its own, except that an HF model imported with a
+    scalar head (a sequence classifier) is a reward model."""
+    heads = parent.meta.get("heads") or {}
+    if parent.stage == "import-hf" and heads.get("scalar_head"):
+        return "reward"
+    return parent.stage
+
+
+def check_parent_kind(parent: Parent, key: str, kind: tuple[str, tuple[str, ...]]) -> None:
+    """Refuse a `key` (init_from, reward_from) checkpoint that is not of `kind`
+    (an INIT_FROM_KINDS value or REWARD_FROM_KIND), naming what it is instead."""
+    words, stages = kind
+    found = parent_kind(parent)
+    if found not in stages:
+        listed = f" ({', '.join(stages)})" if len(stages) > 1 else ""
+        raise StageError(f"{key}={parent.checkpoint} is a {found} checkpoint, not {words}{listed}")
 
 
 def parse_stage_args(
@@ -217,7 +257,12 @@ def run_stage(
             )
         finally:
             writer.close()
-    except (NonFiniteLossError, StageError, distributed.DataStateError) as err:
+    except (
+        NonFiniteLossError,
+        StageError,
+        distributed.DataStateError,
+        CheckpointSaveError,
+    ) as err:
         print(f"flaxlm {prog}: error: {err}", file=sys.stderr)
         return 3
     except Preempted as stop:

@@ -149,24 +149,10 @@ def test_bad_config_is_one_line(command, fault, extra, message, request, tmp_pat
 
 # (command, the key, points at, the message must hold)
 WRONG_KIND = [
-    # Observed: SFT fine-tunes a reward model's checkpoint (train/sft.py checks no stage).
-    pytest.param(
-        "sft",
-        "init_from",
-        "reward",
-        "init_from",
-        marks=pytest.mark.xfail(strict=True, reason="sft accepts a reward checkpoint"),
-    ),
+    ("sft", "init_from", "reward", "init_from"),
     ("reward", "init_from", "empty", "init_from"),
     ("ppo", "reward_from", "sft", "reward_from"),
-    # Observed: PPO trains a policy from a reward model's checkpoint (rlhf/ppo.py).
-    pytest.param(
-        "ppo",
-        "init_from",
-        "reward",
-        "init_from",
-        marks=pytest.mark.xfail(strict=True, reason="ppo accepts a reward checkpoint"),
-    ),
+    ("ppo", "init_from", "reward", "init_from"),
     ("dpo", "init_from", "reward", "init_from"),
     ("grpo", "reward_from", "pretrain", "reward_from"),
     ("sft", "init_from", "missing", "init_from"),

@@ -165,11 +165,7 @@ def test_empty_file_is_one_line(kind, request, tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "which",
-    [
-        # Observed: a 10 MB document grows pretraining past 6 GiB resident.
-        pytest.param("pretrain", marks=pytest.mark.xfail(strict=True, reason="memory")),
-        "sft",
-    ],
+    ["pretrain", "sft"],
 )
 def test_huge_lines_and_overlong_prompts_train(which, chain, tmp_path):
     """A 10 MB single-line document (pretrain), and SFT records with a 10 MB response and a

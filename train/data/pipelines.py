@@ -23,7 +23,8 @@ Batch formats (B = local batch, T = seq_len, K = max_responses):
   first prompt token, 0 on pads).
 Rows that only pad the last batch of a finite run are all zeros (masks 0).
 
-Truncation: pretraining never drops tokens (packing splits long documents). SFT keeps
+Truncation: pretraining never drops tokens (packing splits long documents; text over
+records.MAX_DOC_CHARS characters already arrives as several documents). SFT keeps
 the first T + 1 tokens of a conversation. Ranked and prompt sequences longer than T drop
 the oldest prompt tokens after bos (never response tokens); a response that alone
 exceeds the row is cut at its end. Responses beyond K are dropped (first K kept).
@@ -64,7 +65,10 @@ class DataOptions:
     loops should run a fixed number of steps.
     read_chunk: records read and tokenized together as one grain element (packed
     pipelines only); it fixes the meaning of the saved state, so it is stamped.
-    num_threads/prefetch: reader threads and their buffer (elements).
+    num_threads/prefetch: reader threads and their buffer (elements: chunks when packed).
+    The buffer fills while the model compiles, so it bounds host memory: at most
+    prefetch x read_chunk records (each at most records.MAX_DOC_CHARS of text) are
+    tokenized ahead; 16 x 64 records keep two threads busy for batches of any size.
     num_workers > 0: read and tokenize in that many spawned processes (scripts need an
     `if __name__ == "__main__":` guard); the batches are the same as with 0 workers.
     """
@@ -77,7 +81,7 @@ class DataOptions:
     drop_remainder: bool = False
     read_chunk: int = 64
     num_threads: int = 2
-    prefetch: int = 64
+    prefetch: int = 16
     num_workers: int = 0
 
 

@@ -6,7 +6,7 @@ pure Python, so the TFDS builders stay thin. A bad record raises `BadRecordError
 counts it by reason and keeps a few examples for the summary.
 
 Normalized record layouts (what the builders store):
-- text:    {"text": str}
+- text:    {"text": str}                                  at most MAX_DOC_CHARS characters
 - sft:     {"roles": [str], "contents": [str]}          a conversation, >= 1 assistant turn
 - ranked:  {"roles", "contents"} (the prompt) + {"responses": [str] (K >= 2),
            "ranks": [int] (K)}; ranks[k] is the rank of responses[k], 0 = best, equal
@@ -23,6 +23,14 @@ from collections.abc import Iterator
 from typing import Any
 
 POLICIES = ("skip", "fail")
+# A text document longer than this is stored as consecutive pieces of at most this many
+# characters, each trained as a document of its own (bos + piece + eos). Records are then
+# bounded, so tokenizing one and the pipeline's read-ahead (DataOptions.prefetch x
+# read_chunk records) hold bounded memory: a 10 MB line no longer becomes read_chunk
+# copies of itself in one chunk (a one-document source repeats). 32 Ki characters are
+# ~8k BPE tokens, more than any preset's context, and packing already cuts every
+# document into rows of seq_len; the cost is a bos/eos pair every 32 Ki characters.
+MAX_DOC_CHARS = 32 * 1024
 DOC_MODES = ("file", "blank_line", "jsonl")
 ROLES = ("system", "user", "assistant")
 Record = dict[str, Any]
@@ -109,14 +117,41 @@ def jsonl_objects(path: str) -> Iterator[tuple[int, dict | BadRecordError]]:
             yield number, e
 
 
+def split_document(text: str, max_chars: int = MAX_DOC_CHARS) -> list[str]:
+    """`text` in consecutive pieces of at most `max_chars` characters (joined, they give
+    `text` back). A piece ends after the last space or newline of its second half when
+    there is one, so words are rarely cut."""
+    pieces, start = [], 0
+    while len(text) - start > max_chars:
+        stop = start + max_chars
+        space = max(text.rfind(c, start + max_chars // 2, stop) for c in " \n")
+        stop = space + 1 if space >= 0 else stop
+        pieces.append(text[start:stop])
+        start = stop
+    pieces.append(text[start:])
+    return pieces
+
+
 def text_documents(
     path: str, mode: str, text_key: str = "text"
 ) -> Iterator[tuple[int, Record | BadRecordError]]:
-    """(first line, {"text": ...}) per document of a text file.
+    """(first line, {"text": ...}) per document of a text file; a document longer than
+    MAX_DOC_CHARS comes as several records of the same line (`split_document`).
 
     mode "file": the whole file is one document; "blank_line": blocks separated by one
     or more blank lines (inner newlines kept); "jsonl": one `{text_key: str}` per line.
     """
+    for line, record in _whole_documents(path, mode, text_key):
+        if isinstance(record, BadRecordError):
+            yield line, record
+            continue
+        for piece in split_document(record["text"]):
+            yield line, {"text": piece}
+
+
+def _whole_documents(
+    path: str, mode: str, text_key: str
+) -> Iterator[tuple[int, Record | BadRecordError]]:
     if mode == "file":
         with open(path, "rb") as f:
             raw = f.read()
