@@ -11,6 +11,7 @@ hold one each, so 1 and N processes feed identical rows to the same 8-device mes
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -403,6 +404,79 @@ def test_four_processes_match_one(tmp_path, data_dir):
     for code, log in finish(procs, tmp_path, timeout=600):
         assert code == 0, log[-3000:]
     assert_same_lines(train_lines(tmp_path / "four"), train_lines(tmp_path / "one"), range(1, 7))
+
+
+# ------------------------------------------------------------------ RLHF across processes
+
+PPO_KEYS = ("rm_score", "oracle_score", "kl", "policy_loss", "value_loss", "entropy")
+PPO_KEYS += ("response_length", "approx_kl", "clip_fraction")
+
+
+def ppo_stage_args(chain: dict, workdir, data_dir) -> list[str]:
+    from tests.rl_chain import stage_args as chain_args
+
+    return chain_args(
+        "ppo.py",
+        workdir,
+        data_dir,
+        f"--config.init_from={chain['sft']}",
+        f"--config.reward_from={chain['reward']}",
+        f"--config.data.path={chain['paths']['prompts']}",
+        f"--config.eval.path={chain['paths']['eval_prompts']}",
+        "--config.task=addition",
+        "--config.total_steps=3",
+        "--config.eval.every_steps=3",
+        "--config.checkpoint.every_steps=0",
+        "--config.log.every_steps=1",
+        "--config.log.peak_flops_per_device=1e12",
+    )
+
+
+def virtual_ppo_build(config, workdir, shards: int):
+    """ppo.build, but one process reads the prompt shards of `shards` processes."""
+    from rlhf import ppo
+    from train.sft import data_options, open_records
+
+    parts = ppo.build(config, workdir)
+    source = open_records(config, "data", "prompts")
+    mesh = sh.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    options = data_options(config, mesh, sh.get_rules(config.mesh.strategy), train=True)
+    iterators = []
+    for index in range(shards):
+        shard = dataclasses.replace(options, shard_index=index, shard_count=shards)
+        dataset = pipelines.prompts_dataset(
+            source, parts["tokenizer"], config.batch_size // shards, config.seq_len, shard
+        )
+        iterators.append(iter(dataset))
+    parts["batches"] = distributed.GlobalDataIterator(iterators)
+    return parts
+
+
+def test_two_processes_ppo_matches_one(tmp_path, rl_chain):
+    """PPO's rollouts (sampling, the host-side oracle on gathered texts), scoring, learning
+    and eval on 2 processes x 4 devices equal the 1-process run on the same 8-device mesh
+    reading the same 2 prompt shards; only process 0 writes the metrics. The 2 processes
+    share an empty data_dir: process 0 prepares the prompt files, then the other reads
+    them (preparing at once, they collide on TFDS's final rename)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    _, config = parse_stage_args("ppo", ppo_stage_args(rl_chain, one, rl_chain["tfds"]))
+    assert run_stage("ppo", one, config, lambda: virtual_ppo_build(config, one, 2)) == 0
+    fresh = tmp_path / "tfds"
+    procs = launch(2, lambda pid: ["ppo", *ppo_stage_args(rl_chain, two, fresh)], tmp_path)
+    for code, log in finish(procs, tmp_path, timeout=600):
+        assert code == 0, log[-3000:]
+    want, got = read_metrics(one), read_metrics(two)
+    assert [x["step"] for x in got] == [x["step"] for x in want]  # one writer, no duplicates
+    train = [(a, b) for a, b in zip(want, got, strict=True) if "rm_score" in a]
+    assert [a["step"] for a, _ in train] == [1, 2, 3]
+    for a, b in train:
+        for key in PPO_KEYS:
+            np.testing.assert_allclose(b[key], a[key], rtol=1e-4, atol=1e-5, err_msg=key)
+    evals = [(a, b) for a, b in zip(want, got, strict=True) if "eval_oracle_score" in a]
+    assert len(evals) == 1
+    for a, b in evals:
+        for key in (k for k in a if k.startswith("eval_") and isinstance(a[k], float)):
+            np.testing.assert_allclose(b[key], a[key], rtol=1e-4, atol=1e-5, err_msg=key)
 
 
 # ------------------------------------------------------------------ tpu_scripts

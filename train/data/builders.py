@@ -15,6 +15,8 @@ Decisions:
   file (registered sha256) and the same 90/5/5 character split as the TFDS catalog, but
   each blank-line-separated speech is one document, so packing and per-host sharding
   have documents to work with. It accepts a local copy (checked against the sha256).
+- Text documents longer than `records.MAX_DOC_CHARS` are stored as consecutive pieces,
+  each a document of its own, so no record (and no read-ahead) grows with a huge line.
 - In configs, `data.path` (local file, glob, or {split: glob}) wins over `data.name`.
 """
 
@@ -27,11 +29,13 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
 
+import jax
 import numpy as np
 import tensorflow_datasets as tfds
+from jax.experimental import multihost_utils
 
 from train.data import records as rec
 
@@ -105,12 +109,16 @@ class _FilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _generate_examples(self, paths: Sequence[str]) -> Iterator[tuple[str, rec.Record]]:
         count = 0
         for file_index, path in enumerate(paths):
+            last, piece = None, 0
             for line, record in self._records(path):
                 if isinstance(record, rec.BadRecordError):
                     self.bad_records.handle(rec.BadRecordError(record.reason, f"{path}:{line}"))
                     continue
                 count += 1
-                yield f"{file_index}:{line}", record
+                # The pieces of a long document share its line: keys must stay unique.
+                piece = piece + 1 if line == last else 0
+                last = line
+                yield f"{file_index}:{line}" + (f":{piece}" if piece else ""), record
         if not count:  # else TFDS fails later with a bare "No examples were yielded."
             why = self.bad_records.summary() if self.bad_records.total else "no records"
             raise ValueError(f"{', '.join(paths)}: no usable {self.KIND} records ({why})")
@@ -240,6 +248,23 @@ def config_name(kind: str, splits: Sequence[tuple[str, Sequence[str]]], **option
     return f"{stem}_{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
 
+T = TypeVar("T")
+
+
+def process_zero_first(make: Callable[[], T]) -> T:
+    """`make()` (which prepares data under a data_dir) on process 0, then on the others.
+
+    Two hosts preparing one shared TFDS directory at once collide on its final rename;
+    this way the others find it prepared, and hosts with their own disks prepare their
+    own copies. One process: just `make()`.
+    """
+    if jax.process_count() == 1:
+        return make()
+    first = make() if jax.process_index() == 0 else None
+    multihost_utils.sync_global_devices("flaxlm: data prepared on process 0")
+    return first if jax.process_index() == 0 else make()
+
+
 @dataclasses.dataclass
 class Prepared:
     """A prepared builder and the bad-record summary of its preparation."""
@@ -268,11 +293,17 @@ def prepare(
         raise ValueError(f"doc_mode={doc_mode!r}: choose from {rec.DOC_MODES}")
     splits = split_paths(paths)
     options = {"doc_mode": doc_mode, "text_key": text_key, "bad_records": bad_records}
-    name = name or config_name(kind, splits, **options)
+    # The piece size is part of what gets stored: another size prepares again.
+    name = name or config_name(kind, splits, **options, max_doc_chars=rec.MAX_DOC_CHARS)
     config = FilesConfig(name=name, splits=splits, **options)
-    builder = BUILDERS[kind](config=config, data_dir=data_dir, file_format="array_record")
+
+    def build() -> tfds.core.DatasetBuilder:  # constructed after any earlier preparation
+        made = BUILDERS[kind](config=config, data_dir=data_dir, file_format="array_record")
+        made.download_and_prepare()
+        return made
+
+    builder = process_zero_first(build)
     summary_path = os.path.join(os.fspath(builder.data_dir), BAD_RECORDS_FILE)
-    builder.download_and_prepare()
     log = builder.bad_records
     if log.counts or not os.path.exists(summary_path):  # generated now: record the summary
         summary = {"total": log.total, "counts": dict(log.counts), "examples": log.examples}
@@ -307,15 +338,21 @@ def open_source(
     if kind != "text":
         raise ValueError(f"data.name={name!r}: catalog datasets serve kind='text' only")
     if name == "tiny_shakespeare":
-        builder = TinyShakespeare(
-            local_copy=local_copy, data_dir=data_dir, file_format="array_record"
+
+        def build() -> tfds.core.DatasetBuilder:
+            made = TinyShakespeare(
+                local_copy=local_copy, data_dir=data_dir, file_format="array_record"
+            )
+            made.download_and_prepare()
+            return made
+
+        return process_zero_first(build).as_data_source(split=split)
+    return process_zero_first(
+        lambda: tfds.data_source(
+            name,
+            split=split,
+            data_dir=data_dir,
+            download=download,
+            builder_kwargs={"file_format": "array_record"},
         )
-        builder.download_and_prepare()
-        return builder.as_data_source(split=split)
-    return tfds.data_source(
-        name,
-        split=split,
-        data_dir=data_dir,
-        download=download,
-        builder_kwargs={"file_format": "array_record"},
     )
