@@ -102,9 +102,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.ppo.seq_len, c.ppo.ppo.max_new_tokens = 24, 10
     c.ppo.batch_size = 32
     # β = 0.05 let seed 0 drift to KL 10 nats on longer answers the reward model never saw
-    # (held-out oracle 0.31); at 0.2 that drift costs more than the reward it buys, while the
-    # real gain (KL ~1 nat) still pays.
-    c.ppo.kl.beta = 0.2
+    # (held-out oracle 0.31); at 0.2 seed 1 still drifted (KL 3, oracle 0.94 at iteration
+    # 10 -> 0.63 at 40) into letters its reward model never saw wrong. At 0.4 the drift
+    # costs more than the reward it buys, while the real gain (KL < 1 nat) still pays.
+    c.ppo.kl.beta = 0.4
     c.ppo.eval.every_steps, c.ppo.log.every_steps = 10, 1
     c.dpo.seq_len, c.dpo.batch_size, c.dpo.dpo.max_new_tokens = 32, 32, 10
     c.dpo.optim.lr, c.dpo.optim.warmup_steps = 1e-4, 0

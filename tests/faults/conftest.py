@@ -40,8 +40,9 @@ points), bad configs of pretrain and the pipeline, every bad-line kind at data
 preparation, an empty file, the pickle/eval grep and the crafted pipeline/HF workdirs
 (tests/test_pretrain.py already restores past a truncated checkpoint and stops on a NaN in
 CI). The `slow` part adds 10 signal points for every command (pretrain, sft, reward, ppo,
-dpo, grpo and the pipeline's data → tokenizer → pretrain stages;
-`test_ten_signals_in_the_whole_pipeline` runs every stage of the tiny pipeline), the
+dpo, grpo, the pipeline's data → tokenizer → pretrain stages and a sweep of two tiny
+pretraining runs; `test_ten_signals_in_the_whole_pipeline` runs every stage of the tiny
+pipeline), the
 checkpoint damage, the full disk, NaNs (stop and skip), bad configs and bad data through
 every stage's command, the 10 MB line, long prompts and crafted stage workdirs.
 
