@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import pathlib
+import re
 import sys
 import types
 
@@ -238,3 +239,32 @@ def test_only_callbacks_into_a_closed_event_loop_are_silenced(tmp_path, capsys):
     assert not ck._closed_loop_callback(other)
     sys.unraisablehook(closed)
     assert capsys.readouterr().err == ""
+
+
+# ------------------------------------------------ parameter-shape fields of a parent/resume
+
+
+def test_norm_position_and_learned_table_length_are_shape_fields():
+    """A child of a parent, or a resumed run, may not change norm, position, or (with a
+    learned position table) max_seq_len; a meta from before norm/position existed reads
+    as rmsnorm + rope. Numerics such as dropout still may change."""
+    from train.checkpoint import InitFromError, Parent, child_model_dict
+    from train.stage import StageError, check_model_shape
+
+    old_meta = {"vocab_size": 64, "d_model": 32, "max_seq_len": 64, "dropout_rate": 0.0}
+    parent = Parent(pathlib.Path("/p/checkpoints/5"), 5, {"model": old_meta})
+    assert child_model_dict(parent, {"norm": "rmsnorm", "position": "rope"})["norm"] == "rmsnorm"
+    assert child_model_dict(parent, {"max_seq_len": 128, "dropout_rate": 0.1})["max_seq_len"] == 128
+    for key, value in (("norm", "layernorm"), ("position", "learned")):
+        with pytest.raises(InitFromError, match=re.escape(f"model.{key}={value!r}")):
+            child_model_dict(parent, {key: value})
+    learned = Parent(parent.checkpoint, 5, {"model": {**old_meta, "position": "learned"}})
+    with pytest.raises(InitFromError, match=re.escape("model.max_seq_len=128")):
+        child_model_dict(learned, {"max_seq_len": 128})
+
+    current = {**old_meta, "norm": "rmsnorm", "position": "rope", "max_seq_len": 128}
+    check_model_shape(old_meta, current)  # an old meta resumes; max_seq_len is numerics
+    with pytest.raises(StageError, match=re.escape("model.norm: 'rmsnorm' -> 'layernorm'")):
+        check_model_shape(old_meta, {**current, "norm": "layernorm"})
+    with pytest.raises(StageError, match=re.escape("model.max_seq_len: 64 -> 128")):
+        check_model_shape({**old_meta, "position": "learned"}, {**current, "position": "learned"})

@@ -448,7 +448,23 @@ PARAM_SHAPE_KEYS = (
     "activation",
     "scan_layers",
     "param_dtype",
+    "norm",  # layernorm adds a bias per norm
+    "position",  # learned adds a [max_seq_len, d_model] table
 )
+# What a meta written before `norm` and `position` existed means: the only choices then.
+SHAPE_DEFAULTS = {"norm": "rmsnorm", "position": "rope"}
+
+
+def with_shape_defaults(model: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's model config with the shape fields older metas lack filled in."""
+    return {**SHAPE_DEFAULTS, **model}
+
+
+def shape_keys(model: dict[str, Any]) -> tuple[str, ...]:
+    """The fields that fix `model`'s parameter shapes: with learned positions the table's
+    length, max_seq_len, too."""
+    learned = model.get("position") == "learned"
+    return (*PARAM_SHAPE_KEYS, "max_seq_len") if learned else PARAM_SHAPE_KEYS
 
 
 class InitFromError(ValueError):
@@ -528,14 +544,14 @@ def child_model_dict(parent: Parent, overrides: dict[str, Any]) -> dict[str, Any
     """The parent's model config with `overrides` (non-None values) applied.
 
     Numerics that leave parameter shapes alone (dtype, dropout, remat, max_seq_len, ...)
-    may change; a change to a PARAM_SHAPE_KEYS field is refused.
+    may change; a change to a field of `shape_keys` is refused.
     """
-    model = parent.model
+    model = with_shape_defaults(parent.model)
     changes = {k: v for k, v in overrides.items() if v is not None}
     unknown = sorted(set(changes) - set(model))
     if unknown:
         raise InitFromError(f"model.{unknown[0]}: not a field of the init_from model config")
-    clash = [k for k in PARAM_SHAPE_KEYS if k in changes and changes[k] != model.get(k)]
+    clash = [k for k in shape_keys(model) if k in changes and changes[k] != model.get(k)]
     if clash:
         details = ", ".join(
             f"model.{k}={changes[k]!r} (checkpoint: {model.get(k)!r})" for k in clash

@@ -21,13 +21,14 @@ from configs.meshes import apply_mesh_preset
 from model import sharding as sh
 from train import distributed
 from train.checkpoint import (
-    PARAM_SHAPE_KEYS,
     Checkpointer,
     CheckpointSaveError,
     InitFromError,
     Parent,
     abstract_with_shardings,
     read_parent,
+    shape_keys,
+    with_shape_defaults,
     write_json,
 )
 from train.loop import LoopSettings, NonFiniteLossError, Preempted, train_loop
@@ -147,11 +148,7 @@ def restore_or_start(
 
     def check(meta: dict) -> None:
         if model_dict is not None and "model" in meta:
-            check_resume_compatible(
-                {f"model.{k}": v for k, v in meta["model"].items()},
-                {f"model.{k}": v for k, v in model_dict.items()},
-                [f"model.{k}" for k in PARAM_SHAPE_KEYS],
-            )
+            check_model_shape(meta["model"], model_dict)
 
     restored = checkpointer.restore(abstract, check_meta=check)
     if restored is None:
@@ -173,11 +170,17 @@ def check_workdir_model(workdir: pathlib.Path, model_dict: dict | None) -> None:
         saved = read_parent(workdir).model
     except InitFromError:  # no readable checkpoint yet: nothing to protect
         return
-    keys = [f"model.{k}" for k in PARAM_SHAPE_KEYS]
+    check_model_shape(saved, model_dict)
+
+
+def check_model_shape(saved: dict, model_dict: dict) -> None:
+    """Refuse (StageError, naming the key) a model config whose parameter shapes differ
+    from those of a checkpoint's `saved` one."""
+    saved = with_shape_defaults(saved)
     check_resume_compatible(
         {f"model.{k}": v for k, v in saved.items()},
         {f"model.{k}": v for k, v in model_dict.items()},
-        keys,
+        [f"model.{k}" for k in shape_keys(saved)],
     )
 
 
