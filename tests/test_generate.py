@@ -104,6 +104,21 @@ def test_generate_rejects_bad_inputs(tiny):
 # ----------------------------------------------------------------------------- KV cache
 
 
+def cached_forced_logits(model, params, prompts, forced) -> np.ndarray:
+    """Logits [B, NEW, V] of prefill then one decode step per forced token (teacher
+    forcing through the KV cache)."""
+    batch, plen = prompts.tokens.shape
+    cache = init_cache(model.config, batch, plen + NEW)
+    logits, cache = jax.jit(gen.prefill, static_argnums=0)(model, params, *prompts, cache)
+    stepwise = [logits]
+    lengths = prompts.segment_ids.sum(axis=1)
+    step = jax.jit(gen.decode_step, static_argnums=0)
+    for i in range(NEW - 1):
+        logits, cache = step(model, params, cache, forced[:, i], lengths + i, plen + i)
+        stepwise.append(logits)
+    return np.stack([np.asarray(x) for x in stepwise], axis=1)
+
+
 @pytest.mark.parametrize(
     "num_kv_heads, scan_layers", [(4, True), (2, True), (1, False)], ids=["mha", "gqa", "mqa"]
 )
@@ -114,16 +129,7 @@ def test_cached_logits_equal_full_forward(num_kv_heads: int, scan_layers: bool):
     forced = np.random.default_rng(0).integers(1, 256, (len(PROMPTS), NEW)).astype(np.int32)
     batch, plen = prompts.tokens.shape
 
-    cache = init_cache(model.config, batch, plen + NEW)
-    prefill = jax.jit(gen.prefill, static_argnums=0)
-    step = jax.jit(gen.decode_step, static_argnums=0)
-    logits, cache = prefill(model, params, *prompts, cache)
-    stepwise = [logits]
-    lengths = prompts.segment_ids.sum(axis=1)
-    for i in range(NEW - 1):
-        logits, cache = step(model, params, cache, forced[:, i], lengths + i, plen + i)
-        stepwise.append(logits)
-    stepwise = np.stack([np.asarray(x) for x in stepwise], axis=1)  # [B, NEW, V]
+    stepwise = cached_forced_logits(model, params, prompts, forced)  # [B, NEW, V]
 
     reference = full_logits(model, params, *joined(prompts, forced))[:, plen - 1 : -1]
     np.testing.assert_allclose(stepwise, reference, atol=1e-5, rtol=1e-5)
@@ -396,17 +402,9 @@ def test_cached_logits_equal_full_forward_for_norm_and_position(norm: str, posit
     params = init_params(model, seed=11)
     prompts = gen.left_pad(PROMPTS)
     forced = np.random.default_rng(1).integers(1, 256, (len(PROMPTS), NEW)).astype(np.int32)
-    batch, plen = prompts.tokens.shape
+    plen = prompts.tokens.shape[1]
 
-    cache = init_cache(model.config, batch, plen + NEW)
-    logits, cache = jax.jit(gen.prefill, static_argnums=0)(model, params, *prompts, cache)
-    stepwise = [logits]
-    lengths = prompts.segment_ids.sum(axis=1)
-    step = jax.jit(gen.decode_step, static_argnums=0)
-    for i in range(NEW - 1):
-        logits, cache = step(model, params, cache, forced[:, i], lengths + i, plen + i)
-        stepwise.append(logits)
-    stepwise = np.stack([np.asarray(x) for x in stepwise], axis=1)  # [B, NEW, V]
+    stepwise = cached_forced_logits(model, params, prompts, forced)  # [B, NEW, V]
 
     reference = full_logits(model, params, *joined(prompts, forced))[:, plen - 1 : -1]
     np.testing.assert_allclose(stepwise, reference, atol=1e-5, rtol=1e-5)

@@ -28,9 +28,8 @@ from model.config import ModelConfig
 from model.tokenizer import BOS_ID, END_ID, EOS_ID, Tokenizer, load_tokenizer
 from model.transformer import Transformer, init_cache
 from train.checkpoint import InitFromError, Parent, load_params, read_parent
+from train.stage import RAW_LM_STAGES
 from train.state import abstract_sharded_params
-
-RAW_STAGES = ("pretrain", "import-hf")
 
 
 class Policy:
@@ -151,7 +150,7 @@ def new_tokens(args: argparse.Namespace, policy: Policy) -> int:
 
 
 def is_chat(policy: Policy, fmt: str) -> bool:
-    return fmt == "chat" or (fmt == "auto" and policy.parent.stage not in RAW_STAGES)
+    return fmt == "chat" or (fmt == "auto" and policy.parent.stage not in RAW_LM_STAGES)
 
 
 def main_sample(argv: Sequence[str]) -> int:
