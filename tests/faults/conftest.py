@@ -93,6 +93,22 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     )
 
 
+def task_pretrain_args(chain: dict, workdir: pathlib.Path, *extra: str) -> list[str]:
+    """`flaxlm pretrain` (tiny) on the task's corpus: no TFDS names, no periodic eval,
+    every step logged; `extra` adds or overrides keys."""
+    return stage_args(
+        "pretrain.py",
+        workdir,
+        chain["tfds"],
+        "--config.data.name=",
+        "--config.eval.name=",
+        f"--config.data.path={chain['paths']['pretrain']}",
+        "--config.eval.every_steps=0",
+        "--config.log.every_steps=1",
+        *extra,
+    )
+
+
 @pytest.fixture(scope="session")
 def task_data(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Addition task files (corpus, SFT, prompts, ranked) and a TFDS dir; nothing trained."""

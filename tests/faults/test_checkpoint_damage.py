@@ -15,24 +15,13 @@ import shutil
 import pytest
 
 from tests.faults import harness
-from tests.rl_chain import stage_args
+from tests.faults.conftest import task_pretrain_args
 
 EXPECT = "reported by name; resumes from the newest intact checkpoint; damaged one kept aside"
 
 
 def pretrain_args(chain: dict, workdir: pathlib.Path, *extra: str) -> list[str]:
-    return stage_args(
-        "pretrain.py",
-        workdir,
-        chain["tfds"],
-        "--config.data.name=",
-        f"--config.data.path={chain['paths']['pretrain']}",
-        "--config.eval.name=",
-        "--config.eval.every_steps=0",
-        "--config.checkpoint.every_steps=4",
-        "--config.log.every_steps=1",
-        *extra,
-    )
+    return task_pretrain_args(chain, workdir, "--config.checkpoint.every_steps=4", *extra)
 
 
 @pytest.fixture(scope="module")

@@ -16,24 +16,14 @@ import subprocess
 import pytest
 
 from tests.faults import harness
-from tests.faults.conftest import stage_args
+from tests.faults.conftest import task_pretrain_args
 
 LIMIT_KB = 48  # above every small file (metrics, JSON, tokenizer), below the array data
 
 
 def pretrain_args(chain: dict, workdir: pathlib.Path, *extra: str) -> list[str]:
-    return stage_args(
-        "pretrain.py",
-        workdir,
-        chain["tfds"],
-        "--config.data.name=",
-        "--config.eval.name=",
-        f"--config.data.path={chain['paths']['pretrain']}",
-        "--config.eval.every_steps=0",
-        "--config.checkpoint.every_steps=4",
-        "--config.log.every_steps=1",
-        "--config.total_steps=8",
-        *extra,
+    return task_pretrain_args(
+        chain, workdir, "--config.checkpoint.every_steps=4", "--config.total_steps=8", *extra
     )
 
 

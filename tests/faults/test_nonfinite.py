@@ -12,24 +12,18 @@ import numpy as np
 import pytest
 
 from tests.faults import harness
-from tests.faults.conftest import stage_args
+from tests.faults.conftest import task_pretrain_args
 
 
 def diverging(chain: dict, workdir: pathlib.Path, policy: str) -> list[str]:
-    return stage_args(
-        "pretrain.py",
+    return task_pretrain_args(
+        chain,
         workdir,
-        chain["tfds"],
-        "--config.data.name=",
-        "--config.eval.name=",
-        f"--config.data.path={chain['paths']['pretrain']}",
-        "--config.eval.every_steps=0",
         "--config.optim.lr=1e9",
         "--config.optim.clip_norm=0",
         "--config.optim.warmup_steps=0",
         "--config.total_steps=12",
         "--config.checkpoint.every_steps=1",
-        "--config.log.every_steps=1",
         f"--config.nonfinite={policy}",
     )
 
