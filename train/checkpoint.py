@@ -115,20 +115,8 @@ def file_table(step_dir: pathlib.Path) -> dict[str, dict[str, Any]]:
     }
 
 
-def _write_atomic(path: pathlib.Path, text: str) -> None:
-    """Temp file, fsync, rename: after a crash the file is whole or absent, never short
-    (a short manifest would wrongly mark an intact checkpoint as damaged)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-
-
 def write_manifest(step_dir: pathlib.Path) -> None:
-    manifest = {"version": 1, "files": file_table(step_dir)}
-    _write_atomic(step_dir / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    write_json(step_dir / MANIFEST, {"version": 1, "files": file_table(step_dir)})
 
 
 def integrity_problem(step_dir: pathlib.Path) -> str | None:
@@ -424,10 +412,15 @@ class Checkpointer:
 
 
 def write_json(path: str | pathlib.Path, obj: Any) -> None:
-    """Write JSON atomically (temp file + rename) so a crash never leaves half a file."""
+    """Write JSON atomically (temp file, fsync, rename): after a crash the file is whole or
+    absent, never short (a short integrity manifest would mark an intact checkpoint
+    damaged)."""
     path = pathlib.Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     tmp.replace(path)
 
 
