@@ -50,7 +50,8 @@ class PreferenceTask(Protocol):
 def load_task(path: str, **kwargs: Any) -> PreferenceTask:
     """`"module:Class"` (e.g. `rlhf.tasks:Addition`) -> an instance built with **kwargs.
 
-    The shipped tasks also answer to their short names (`TASKS`: "addition", "sort").
+    The shipped tasks also answer to their short names (`TASKS`: "addition",
+    "next_letter", "sort", "uppercase").
     Raises ValueError naming what is wrong: the format, the module, the attribute, or a
     missing method of the interface.
     """
@@ -230,7 +231,7 @@ class SortLetters:
 class Uppercase:
     """Prompt "shout abcde" -> "ABCDE"; half the time the teacher leaves the last letter small.
 
-    The easiest of the three for a small model (a per-character mapping, no arithmetic or
+    The easiest of the shipped tasks for a small model (a per-character mapping, no arithmetic or
     comparison), so it is the pipeline demo's task: SFT learns the format within minutes
     on a CPU and what is left is exactly the teacher's habit, which only the preference
     signal can remove. Prompts: "shout " + `min_len`..`max_len` lowercase letters. The
@@ -285,8 +286,77 @@ class Uppercase:
         return _corpus(self, rng, n_docs, self.lines_per_doc, " -> ")
 
 
+# ----------------------------------------------------------------------------- next letter
+
+
+def _shift(letter: str) -> str:
+    return chr((ord(letter) - ord("a") + 1) % 26 + ord("a"))
+
+
+class NextLetter:
+    """Prompt "next abcde" -> "bcdef" (z wraps to a); half the time the teacher copies the
+    last letter instead of shifting it.
+
+    Like `Uppercase` a per-letter mapping at a fixed length (5 by default, for the same
+    reason), so a small model learns the format quickly; unlike it, the mistake cannot be
+    seen in the answer alone: "bcdee" is as plausible a string as "bcdef", and a reward
+    model has to compare the answer's last letter with the prompt's. Prompts: "next " +
+    `min_len`..`max_len` lowercase letters. Mistake: every letter shifted but the last,
+    which is copied ("bcdee").
+    Oracle: the response (surrounding whitespace ignored) must be lowercase letters of the
+    prompt word's length, else 0 (padding, repeating, dropping letters earn nothing).
+    1 when every letter is the next one; otherwise ½ · the fraction of letters that are.
+    """
+
+    def __init__(
+        self, min_len: int = 5, max_len: int = 5, p_correct: float = 0.5, lines_per_doc: int = 8
+    ):
+        if not 2 <= min_len <= max_len:
+            raise ValueError(f"min_len={min_len}, max_len={max_len}: need 2 <= min <= max")
+        _check_p(p_correct)
+        self.min_len, self.max_len = min_len, max_len
+        self.p_correct, self.lines_per_doc = p_correct, lines_per_doc
+
+    @staticmethod
+    def parse(prompt: str) -> str:
+        match = re.fullmatch(r"next ([a-z]+)", prompt.strip())
+        if match is None:
+            raise ValueError(f"NextLetter: prompt {prompt!r} is not 'next <letters>'")
+        return match.group(1)
+
+    @staticmethod
+    def shifted(word: str) -> str:
+        return "".join(_shift(c) for c in word)
+
+    @staticmethod
+    def last_copied(word: str) -> str:
+        """The teacher's systematic mistake."""
+        return NextLetter.shifted(word[:-1]) + word[-1]
+
+    def prompts(self, rng: np.random.Generator, n: int) -> list[str]:
+        letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+        sizes = rng.integers(self.min_len, self.max_len + 1, size=n)
+        return ["next " + "".join(rng.choice(letters, size=int(k))) for k in sizes]
+
+    def demonstration(self, prompt: str, rng: np.random.Generator) -> str:
+        word = self.parse(prompt)
+        return self.shifted(word) if rng.random() < self.p_correct else self.last_copied(word)
+
+    def score(self, prompt: str, response: str) -> float:
+        answer, given = self.shifted(self.parse(prompt)), response.strip()
+        if len(given) != len(answer) or not (given.isascii() and given.isalpha()):
+            return 0.0
+        if given == answer:
+            return 1.0
+        return 0.5 * sum(x == y for x, y in zip(given, answer, strict=True)) / len(answer)
+
+    def pretraining_corpus(self, rng: np.random.Generator, n_docs: int) -> list[str]:
+        return _corpus(self, rng, n_docs, self.lines_per_doc, " -> ")
+
+
 TASKS = {
     "addition": "rlhf.tasks:Addition",
+    "next_letter": "rlhf.tasks:NextLetter",
     "sort": "rlhf.tasks:SortLetters",
     "uppercase": "rlhf.tasks:Uppercase",
 }

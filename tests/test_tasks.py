@@ -9,8 +9,8 @@ from rlhf import labeler as lab
 from rlhf import tasks
 from train.data import builders
 
-TASKS = [tasks.Addition(), tasks.SortLetters(), tasks.Uppercase()]
-IDS = ["addition", "sort", "uppercase"]
+TASKS = [tasks.Addition(), tasks.SortLetters(), tasks.Uppercase(), tasks.NextLetter()]
+IDS = ["addition", "sort", "uppercase", "next_letter"]
 
 
 def as_text(value):
@@ -28,6 +28,9 @@ def correct_answer(task, prompt: str) -> str:
         return str(a + b)
     if isinstance(task, tasks.Uppercase):
         return task.parse(prompt).upper()
+    if isinstance(task, tasks.NextLetter):  # written out, not via task.shifted
+        alphabet = "abcdefghijklmnopqrstuvwxyz"
+        return "".join(alphabet[(alphabet.index(c) + 1) % 26] for c in task.parse(prompt))
     return "".join(sorted(task.parse(prompt)))
 
 
@@ -36,6 +39,8 @@ def teacher_mistake(task, prompt: str) -> str:
         return str(task.carry_free_sum(*task.parse(prompt)))
     if isinstance(task, tasks.Uppercase):
         return task.last_left_small(task.parse(prompt))
+    if isinstance(task, tasks.NextLetter):
+        return correct_answer(task, prompt)[:-1] + task.parse(prompt)[-1]
     return task.last_in_place(task.parse(prompt))
 
 
@@ -110,6 +115,19 @@ def test_uppercase_oracle_by_hand():
     assert task.score("shout abcd", "ABDC") == 0.0  # letters out of order
     assert task.score("shout abcd", "ABC") == 0.0  # a letter dropped
     assert tasks.load_task("uppercase").parse("shout xyz") == "xyz"
+
+
+def test_next_letter_oracle_by_hand():
+    task = tasks.NextLetter()
+    assert task.score("next abcde", "bcdef") == 1.0
+    assert task.score("next xyzab", " yzabc\n") == 1.0  # z wraps to a
+    assert task.score("next abcde", "bcdee") == pytest.approx(0.5 * 4 / 5)  # the mistake
+    assert task.last_copied("abcde") == "bcdee"
+    assert task.score("next abcde", "abcde") == 0.0  # the prompt echoed: no credit
+    assert task.score("next abcde", "BCDEF") == 0.0  # not lowercase
+    assert task.score("next abcde", "bcde") == 0.0  # a letter dropped
+    assert task.score("next abcde", "bcd3f") == 0.0  # not letters
+    assert tasks.load_task("next_letter").parse("next xyz") == "xyz"
 
 
 @pytest.mark.parametrize("task", TASKS, ids=IDS)
