@@ -7,11 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import linen as nn
 
 from model import sharding as sh
 from model.config import get_preset
 from model.transformer import Transformer
-from train import losses
+from train import losses, optim
 from train.optim import make_optimizer
 from train.state import create_train_state
 from train.step import jit_train_step, make_train_step
@@ -172,13 +173,73 @@ def test_step_is_deterministic_and_donates_the_state():
     assert losses_from(other_rng) != first
 
 
-@pytest.mark.parametrize("optimizer", ["lion", "adafactor"])
+@pytest.mark.parametrize("optimizer", ["lion", "adafactor", "muon"])
 def test_other_optimizers_train_sharded(optimizer):
     batch = random_batch(30, ragged_mask=False)
-    _, hist = run_steps(
+    state, hist = run_steps(
         (1, 4, 2), "fsdp_tp", steps=8, optimizer=optimizer, batches=[batch] * 8, lr=3e-3
     )
     assert hist[-1]["loss"] < hist[0]["loss"] - 0.1
+    # Optimizer moments live with their parameter's shards (Muon's masked state too).
+    moments = [x for x in jax.tree.leaves(state.opt_state) if x.shape == (256, 64)]
+    assert moments and all(not x.sharding.is_fully_replicated for x in moments)
+
+
+def matrix_view(name: str, value: np.ndarray) -> np.ndarray:
+    """[layers, reduction, output] as Muon sees a q/k/v, o or MLP parameter."""
+    n_out = 2 if name in ("q", "k", "v") else 1
+    n_in = 2 if name == "o" else 1
+    shape = value.shape[value.ndim - n_in - n_out :]
+    rows = int(np.prod(shape[:n_in]))
+    return value.reshape(-1, rows, int(np.prod(shape[n_in:])))
+
+
+def spread_gradient(name: str, shape: tuple, rng: np.random.Generator) -> np.ndarray:
+    """A gradient whose Muon matrices have singular values spread over [0.5, 2]."""
+    if name not in optim.MUON_AXES:
+        return rng.normal(size=shape).astype(np.float32)
+    out = np.empty_like(matrix_view(name, np.zeros(shape, np.float32)))
+    for i in range(out.shape[0]):
+        left, _ = np.linalg.qr(rng.normal(size=(out.shape[1], min(out.shape[1:]))))
+        right, _ = np.linalg.qr(rng.normal(size=(out.shape[2], min(out.shape[1:]))))
+        out[i] = left @ np.diag(rng.uniform(0.5, 2.0, min(out.shape[1:]))) @ right.T
+    return out.reshape(shape)
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_muon_orthogonalizes_the_matrices_and_leaves_the_rest_to_adamw(scan_layers):
+    """First Muon step, against numpy's SVD: each attention / MLP matrix (reduction axes x
+    output axes, per layer) moves along -U V^T of its gradient, the 4x spread of the
+    gradient's singular values flattened; the embedding and norm scales get the first
+    step of a Nesterov AdamW: bias-corrected m = g (1 + 2 b1) / (1 + b1), v = g^2."""
+    lr = 1e-2
+    model = Transformer(TINY.replace(scan_layers=scan_layers))
+    params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))["params"]
+    rng = np.random.default_rng(0)
+    grads = jax.tree_util.tree_map_with_path(
+        lambda path, p: spread_gradient(path[-1].key, p.shape, rng), params
+    )
+    tx, _ = make_optimizer("muon", lr=lr, total_steps=10, weight_decay=0.0, clip_norm=0.0)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    flat_grads = dict(jax.tree_util.tree_leaves_with_path(grads))
+    checked = 0
+    for path, update in jax.tree_util.tree_leaves_with_path(updates):
+        name, grad = path[-1].key, flat_grads[path]
+        if name not in optim.MUON_AXES:
+            assert name in ("embedding", "scale"), name
+            nesterov = (1 + 2 * 0.9) / (1 + 0.9)
+            np.testing.assert_allclose(update, -lr * nesterov * np.sign(grad), rtol=1e-3)
+            continue
+        views = matrix_view(name, grad), matrix_view(name, np.asarray(update))
+        for g, u in zip(*views, strict=True):
+            left, _, right = np.linalg.svd(g, full_matrices=False)
+            polar = left @ right
+            cosine = np.sum(-u * polar) / (np.linalg.norm(u) * np.linalg.norm(polar))
+            singular = np.linalg.svd(u, compute_uv=False)
+            assert cosine > 0.97, (name, cosine)
+            assert singular.max() / singular.min() < 2.0, (name, singular)
+            checked += 1
+    assert checked == TINY.num_layers * 7
 
 
 def test_tiny_model_overfits_one_batch():

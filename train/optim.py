@@ -1,5 +1,5 @@
-"""The one optimizer factory: AdamW / Lion / Adafactor, LR schedules, clipping, decay mask,
-and gradient accumulation over microbatches.
+"""The one optimizer factory: AdamW / Lion / Adafactor / Muon, LR schedules, clipping, decay
+mask, and gradient accumulation over microbatches.
 
 Weight decay applies to matrices (kernels, embeddings) and never to norm scales or biases;
 the mask goes by parameter name because scanned layers make norm scales 2-D.
@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-OPTIMIZERS = ("adamw", "lion", "adafactor")
+OPTIMIZERS = ("adamw", "lion", "adafactor", "muon")
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
 NO_DECAY_NAMES = ("scale", "bias", "scalar_bias")
 
@@ -75,6 +75,34 @@ def decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(keep, params)
 
 
+# Muon's matrices, by parameter name: (reduction axes, output axes) counted from the last
+# axis, so a leading layer axis (scanned layers) is a batch axis orthogonalized per layer.
+MUON_AXES = {
+    "q": ((-3,), (-2, -1)),  # [D, heads, head_dim]
+    "k": ((-3,), (-2, -1)),
+    "v": ((-3,), (-2, -1)),
+    "o": ((-3, -2), (-1,)),  # [heads, head_dim, D]
+    "gate": ((-2,), (-1,)),  # [D, F]
+    "up": ((-2,), (-1,)),
+    "down": ((-2,), (-1,)),  # [F, D]
+}
+
+
+def muon_dimension_numbers(params: Any) -> Any:
+    """Muon orthogonalizes the attention and MLP matrices; the embedding, the LM and scalar
+    heads and the norm scales (None) go to its AdamW."""
+
+    def spec(path: tuple, param: Any) -> Any:
+        last = path[-1]
+        axes = MUON_AXES.get(getattr(last, "key", getattr(last, "name", None)))
+        if axes is None:
+            return None
+        reduction, output = (tuple(param.ndim + a for a in group) for group in axes)
+        return optax.contrib.MuonDimensionNumbers(reduction, output)
+
+    return jax.tree_util.tree_map_with_path(spec, params)
+
+
 def make_optimizer(
     name: str = "adamw",
     lr: float = 3e-4,
@@ -99,6 +127,20 @@ def make_optimizer(
         core = optax.adamw(lr_fn, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask)
     elif name == "lion":
         core = optax.lion(lr_fn, b1=b1, b2=b2, weight_decay=weight_decay, mask=decay_mask)
+    elif name == "muon":
+        # consistent_rms 0.2 scales each orthogonalized update to AdamW's typical RMS, so one
+        # `optim.lr` (and schedule) serves the Muon matrices and the AdamW rest alike.
+        # Weight decay applies to the Muon matrices; the AdamW rest (embedding, norms) has none.
+        core = optax.contrib.muon(
+            lr_fn,
+            beta=b1,
+            weight_decay=weight_decay,
+            adam_b1=b1,
+            adam_b2=b2,
+            eps=eps,
+            muon_weight_dimension_numbers=muon_dimension_numbers,
+            consistent_rms=0.2,
+        )
     else:
         core = optax.adafactor(
             lr_fn,

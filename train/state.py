@@ -59,6 +59,41 @@ def abstract_sharded_params(model: nn.Module, mesh: Mesh, rules: sh.Rules) -> An
     )
 
 
+def _key_names(path: tuple) -> tuple[str, ...]:
+    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def opt_state_shardings(
+    abstract_opt: Any, abstract_params: Any, params_sh: Any, replicated: NamedSharding
+) -> Any:
+    """A shardings tree for the optimizer state.
+
+    A state leaf takes its parameter's sharding when its path ends with that parameter's
+    path and it has the parameter's shape (moments, momenta); anything else is replicated
+    (counts, Adafactor's factored stats). Matching by path rather than by tree structure
+    lets masked states through (Muon keeps its momentum for matrices only, with
+    `MaskedNode` where the other parameters would be).
+    """
+    by_path = {
+        _key_names(path): (param.shape, sharding)
+        for (path, param), sharding in zip(
+            jax.tree_util.tree_leaves_with_path(abstract_params),
+            jax.tree.leaves(params_sh, is_leaf=lambda x: isinstance(x, NamedSharding)),
+            strict=True,
+        )
+    }
+
+    def pick(path: tuple, leaf: Any) -> NamedSharding:
+        names = _key_names(path)
+        for start in range(len(names)):
+            shape, sharding = by_path.get(names[start:], (None, None))
+            if sharding is not None:
+                return sharding if shape == leaf.shape else replicated
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(pick, abstract_opt)
+
+
 def state_shardings(
     model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, rules: sh.Rules
 ) -> tuple[TrainState, TrainState]:
@@ -69,17 +104,7 @@ def state_shardings(
     abstract_params = nn.unbox(jax.eval_shape(init_params_fn(model, tokens), jax.random.key(0)))
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
     replicated = sh.replicated(mesh)
-    # A moment takes its parameter's sharding only when it has the parameter's shape
-    # (Adafactor keeps param-structured trees of factored, differently shaped stats).
-    opt_sh = optax.tree_map_params(
-        tx,
-        lambda leaf, sharding, param: sharding if leaf.shape == param.shape else replicated,
-        abstract_opt,
-        params_sh,
-        abstract_params,
-        transform_non_params=lambda _: replicated,
-        is_leaf=lambda x: isinstance(x, NamedSharding),
-    )
+    opt_sh = opt_state_shardings(abstract_opt, abstract_params, params_sh, replicated)
     abstract = TrainState(
         step=jax.ShapeDtypeStruct((), jnp.int32),
         params=abstract_params,
