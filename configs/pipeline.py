@@ -8,8 +8,9 @@ data → reward model → PPO (→ DPO, GRPO) → report.
     flaxlm pipeline --config configs/pipeline.py:demo --workdir /tmp/dpo \\
         --config.stages=data,tokenizer,pretrain,sft,rm_data,reward,ppo,dpo,grpo,report
 
-`task` is a shipped task (`addition`, `sort`) or any importable `module:Class` with the
-interface of rlhf/tasks.py; every stage follows it. Each training stage's section is that
+`task` is a shipped task (`uppercase`, `next_letter`, `addition`, `sort`; docs/rlhf.md
+gives the steps each needs) or any importable `module:Class` with the interface of
+rlhf/tasks.py; every stage follows it. Each training stage's section is that
 stage's whole config (configs/<stage>.py), so any of its keys can be overridden through
 the pipeline: `--config.ppo.kl.beta=0.2`, `--config.pretrain.total_steps=500`. The
 pipeline fills in what links the stages (data paths, `init_from`, `reward_from`, `task`,
