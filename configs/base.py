@@ -45,6 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
             "b2": 0.95,
             "eps": 1e-8,
             "clip_norm": 1.0,
+            "ns_steps": 5,  # muon: Newton-Schulz iterations per orthogonalization
         }
     )
     # mesh.preset: a slice name from configs/meshes.py (v5e-16, 8xH100, ...) that sets the four

@@ -119,6 +119,18 @@ def test_changed_config_of_a_finished_stage_is_refused(finished: pathlib.Path, c
     assert (finished / pipeline.STATE_FILE).read_text() == state
 
 
+def test_a_key_added_after_the_run_is_not_a_change():
+    current = {"seed": 0, "pretrain": {"optim": {"lr": 1e-3, "ns_steps": 5}}}
+    recorded = {"seed": 0, "pretrain": {"optim": {"lr": 1e-3}}}  # from before ns_steps
+    assert pipeline.changed_keys(pipeline.with_added_keys(recorded, current), current) == []
+    current["pretrain"]["optim"]["ns_steps"] = 3  # not the old behaviour: a change
+    filled = pipeline.with_added_keys(recorded, current)
+    assert pipeline.changed_keys(filled, current) == ["pretrain.optim.ns_steps"]
+    assert "ns_steps" not in recorded["pretrain"]["optim"]  # the record is not modified
+    current["pretrain"]["optim"]["new_key"] = 1  # unknown additions are still changes
+    assert "pretrain.optim.new_key" in pipeline.changed_keys(filled, current)
+
+
 def test_from_stage_moves_old_outputs_aside(finished: pathlib.Path):
     old = (finished / "tokenizer" / "tokenizer.model").read_bytes()
     assert run_pipeline(finished, "--stages", "tokenizer", "--from-stage", "tokenizer") == 0

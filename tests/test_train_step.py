@@ -330,6 +330,7 @@ def test_weight_decay_skips_norms_and_biases():
         ({"lr": -1.0}, "optim.lr"),
         ({"schedule": "step"}, "optim.schedule"),
         ({"warmup_steps": 5000}, "optim.warmup_steps"),
+        ({"name": "muon", "ns_steps": 0}, "optim.ns_steps"),
     ],
 )
 def test_bad_optimizer_settings_name_the_key(kwargs, key):

@@ -116,12 +116,16 @@ def make_optimizer(
     b2: float = 0.95,
     eps: float = 1e-8,
     clip_norm: float = 1.0,
+    ns_steps: int = 5,
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """Build (optimizer, lr schedule). clip_norm <= 0 disables global-norm clipping."""
+    """Build (optimizer, lr schedule). clip_norm <= 0 disables global-norm clipping;
+    ns_steps is Muon's number of Newton-Schulz iterations (ignored by the others)."""
     if name not in OPTIMIZERS:
         raise ValueError(f"optim.name={name!r}: unknown; choose from {OPTIMIZERS}")
     if weight_decay < 0:
         raise ValueError(f"optim.weight_decay={weight_decay}: must be >= 0")
+    if ns_steps < 1:
+        raise ValueError(f"optim.ns_steps={ns_steps}: must be >= 1")
     lr_fn = make_schedule(schedule, lr, total_steps, warmup_steps, min_lr_ratio, decay_fraction)
     if name == "adamw":
         core = optax.adamw(lr_fn, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask)
@@ -140,6 +144,7 @@ def make_optimizer(
             eps=eps,
             muon_weight_dimension_numbers=muon_dimension_numbers,
             consistent_rms=0.2,
+            ns_steps=ns_steps,
         )
     else:
         core = optax.adafactor(
@@ -157,7 +162,7 @@ def optimizer_from_config(config: Any) -> tuple[optax.GradientTransformation, op
     o = config.optim
     return make_optimizer(
         o.name, o.lr, o.schedule, config.total_steps, o.warmup_steps, o.min_lr_ratio,
-        o.decay_fraction, o.weight_decay, o.b1, o.b2, o.eps, o.clip_norm,
+        o.decay_fraction, o.weight_decay, o.b1, o.b2, o.eps, o.clip_norm, o.ns_steps,
     )  # fmt: skip
 
 

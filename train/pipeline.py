@@ -92,6 +92,29 @@ def stage_fingerprint(config: ml_collections.ConfigDict, stage: str) -> dict[str
     return {k: (config[k].to_dict() if hasattr(config[k], "to_dict") else config[k]) for k in keys}
 
 
+# Stage-config keys added after pipelines may have recorded their fingerprints, each with
+# the value that reproduces the behaviour from before it existed. A recorded fingerprint
+# lacking one is read as having that value, so upgrading flaxlm does not refuse a
+# finished stage over a setting it never had.
+ADDED_KEYS = {"optim.ns_steps": 5}
+
+
+def with_added_keys(recorded: Any, current: Any, prefix: str = "") -> Any:
+    """`recorded` with each ADDED_KEYS key it lacks (but `current` has) filled in."""
+    if not (isinstance(recorded, dict) and isinstance(current, dict)):
+        return recorded
+    out = dict(recorded)
+    for key, value in current.items():
+        dotted = f"{prefix}{key}"
+        if key in recorded:
+            out[key] = with_added_keys(recorded[key], value, dotted + ".")
+        else:
+            added = [v for k, v in ADDED_KEYS.items() if dotted == k or dotted.endswith("." + k)]
+            if added:
+                out[key] = added[0]
+    return out
+
+
 def changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
     """Dotted keys whose values differ between two nested dicts."""
     if isinstance(old, dict) and isinstance(new, dict):
@@ -130,8 +153,9 @@ def plan(
     to_run = [s for s in selected if s not in done or s == "report"]
     for stage in selected:
         if stage in done and stage != "report":
-            recorded = state["stages"][stage].get("config")
-            diff = changed_keys(recorded, stage_fingerprint(config, stage))
+            current = stage_fingerprint(config, stage)
+            recorded = with_added_keys(state["stages"][stage].get("config"), current)
+            diff = changed_keys(recorded, current)
             if diff:
                 raise PipelineError(
                     f"stage {stage} finished with another config ({', '.join(diff[:5])} "
