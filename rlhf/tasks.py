@@ -225,24 +225,15 @@ class SortLetters:
         return _corpus(self, rng, n_docs, self.lines_per_doc, " -> ")
 
 
-# ----------------------------------------------------------------------------- uppercase
+# ----------------------------------------------------------------------------- word tasks
 
 
-class Uppercase:
-    """Prompt "shout abcde" -> "ABCDE"; half the time the teacher leaves the last letter small.
+class _WordTask:
+    """Prompt "<verb> <letters>" -> a per-letter answer; the teacher gives `right(word)`
+    with probability p_correct, else `mistake(word)`. Subclasses set `verb` and define
+    `right`, `mistake` and `score`."""
 
-    The easiest of the shipped tasks for a small model (a per-character mapping, no arithmetic or
-    comparison), so it is the pipeline demo's task: SFT learns the format within minutes
-    on a CPU and what is left is exactly the teacher's habit, which only the preference
-    signal can remove. Prompts: "shout " + `min_len`..`max_len` lowercase letters. The
-    default fixes the length at 5: every answer letter then sits at the same distance
-    from its source letter, which one attention head learns quickly, where variable
-    lengths need an induction circuit a 3-layer char model did not form in 600 steps.
-    Mistake: every letter uppercased but the last ("ABCDe").
-    Oracle: the response (surrounding whitespace ignored) must be the prompt's letters in
-    order, in any case, else 0 (repeating, padding, dropping or changing letters earn
-    nothing). 1 when all are uppercase; otherwise ½ · the fraction of uppercase letters.
-    """
+    verb = ""
 
     def __init__(
         self, min_len: int = 5, max_len: int = 5, p_correct: float = 0.5, lines_per_doc: int = 8
@@ -253,26 +244,54 @@ class Uppercase:
         self.min_len, self.max_len = min_len, max_len
         self.p_correct, self.lines_per_doc = p_correct, lines_per_doc
 
-    @staticmethod
-    def parse(prompt: str) -> str:
-        match = re.fullmatch(r"shout ([a-z]+)", prompt.strip())
+    def parse(self, prompt: str) -> str:
+        match = re.fullmatch(rf"{self.verb} ([a-z]+)", prompt.strip())
         if match is None:
-            raise ValueError(f"Uppercase: prompt {prompt!r} is not 'shout <letters>'")
+            name = type(self).__name__
+            raise ValueError(f"{name}: prompt {prompt!r} is not '{self.verb} <letters>'")
         return match.group(1)
+
+    def prompts(self, rng: np.random.Generator, n: int) -> list[str]:
+        letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+        sizes = rng.integers(self.min_len, self.max_len + 1, size=n)
+        return [f"{self.verb} " + "".join(rng.choice(letters, size=int(k))) for k in sizes]
+
+    def demonstration(self, prompt: str, rng: np.random.Generator) -> str:
+        word = self.parse(prompt)
+        return self.right(word) if rng.random() < self.p_correct else self.mistake(word)
+
+    def pretraining_corpus(self, rng: np.random.Generator, n_docs: int) -> list[str]:
+        return _corpus(self, rng, n_docs, self.lines_per_doc, " -> ")
+
+
+class Uppercase(_WordTask):
+    """Prompt "shout abcde" -> "ABCDE"; half the time the teacher leaves the last letter small.
+
+    The easiest of the shipped tasks for a small model (a per-character mapping, no
+    arithmetic or comparison), so it is the pipeline demo's task: SFT learns the format
+    within minutes on a CPU and what is left is exactly the teacher's habit, which only
+    the preference signal can remove. Prompts: "shout " + `min_len`..`max_len` lowercase
+    letters. The default fixes the length at 5: every answer letter then sits at the same
+    distance from its source letter, which one attention head learns quickly, where
+    variable lengths need an induction circuit a 3-layer char model did not form in 600
+    steps. Mistake: every letter uppercased but the last ("ABCDe").
+    Oracle: the response (surrounding whitespace ignored) must be the prompt's letters in
+    order, in any case, else 0 (repeating, padding, dropping or changing letters earn
+    nothing). 1 when all are uppercase; otherwise ½ · the fraction of uppercase letters.
+    """
+
+    verb = "shout"
+
+    @staticmethod
+    def right(word: str) -> str:
+        return word.upper()
 
     @staticmethod
     def last_left_small(word: str) -> str:
         """The teacher's systematic mistake."""
         return word[:-1].upper() + word[-1]
 
-    def prompts(self, rng: np.random.Generator, n: int) -> list[str]:
-        letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
-        sizes = rng.integers(self.min_len, self.max_len + 1, size=n)
-        return ["shout " + "".join(rng.choice(letters, size=int(k))) for k in sizes]
-
-    def demonstration(self, prompt: str, rng: np.random.Generator) -> str:
-        word = self.parse(prompt)
-        return word.upper() if rng.random() < self.p_correct else self.last_left_small(word)
+    mistake = last_left_small
 
     def score(self, prompt: str, response: str) -> float:
         word, given = self.parse(prompt), response.strip()
@@ -282,18 +301,12 @@ class Uppercase:
             return 1.0
         return 0.5 * sum(c.isupper() for c in given) / len(given)
 
-    def pretraining_corpus(self, rng: np.random.Generator, n_docs: int) -> list[str]:
-        return _corpus(self, rng, n_docs, self.lines_per_doc, " -> ")
-
-
-# ----------------------------------------------------------------------------- next letter
-
 
 def _shift(letter: str) -> str:
     return chr((ord(letter) - ord("a") + 1) % 26 + ord("a"))
 
 
-class NextLetter:
+class NextLetter(_WordTask):
     """Prompt "next abcde" -> "bcdef" (z wraps to a); half the time the teacher copies the
     last letter instead of shifting it.
 
@@ -308,39 +321,20 @@ class NextLetter:
     1 when every letter is the next one; otherwise ½ · the fraction of letters that are.
     """
 
-    def __init__(
-        self, min_len: int = 5, max_len: int = 5, p_correct: float = 0.5, lines_per_doc: int = 8
-    ):
-        if not 2 <= min_len <= max_len:
-            raise ValueError(f"min_len={min_len}, max_len={max_len}: need 2 <= min <= max")
-        _check_p(p_correct)
-        self.min_len, self.max_len = min_len, max_len
-        self.p_correct, self.lines_per_doc = p_correct, lines_per_doc
-
-    @staticmethod
-    def parse(prompt: str) -> str:
-        match = re.fullmatch(r"next ([a-z]+)", prompt.strip())
-        if match is None:
-            raise ValueError(f"NextLetter: prompt {prompt!r} is not 'next <letters>'")
-        return match.group(1)
+    verb = "next"
 
     @staticmethod
     def shifted(word: str) -> str:
         return "".join(_shift(c) for c in word)
+
+    right = shifted
 
     @staticmethod
     def last_copied(word: str) -> str:
         """The teacher's systematic mistake."""
         return NextLetter.shifted(word[:-1]) + word[-1]
 
-    def prompts(self, rng: np.random.Generator, n: int) -> list[str]:
-        letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
-        sizes = rng.integers(self.min_len, self.max_len + 1, size=n)
-        return ["next " + "".join(rng.choice(letters, size=int(k))) for k in sizes]
-
-    def demonstration(self, prompt: str, rng: np.random.Generator) -> str:
-        word = self.parse(prompt)
-        return self.shifted(word) if rng.random() < self.p_correct else self.last_copied(word)
+    mistake = last_copied
 
     def score(self, prompt: str, response: str) -> float:
         answer, given = self.shifted(self.parse(prompt)), response.strip()
@@ -349,9 +343,6 @@ class NextLetter:
         if given == answer:
             return 1.0
         return 0.5 * sum(x == y for x, y in zip(given, answer, strict=True)) / len(answer)
-
-    def pretraining_corpus(self, rng: np.random.Generator, n_docs: int) -> list[str]:
-        return _corpus(self, rng, n_docs, self.lines_per_doc, " -> ")
 
 
 TASKS = {
