@@ -1,11 +1,14 @@
 """Training throughput and MFU of a small char-level model, against this machine's peak.
 
     python benchmarks/pretrain_throughput.py [--steps 60 --repeats 3 --unrolled]
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 \\
+        python benchmarks/pretrain_throughput.py --unrolled --data 2
 
 Shape: 4 layers, 4 heads, d_model 128, context 64, batch 12, char-level vocabulary
 (the shakespeare_char tokenizer: its pieces padded to a multiple of 128). The peak is the
 median fp32 matmul FLOP/s measured in the same run. Prints compile time, step time,
-tokens/s, MFU and peak host memory.
+tokens/s, MFU and peak host memory. `--data N` splits the batch over N host devices
+(data parallel; XLA_FLAGS must provide them), one per core.
 """
 
 from __future__ import annotations
@@ -46,9 +49,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--unrolled", action="store_true", help="scan_layers=False")
+    parser.add_argument("--data", type=int, default=1, help="data-parallel host devices")
     args = parser.parse_args()
+    if args.data > len(jax.devices()):
+        parser.error(
+            f"--data {args.data}: only {len(jax.devices())} device(s); set "
+            f"XLA_FLAGS=--xla_force_host_platform_device_count={args.data}"
+        )
     shape = SHAPE.replace(scan_layers=not args.unrolled)
-    mesh = sh.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    mesh = sh.make_mesh(args.data, 1, 1, devices=jax.devices()[: args.data])
     rules = sh.get_rules("dp")
     model = Transformer(shape)
     tx, lr_fn = make_optimizer(lr=1e-3, total_steps=10_000, warmup_steps=10)
@@ -78,6 +87,7 @@ def main() -> None:
     print(
         f"jax {jax.__version__} on {jax.devices()[0].device_kind}; "
         f"{param_count(shape) / 1e6:.2f}M params, scan_layers={shape.scan_layers}, "
+        f"data-parallel devices {args.data}, "
         f"{fpt / 1e6:.2f} MFLOP/token"
     )
     print(f"peak fp32 matmul: {peak / 1e9:.1f} GFLOP/s (median of {args.repeats})")
