@@ -64,13 +64,16 @@ def make_schedule(
     return optax.join_schedules([warmup, after], [warmup_steps])
 
 
+def key_name(key: Any) -> str:
+    """A pytree path entry's name: a dict key, an attribute name or a sequence index."""
+    return str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key))))
+
+
 def decay_mask(params: Any) -> Any:
     """True for parameters that get weight decay (matrices), False for norms and biases."""
 
     def keep(path: tuple, _: Any) -> bool:
-        last = path[-1]
-        name = getattr(last, "key", getattr(last, "name", str(last)))
-        return name not in NO_DECAY_NAMES
+        return key_name(path[-1]) not in NO_DECAY_NAMES
 
     return jax.tree_util.tree_map_with_path(keep, params)
 
@@ -93,8 +96,7 @@ def muon_dimension_numbers(params: Any) -> Any:
     heads and the norm scales (None) go to its AdamW."""
 
     def spec(path: tuple, param: Any) -> Any:
-        last = path[-1]
-        axes = MUON_AXES.get(getattr(last, "key", getattr(last, "name", None)))
+        axes = MUON_AXES.get(key_name(path[-1]))
         if axes is None:
             return None
         reduction, output = (tuple(param.ndim + a for a in group) for group in axes)

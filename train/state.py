@@ -18,6 +18,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding
 
 from model import sharding as sh
+from train.optim import key_name
 
 
 class TrainState(struct.PyTreeNode):
@@ -59,10 +60,6 @@ def abstract_sharded_params(model: nn.Module, mesh: Mesh, rules: sh.Rules) -> An
     )
 
 
-def _key_names(path: tuple) -> tuple[str, ...]:
-    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-
-
 def opt_state_shardings(
     abstract_opt: Any, abstract_params: Any, params_sh: Any, replicated: NamedSharding
 ) -> Any:
@@ -75,7 +72,7 @@ def opt_state_shardings(
     `MaskedNode` where the other parameters would be).
     """
     by_path = {
-        _key_names(path): (param.shape, sharding)
+        tuple(map(key_name, path)): (param.shape, sharding)
         for (path, param), sharding in zip(
             jax.tree_util.tree_leaves_with_path(abstract_params),
             jax.tree.leaves(params_sh, is_leaf=lambda x: isinstance(x, NamedSharding)),
@@ -84,7 +81,7 @@ def opt_state_shardings(
     }
 
     def pick(path: tuple, leaf: Any) -> NamedSharding:
-        names = _key_names(path)
+        names = tuple(map(key_name, path))
         for start in range(len(names)):
             shape, sharding = by_path.get(names[start:], (None, None))
             if sharding is not None:
