@@ -17,12 +17,25 @@ from flax import linen as nn
 
 from model import sharding as sh
 from model.config import ModelConfig
-from model.layers import MLP, NORMS, Attention, attention_mask, param_init
+from model.layers import (
+    MLP,
+    NORMS,
+    PROJECTION,
+    Attention,
+    attention_mask,
+    param_init,
+    project,
+)
 
+_policies = jax.checkpoint_policies
+_projections = _policies.save_only_these_names(PROJECTION)
+# The weight projections are dots without batch dims, run through project().
 REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the whole block
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots_saveable": _policies.save_from_both_policies(_policies.dots_saveable, _projections),
+    "dots_with_no_batch_dims_saveable": _policies.save_from_both_policies(
+        _policies.dots_with_no_batch_dims_saveable, _projections
+    ),
 }
 
 
@@ -174,9 +187,7 @@ class Transformer(nn.Module):
                     (cfg.d_model, cfg.vocab_size),
                     pdtype,
                 )
-            logits = jnp.einsum(
-                "BTD,DV->BTV", hidden, head.astype(dtype), preferred_element_type=jnp.float32
-            )
+            logits = project("BTD,DV->BTV", hidden, head.astype(dtype), jnp.float32)
             logits = nn.with_logical_constraint(logits, (sh.ACT_BATCH, sh.ACT_LENGTH, sh.ACT_VOCAB))
         if self.scalar_head:
             # Small init (std 1/sqrt(D+1)) so initial rewards/values are O(1).

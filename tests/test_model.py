@@ -8,7 +8,7 @@ from flax import linen as nn
 
 from model import hf
 from model.config import PRESETS, ModelConfig, flops_per_token, get_preset, param_count
-from model.layers import Attention, LayerNorm, apply_rope
+from model.layers import Attention, LayerNorm, apply_rope, project
 from model.transformer import Transformer, unstack_layers
 from tests import reference
 
@@ -142,6 +142,24 @@ def test_remat_changes_no_gradient(policy, scan):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
 
 
+
+def test_dots_saveable_recomputes_no_matmul():
+    """The projections run in a custom_vjp, out of sight of the dot policies: they must
+    still be saved, so the backward holds exactly the matmuls it holds without remat."""
+    tokens = jnp.asarray(np.random.default_rng(6).integers(0, 256, (2, 12)))
+
+    def matmuls_in_grad(policy):
+        cfg = TINY.replace(scan_layers=False, remat_policy=policy)
+        model, params = init(cfg, seed=6)
+        loss = lambda p: jnp.mean(model.apply({"params": p}, tokens).logits ** 2)  # noqa: E731
+        return str(jax.make_jaxpr(jax.grad(loss))(params)).count("dot_general")
+
+    plain = matmuls_in_grad("none")
+    assert matmuls_in_grad("dots_saveable") == plain
+    # Attention's two batched dots per layer are recomputed; the projections are not.
+    assert matmuls_in_grad("dots_with_no_batch_dims_saveable") == plain + 2 * TINY.num_layers
+    assert matmuls_in_grad("full") > plain + 2 * TINY.num_layers
+
 def test_scalar_head_small_init_and_shape():
     model, params = init(TINY, lm_head=False, scalar_head=True)
     assert "scalar_head" in params and "lm_head" not in params
@@ -270,3 +288,40 @@ def test_param_count_matches_for_norm_and_position(norm, position, tie):
 def test_hf_export_refuses_layernorm_and_non_rope(change, key):
     with pytest.raises(hf.UnsupportedConfigError, match=f"model.{key}="):
         hf.config_to_hf(TINY.replace(**change))
+
+
+@pytest.mark.parametrize(
+    "spec, x_shape, w_shape, dtype, out_dtype",
+    [
+        ("BTD,DF->BTF", (2, 5, 4), (4, 12), jnp.float32, None),  # x narrower than out
+        ("BTF,FD->BTD", (2, 5, 12), (12, 4), jnp.float32, None),  # out narrower: barrier path
+        ("BTD,DNH->BTNH", (2, 5, 6), (6, 3, 4), jnp.float32, None),
+        ("BTNH,NHD->BTD", (2, 5, 3, 4), (3, 4, 6), jnp.float32, None),
+        ("BTD,DV->BTV", (2, 5, 4), (4, 9), jnp.bfloat16, jnp.float32),  # the lm head
+    ],
+)
+def test_project_gradients_match_numpy(spec, x_shape, w_shape, dtype, out_dtype):
+    """project's hand-written backward against numpy: dx = g·wᵀ, dw = xᵀ·g over tokens."""
+    rng = np.random.default_rng(0)
+    x, w = rng.normal(size=x_shape), rng.normal(size=w_shape)
+    out_shape = np.einsum(spec, x, w).shape
+    cotangent = rng.normal(size=out_shape)
+    x_axes, rest = spec.split(",")
+    w_axes, out_axes = rest.split("->")
+
+    def loss(x, w):
+        y = project(spec, x, w, out_dtype)
+        return jnp.sum(y.astype(jnp.float32) * cotangent)
+
+    dx, dw = jax.grad(loss, argnums=(0, 1))(jnp.asarray(x, dtype), jnp.asarray(w, dtype))
+    assert dx.dtype == dtype and dw.dtype == dtype
+    x, w = (np.asarray(jnp.asarray(a, dtype).astype(jnp.float32)) for a in (x, w))
+    tol = 1e-5 if dtype == jnp.float32 else 3e-2
+    np.testing.assert_allclose(
+        dx.astype(np.float32), np.einsum(f"{out_axes},{w_axes}->{x_axes}", cotangent, w),
+        rtol=tol, atol=tol * 4,
+    )
+    np.testing.assert_allclose(
+        dw.astype(np.float32), np.einsum(f"{x_axes},{out_axes}->{w_axes}", x, cotangent),
+        rtol=tol, atol=tol * 4,
+    )
