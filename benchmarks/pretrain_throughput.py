@@ -3,12 +3,14 @@
     python benchmarks/pretrain_throughput.py [--steps 60 --repeats 3 --unrolled]
     XLA_FLAGS=--xla_force_host_platform_device_count=2 \\
         python benchmarks/pretrain_throughput.py --unrolled --data 2
+    python benchmarks/pretrain_throughput.py --unrolled --cores-as-devices 2
 
 Shape: 4 layers, 4 heads, d_model 128, context 64, batch 12, char-level vocabulary
 (the shakespeare_char tokenizer: its pieces padded to a multiple of 128). The peak is the
 median fp32 matmul FLOP/s measured in the same run. Prints compile time, step time,
 tokens/s, MFU and peak host memory. `--data N` splits the batch over N host devices
-(data parallel; XLA_FLAGS must provide them), one per core.
+(data parallel; XLA_FLAGS must provide them). `--cores-as-devices N` makes N host devices
+that each run on one thread (train/cpu.py) and splits the batch over them.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import numpy as np
 from model import sharding as sh
 from model.config import ModelConfig, flops_per_token, param_count
 from model.transformer import Transformer
+from train import cpu
 from train.metrics import measure_matmul_flops
 from train.optim import make_optimizer
 from train.state import create_train_state
@@ -50,7 +53,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--unrolled", action="store_true", help="scan_layers=False")
     parser.add_argument("--data", type=int, default=1, help="data-parallel host devices")
+    parser.add_argument(
+        "--cores-as-devices", type=int, default=0, help="N single-threaded devices, data parallel"
+    )
     args = parser.parse_args()
+    if args.cores_as_devices:
+        cpu.cores_as_devices(args.cores_as_devices)
+        args.data = args.cores_as_devices
     if args.data > len(jax.devices()):
         parser.error(
             f"--data {args.data}: only {len(jax.devices())} device(s); set "
@@ -70,6 +79,7 @@ def main() -> None:
         "targets": jnp.asarray(tokens[:, 1:], jnp.int32),
         "loss_mask": jnp.ones((BATCH, SEQ), jnp.float32),
     }
+    sync = cpu.sync_every_step()
     start = time.perf_counter()
     state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
@@ -80,6 +90,8 @@ def main() -> None:
         start = time.perf_counter()
         for _ in range(args.steps):
             state, metrics = step(state, batch)
+            if sync:  # several CPU devices: a deep queue can hang XLA (train/cpu.py)
+                jax.block_until_ready(metrics)
         jax.block_until_ready(metrics)
         rates.append(args.steps * BATCH * SEQ / (time.perf_counter() - start))
     peak, rate = statistics.median(peaks), statistics.median(rates)

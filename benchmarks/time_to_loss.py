@@ -1,11 +1,13 @@
 """Training wall time until the validation loss reaches a target (default 1.88 nats/char).
 
     python benchmarks/time_to_loss.py --config configs/pretrain.py:shakespeare_char \\
-        [--target 1.88 --eval-every 100 --config.KEY=VALUE ...]
+        [--target 1.88 --eval-every 100 --cores-as-devices N --config.KEY=VALUE ...]
 
 Validation is the whole tiny_shakespeare validation+test split (the last 10% of the text)
 cut into windows of the context length. The clock counts training only (compile
 included, evaluation excluded) and stops at the first evaluation at or below the target.
+`--cores-as-devices N` trains data parallel over N single-threaded host devices
+(train/cpu.py; sets mesh.data=N).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 import jax
 
 from configs import loader
-from train import pretrain
+from train import cpu, pretrain
 
 
 def main(argv: list[str]) -> int:
@@ -29,7 +31,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--config", default="configs/pretrain.py:shakespeare_char")
     parser.add_argument("--target", type=float, default=1.88)
     parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--cores-as-devices", type=int, default=0)
     args = parser.parse_args(rest)
+    if args.cores_as_devices:
+        cpu.cores_as_devices(args.cores_as_devices)
+        overrides = [*overrides, f"mesh.data={args.cores_as_devices}"]
     config = loader.load(args.config, overrides)
     config.eval.every_steps = 0  # the benchmark evaluates on its own schedule
     config.eval.max_batches = 0  # the whole split
@@ -42,6 +48,7 @@ def main(argv: list[str]) -> int:
     state, step_fn, batches = parts["state"], parts["train_step"], parts["batches"]
     to_device = parts["to_device"]
     trained, compile_s = 0.0, None
+    sync = cpu.sync_every_step()  # several CPU devices: a deep queue can hang XLA
     print(
         f"{config.total_steps} steps max, batch {config.batch_size} x {config.seq_len}, "
         f"model {loader.model_config(config)}"
@@ -49,7 +56,7 @@ def main(argv: list[str]) -> int:
     for step in range(1, config.total_steps + 1):
         start = time.perf_counter()
         state, metrics = step_fn(state, to_device(next(batches)))
-        if step == 1 or step % args.eval_every == 0:
+        if step == 1 or step % args.eval_every == 0 or sync:
             jax.block_until_ready(metrics)
         trained += time.perf_counter() - start
         if step == 1:

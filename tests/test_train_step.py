@@ -356,3 +356,47 @@ def test_skip_nonfinite_keeps_the_state_and_counts():
         np.testing.assert_array_equal(a, np.asarray(b))
     state, metrics = step(state, random_batch(1))
     assert int(metrics["skipped"]) == 0 and int(state.step) == 2
+
+
+CORES_AS_DEVICES_RUN = """
+import json, os, sys
+sys.path.insert(0, os.getcwd())
+from train import cpu
+cpu.cores_as_devices(2)
+import jax
+from tests.test_train_step import run_steps
+_, history = run_steps((2, 1, 1), "dp")
+print(json.dumps({"devices": len(jax.devices()), "flags": os.environ["XLA_FLAGS"],
+                  "loss": [h["loss"] for h in history], "grad_norm": [h["grad_norm"] for h in history]}))
+"""
+
+
+def test_cores_as_devices_trains_like_one_device():
+    """train/cpu.py's single-threaded devices (a fresh process: XLA reads the flags once)
+    train data parallel to the single-device losses; asked too late, it refuses."""
+    import json
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    from train import cpu
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", CORES_AS_DEVICES_RUN],
+        cwd=root,
+        env={**os.environ, "XLA_FLAGS": ""},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["devices"] == 2
+    assert all(flag in got["flags"] for flag in cpu.SINGLE_THREAD_FLAGS)
+    _, ref = single_device_reference()
+    np.testing.assert_allclose(got["loss"], [h["loss"] for h in ref], rtol=1e-5)
+    np.testing.assert_allclose(got["grad_norm"], [h["grad_norm"] for h in ref], rtol=1e-5)
+    with pytest.raises(RuntimeError, match="already started"):
+        cpu.cores_as_devices(2)

@@ -25,6 +25,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
+from train import cpu
 from train.checkpoint import Checkpointer
 from train.metrics import MetricWriter, mfu
 from train.signals import SignalFlag
@@ -104,6 +105,7 @@ def train_loop(
         mininterval=1.0,
     )
     pending: list[tuple[int, dict]] = []  # device metrics not yet fetched
+    sync_each_step = cpu.sync_every_step()
     last_saved = start
     window_start, window_steps = time.perf_counter(), 0
 
@@ -152,6 +154,8 @@ def train_loop(
                 if step == start + 1:  # the first step compiles: keep it out of tokens/s
                     jax.block_until_ready(metrics)
                     window_start, window_steps = time.perf_counter(), 0
+                elif sync_each_step:
+                    jax.block_until_ready(metrics)
                 bar.update(1)
                 if step % s.log_every == 0 or step == s.total_steps:
                     flush(step)
