@@ -4,7 +4,7 @@ On a small model every matmul is small, and splitting each one over the cores (X
 default, one device using them all) wastes much of the machine on synchronisation. Giving
 each core its own device, running its share of the batch on one thread, and averaging the
 gradients (a `mesh.data` axis over the devices) is faster: on the 2-core benchmark shape,
-about 13,000 against 9,500 tokens/s (docs/benchmarks.md). XLA reads these flags when its
+13,335 against 9,605 tokens/s (docs/benchmarks.md). XLA reads these flags when its
 CPU backend starts, so this must run before anything touches a JAX device.
 """
 
