@@ -60,8 +60,8 @@ def _project_bwd(spec, out_dtype, residuals, g):
     x_axes, rest = spec.split(",")
     w_axes, out_axes = rest.split("->")
     dx = jnp.einsum(f"{out_axes},{w_axes}->{x_axes}", g, w).astype(x.dtype)
-    x_width = math.prod(n for a, n in zip(x_axes, x.shape) if a in w_axes)
-    g_width = math.prod(n for a, n in zip(out_axes, g.shape) if a in w_axes)
+    x_width = math.prod(n for a, n in zip(x_axes, x.shape, strict=True) if a in w_axes)
+    g_width = math.prod(n for a, n in zip(out_axes, g.shape, strict=True) if a in w_axes)
     if x_width <= g_width:
         dw = jnp.einsum(f"{x_axes},{out_axes}->{w_axes}", x, g)
     else:

@@ -142,7 +142,6 @@ def test_remat_changes_no_gradient(policy, scan):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
 
 
-
 def test_dots_saveable_recomputes_no_matmul():
     """The projections run in a custom_vjp, out of sight of the dot policies: they must
     still be saved, so the backward holds exactly the matmuls it holds without remat."""
@@ -159,6 +158,7 @@ def test_dots_saveable_recomputes_no_matmul():
     # Attention's two batched dots per layer are recomputed; the projections are not.
     assert matmuls_in_grad("dots_with_no_batch_dims_saveable") == plain + 2 * TINY.num_layers
     assert matmuls_in_grad("full") > plain + 2 * TINY.num_layers
+
 
 def test_scalar_head_small_init_and_shape():
     model, params = init(TINY, lm_head=False, scalar_head=True)
@@ -318,10 +318,14 @@ def test_project_gradients_match_numpy(spec, x_shape, w_shape, dtype, out_dtype)
     x, w = (np.asarray(jnp.asarray(a, dtype).astype(jnp.float32)) for a in (x, w))
     tol = 1e-5 if dtype == jnp.float32 else 3e-2
     np.testing.assert_allclose(
-        dx.astype(np.float32), np.einsum(f"{out_axes},{w_axes}->{x_axes}", cotangent, w),
-        rtol=tol, atol=tol * 4,
+        dx.astype(np.float32),
+        np.einsum(f"{out_axes},{w_axes}->{x_axes}", cotangent, w),
+        rtol=tol,
+        atol=tol * 4,
     )
     np.testing.assert_allclose(
-        dw.astype(np.float32), np.einsum(f"{x_axes},{out_axes}->{w_axes}", x, cotangent),
-        rtol=tol, atol=tol * 4,
+        dw.astype(np.float32),
+        np.einsum(f"{x_axes},{out_axes}->{w_axes}", x, cotangent),
+        rtol=tol,
+        atol=tol * 4,
     )

@@ -1,6 +1,11 @@
 """The sharded train step: mesh invariance, gradient accumulation, determinism, overfitting."""
 
 import functools
+import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +17,7 @@ from flax import linen as nn
 from model import sharding as sh
 from model.config import get_preset
 from model.transformer import Transformer
-from train import losses, optim
+from train import cpu, losses, optim
 from train.optim import make_optimizer
 from train.state import create_train_state
 from train.step import jit_train_step, make_train_step
@@ -367,21 +372,14 @@ import jax
 from tests.test_train_step import run_steps
 _, history = run_steps((2, 1, 1), "dp")
 print(json.dumps({"devices": len(jax.devices()), "flags": os.environ["XLA_FLAGS"],
-                  "loss": [h["loss"] for h in history], "grad_norm": [h["grad_norm"] for h in history]}))
+                  "loss": [h["loss"] for h in history],
+                  "grad_norm": [h["grad_norm"] for h in history]}))
 """
 
 
 def test_cores_as_devices_trains_like_one_device():
     """train/cpu.py's single-threaded devices (a fresh process: XLA reads the flags once)
     train data parallel to the single-device losses; asked too late, it refuses."""
-    import json
-    import os
-    import pathlib
-    import subprocess
-    import sys
-
-    from train import cpu
-
     root = pathlib.Path(__file__).resolve().parents[1]
     done = subprocess.run(
         [sys.executable, "-c", CORES_AS_DEVICES_RUN],

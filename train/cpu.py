@@ -14,7 +14,10 @@ import os
 
 # Eigen's ops on one thread per device; matmuls to Eigen rather than YNNPACK, whose own
 # thread pool would again spread each device's matmul over every core.
-SINGLE_THREAD_FLAGS = ("--xla_cpu_multi_thread_eigen=false", "--xla_cpu_experimental_ynn_fusion_type=")
+SINGLE_THREAD_FLAGS = (
+    "--xla_cpu_multi_thread_eigen=false",
+    "--xla_cpu_experimental_ynn_fusion_type=",
+)
 
 
 def cores_as_devices(n: int) -> None:
