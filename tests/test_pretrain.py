@@ -306,3 +306,15 @@ def test_a_batch_the_mesh_cannot_split_is_refused(tmp_path, data_dir, capfd):
     err = capfd.readouterr().err
     assert "batch_size=12 does not divide over the 8 devices" in err, err[-2000:]
     assert not workdir.exists()
+
+
+def test_cpu_devices_share_the_hosts_measured_peak(monkeypatch):
+    """The test process's 8 CPU devices share one host: MFU is against the host's
+    measured peak, not 8 times it."""
+    from train import metrics
+
+    monkeypatch.setattr(metrics, "measure_matmul_flops", lambda: 8e9)
+    per_device = metrics.peak_flops_per_device()
+    assert jax.device_count() == 8 and per_device == 1e9
+    assert metrics.mfu(1000.0, 2e6, per_device) == pytest.approx(1000.0 * 2e6 / 8e9)
+    assert metrics.peak_flops_per_device(override=5e11) == 5e11

@@ -46,14 +46,19 @@ def measure_matmul_flops(size: int = 1024, repeats: int = 5, dtype: Any = jnp.fl
 
 def peak_flops_per_device(override: float = 0.0) -> float:
     """The configured peak, else the data-sheet figure for the device kind, else measured
-    (CPU and unknown chips): MFU is then relative to what this machine's matmul reaches."""
+    (CPU and unknown chips): MFU is then relative to what this machine's matmul reaches.
+    CPU devices of one host share its cores (train/cpu.py), so each gets its share of the
+    host's measured peak."""
     if override > 0:
         return override
     kind = jax.devices()[0].device_kind
     for name, flops in PEAK_FLOPS_BY_KIND.items():
         if name.lower() in kind.lower():
             return flops
-    return measure_matmul_flops()
+    measured = measure_matmul_flops()
+    if jax.default_backend() == "cpu":
+        return measured / jax.local_device_count()
+    return measured
 
 
 def mfu(tokens_per_sec: float, flops_per_token: float, peak_per_device: float) -> float:
