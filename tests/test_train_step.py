@@ -398,3 +398,41 @@ def test_cores_as_devices_trains_like_one_device():
     np.testing.assert_allclose(got["grad_norm"], [h["grad_norm"] for h in ref], rtol=1e-5)
     with pytest.raises(RuntimeError, match="already started"):
         cpu.cores_as_devices(2)
+
+
+def all_reduces(mesh_shape, strategy, grad_accum_steps=1):
+    """The all-reduce instructions of the compiled step on a mesh of that shape."""
+    mesh = sh.make_mesh(*mesh_shape, devices=jax.devices()[: int(np.prod(mesh_shape))])
+    rules = sh.get_rules(strategy)
+    model = Transformer(TINY)
+    tx, lr_fn = make_optimizer(lr=1e-3, total_steps=100)
+    state, shardings = create_train_state(model, tx, mesh, rules, seed=0)
+    step = jit_train_step(
+        make_train_step(model, tx, lr_fn, grad_accum_steps), shardings, mesh, rules
+    )
+    hlo = step.lower(state, random_batch(0)).compile().as_text()
+    return [line for line in hlo.splitlines() if " all-reduce(" in line]
+
+
+def test_data_parallel_cpu_step_reduces_all_sums_in_one_buffer():
+    """On a CPU mesh that only splits the batch, the loss, token count and every gradient
+    travel in one flat all-reduce; with parameters sharded, XLA's own reductions stay."""
+    n_params = sum(x.size for x in jax.tree.leaves(single_device_reference()[0].params))
+    for accum in (1, 2):
+        (line,) = all_reduces((2, 1, 1), "dp", accum)
+        assert f"f32[{n_params + 2}]" in line.split("all-reduce(")[0], line
+    assert len(all_reduces((1, 2, 1), "fsdp")) > 1
+
+
+@pytest.mark.parametrize("mesh_shape, accum", [((2, 1, 1), 4), ((8, 1, 1), 4)])
+def test_data_parallel_accumulation_equals_one_big_batch(mesh_shape, accum):
+    """Each shard accumulates its own rows (2 x 4 rows into 4 microbatches), or, when its
+    rows do not divide (8 x 1 row), the whole batch is accumulated as on one device."""
+    batches = [random_batch(10 + i) for i in range(2)]
+    big_state, big = run_steps((1, 1, 1), "dp", steps=2, batches=batches)
+    acc_state, acc = run_steps(mesh_shape, "dp", steps=2, batches=batches, grad_accum_steps=accum)
+    for a, b in zip(big, acc, strict=True):
+        np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-5)
+        np.testing.assert_allclose(b["grad_norm"], a["grad_norm"], rtol=1e-5)
+        assert a["num_tokens"] == b["num_tokens"]
+    assert_trees_close(acc_state.params, big_state.params)

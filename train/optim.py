@@ -13,6 +13,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from flax import linen as nn
+from jax.flatten_util import ravel_pytree
+from jax.sharding import PartitionSpec
 
 OPTIMIZERS = ("adamw", "lion", "adafactor", "muon")
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
@@ -179,7 +182,61 @@ def accumulate_gradients(
     grad_fn(params, microbatch, rng) -> ((summed loss, aux), grads of the summed loss).
     Returns (summed loss, summed aux, summed grads): the caller divides by the total token
     count, so the result equals one pass over the whole batch however the tokens fall.
+    Traced on a CPU mesh that only splits the batch, each data shard sums its own rows
+    and one all-reduce adds the shards' sums (`_one_all_reduce_per_step`).
     """
+    width, rows = _cpu_data_parallel_width(), jax.tree.leaves(batch)[0].shape[0]
+    if width > 1 and (rows // width) % num_microbatches == 0:
+        return _one_all_reduce_per_step(grad_fn, params, batch, rng, num_microbatches)
+    return _summed_over_microbatches(grad_fn, params, batch, rng, num_microbatches)
+
+
+def _cpu_data_parallel_width() -> int:
+    """The size of the traced mesh's `data` axis when the mesh is on CPU and splits nothing
+    else (fsdp = tensor = 1, so the parameters are replicated); else 1."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or jax.default_backend() != "cpu":
+        return 1
+    shape = dict(mesh.shape)
+    if shape.get("fsdp", 1) != 1 or shape.get("tensor", 1) != 1:
+        return 1
+    return shape.get("data", 1)
+
+
+def _one_all_reduce_per_step(
+    grad_fn: GradFn, params: Any, batch: Any, rng: jax.Array, num_microbatches: int
+) -> tuple[jax.Array, Any, Any]:
+    """`accumulate_gradients` with each data shard summing its rows in shard_map, then one
+    psum of the loss, aux and every gradient raveled into a single buffer.
+
+    XLA:CPU's SPMD version all-reduces a scalar inside the forward pass (a point where
+    every device waits for the slowest) and then the gradients as one tuple that its
+    runtime reduces buffer by buffer; on the benchmark model with two devices, one buffer
+    makes the step 0.907x as long (docs/benchmarks.md). Dropout masks are drawn per shard
+    (the rng folded with the shard index), so they depend on the data-parallel width.
+    """
+
+    def shard_sums(params: Any, rows: Any, rng: jax.Array) -> tuple[jax.Array, Any, Any]:
+        rng = jax.random.fold_in(rng, jax.lax.axis_index("data"))
+        with nn.logical_axis_rules(()):  # inside shard_map every array is the shard's own
+            sums = _summed_over_microbatches(grad_fn, params, rows, rng, num_microbatches)
+        flat, unravel = ravel_pytree(sums)
+        return unravel(jax.lax.psum(flat, "data"))
+
+    replicated, rows = PartitionSpec(), PartitionSpec("data")
+    # check_vma off: model/layers.py:project's custom backward returns a replicated
+    # weight's gradient as per-shard (it is, until the psum), which the check rejects.
+    return jax.shard_map(
+        shard_sums,
+        in_specs=(replicated, rows, replicated),
+        out_specs=replicated,
+        check_vma=False,
+    )(params, batch, rng)
+
+
+def _summed_over_microbatches(
+    grad_fn: GradFn, params: Any, batch: Any, rng: jax.Array, num_microbatches: int
+) -> tuple[jax.Array, Any, Any]:
     if num_microbatches == 1:
         (loss, aux), grads = grad_fn(params, batch, rng)
         return loss, aux, grads
