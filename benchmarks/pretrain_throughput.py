@@ -54,7 +54,10 @@ def main() -> None:
     parser.add_argument("--unrolled", action="store_true", help="scan_layers=False")
     parser.add_argument("--data", type=int, default=1, help="data-parallel host devices")
     parser.add_argument(
-        "--cores-as-devices", type=int, default=0, help="N single-threaded devices, data parallel"
+        "--cores-as-devices",
+        type=int,
+        default=0,
+        help="N host devices (one per core), data parallel",
     )
     args = parser.parse_args()
     if args.cores_as_devices:

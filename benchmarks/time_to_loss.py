@@ -6,7 +6,7 @@
 Validation is the whole tiny_shakespeare validation+test split (the last 10% of the text)
 cut into windows of the context length. The clock counts training only (compile
 included, evaluation excluded) and stops at the first evaluation at or below the target.
-`--cores-as-devices N` trains data parallel over N single-threaded host devices
+`--cores-as-devices N` trains data parallel over N host devices, one per core
 (train/cpu.py; sets mesh.data=N).
 """
 

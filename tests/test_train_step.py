@@ -378,7 +378,7 @@ print(json.dumps({"devices": len(jax.devices()), "flags": os.environ["XLA_FLAGS"
 
 
 def test_cores_as_devices_trains_like_one_device():
-    """train/cpu.py's single-threaded devices (a fresh process: XLA reads the flags once)
+    """train/cpu.py's devices, one per core (a fresh process: XLA reads the flags once),
     train data parallel to the single-device losses; asked too late, it refuses."""
     root = pathlib.Path(__file__).resolve().parents[1]
     done = subprocess.run(

@@ -1,19 +1,22 @@
-"""Run a CPU host as one single-threaded XLA device per core, for data-parallel training.
+"""Run a CPU host as one XLA device per core, for data-parallel training.
 
 On a small model every matmul is small, and splitting each one over the cores (XLA's
 default, one device using them all) wastes much of the machine on synchronisation. Giving
-each core its own device, running its share of the batch on one thread, and averaging the
-gradients (a `mesh.data` axis over the devices) is faster: on the 2-core benchmark shape,
-13,335 against 9,605 tokens/s (docs/benchmarks.md). XLA reads these flags when its
-CPU backend starts, so this must run before anything touches a JAX device.
+each core its own device, running its share of the batch, and averaging the gradients (a
+`mesh.data` axis over the devices) is faster: on the 2-core benchmark shape, 13,043
+against 7,840 tokens/s (medians of 3 runs, docs/benchmarks.md). The devices share one
+thread per core, so a lone large matmul on one device still uses every core. XLA reads
+these flags when its CPU backend starts, so this must run before anything touches a JAX
+device.
 """
 
 from __future__ import annotations
 
 import os
 
-# Eigen's ops on one thread per device; matmuls to Eigen rather than YNNPACK, whose own
-# thread pool would again spread each device's matmul over every core.
+# Eigen's ops not split across threads; matmuls to Eigen rather than YNNPACK, whose own
+# thread pool would again spread each device's matmul over every core. Measured, they add
+# 4-6 % to two devices' throughput (docs/benchmarks.md, session 6).
 SINGLE_THREAD_FLAGS = (
     "--xla_cpu_multi_thread_eigen=false",
     "--xla_cpu_experimental_ynn_fusion_type=",
@@ -21,7 +24,7 @@ SINGLE_THREAD_FLAGS = (
 
 
 def cores_as_devices(n: int) -> None:
-    """Ask XLA for `n` single-threaded host devices. Raises if JAX's backend already started."""
+    """Ask XLA for `n` host devices with the flags above; raises if the backend already started."""
     if n < 1:
         raise ValueError(f"cores as devices: {n} must be at least 1")
     from jax._src import xla_bridge  # no public way to ask whether the backend started
@@ -44,8 +47,10 @@ def sync_every_step() -> bool:
     With several in-process CPU devices, XLA's collectives can hang when many steps are
     queued: an all-reduce waits for a device that never joins, and after 40 s XLA aborts
     the process. Measured on jax 0.10.2 with a bare two-device psum dispatched 100 times:
-    4 of 6 runs hung queued, 0 of 6 waiting for each call. Waiting costs the overlap of
-    Python's dispatch with the step, well under a millisecond here.
+    4 of 6 runs hung queued, 0 of 6 waiting for each call. Turning off JAX's async CPU
+    dispatch (`jax_cpu_enable_async_dispatch`) does not prevent it: 3 of 4 runs hung.
+    Waiting costs the overlap of Python's dispatch with the step, well under a millisecond
+    here.
     """
     import jax
 
