@@ -392,7 +392,7 @@ def test_cores_as_devices_trains_like_one_device():
     assert done.returncode == 0, done.stderr[-2000:]
     got = json.loads(done.stdout.strip().splitlines()[-1])
     assert got["devices"] == 2
-    assert all(flag in got["flags"] for flag in cpu.SINGLE_THREAD_FLAGS)
+    assert all(flag in got["flags"] for flag in cpu.DEVICE_FLAGS)
     _, ref = single_device_reference()
     np.testing.assert_allclose(got["loss"], [h["loss"] for h in ref], rtol=1e-5)
     np.testing.assert_allclose(got["grad_norm"], [h["grad_norm"] for h in ref], rtol=1e-5)

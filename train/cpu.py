@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import os
 
-# Eigen's ops not split across threads; matmuls to Eigen rather than YNNPACK, whose own
-# thread pool would again spread each device's matmul over every core. Measured, they add
-# 4-6 % to two devices' throughput (docs/benchmarks.md, session 6).
-SINGLE_THREAD_FLAGS = (
+# Eigen's multi-threading off; matmuls to Eigen rather than YNNPACK, whose own thread pool
+# would again spread each device's matmul over every core. Measured, they add 4-6 % to two
+# devices' throughput (docs/benchmarks.md, session 6).
+DEVICE_FLAGS = (
     "--xla_cpu_multi_thread_eigen=false",
     "--xla_cpu_experimental_ynn_fusion_type=",
 )
@@ -33,7 +33,7 @@ def cores_as_devices(n: int) -> None:
         raise RuntimeError("cores as devices: JAX's backend already started; ask before using it")
     flags = os.environ.get("XLA_FLAGS", "").split()
     flags = [f for f in flags if not f.startswith("--xla_force_host_platform_device_count")]
-    flags += [f"--xla_force_host_platform_device_count={n}", *SINGLE_THREAD_FLAGS]
+    flags += [f"--xla_force_host_platform_device_count={n}", *DEVICE_FLAGS]
     os.environ["XLA_FLAGS"] = " ".join(flags)
     import jax
 
