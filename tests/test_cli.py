@@ -61,6 +61,19 @@ def test_quicktrain_pulse():
     assert len(losses) >= 2 and all(map(lambda x: x == x, losses))
 
 
+def test_cpu_devices_flag_makes_one_device_per_core():
+    """`--cpu-devices 2` gives the command two CPU devices (quicktrain's default mesh takes
+    them all); a bad count is one line naming the flag."""
+    result = run_flaxlm("quicktrain", "--cpu-devices", "2", "--steps", "2")
+    assert result.returncode == 0, result.stderr
+    assert "mesh {'data': 2, 'fsdp': 1, 'tensor': 1}" in result.stdout
+    assert "2 cpu device(s)" in result.stdout
+    for bad in ("--cpu-devices=0", "--cpu-devices"):
+        result = run_flaxlm("quicktrain", bad)
+        assert result.returncode == 2
+        assert "--cpu-devices" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_quicktrain_bad_mesh_is_one_clear_line():
     result = run_flaxlm("quicktrain", "--mesh", "3,1,1", "--steps", "1")
     assert result.returncode != 0
