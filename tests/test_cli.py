@@ -61,17 +61,17 @@ def test_quicktrain_pulse():
     assert len(losses) >= 2 and all(map(lambda x: x == x, losses))
 
 
-def test_cpu_devices_flag_makes_one_device_per_core():
-    """`--cpu-devices 2` gives the command two CPU devices (quicktrain's default mesh takes
-    them all); a bad count is one line naming the flag."""
-    result = run_flaxlm("quicktrain", "--cpu-devices", "2", "--steps", "2")
+def test_cores_as_devices_flag_makes_one_device_per_core():
+    """`--cores-as-devices 2` gives the command two CPU devices (quicktrain's default mesh
+    takes them all); a bad count is one line naming the flag."""
+    result = run_flaxlm("quicktrain", "--cores-as-devices", "2", "--steps", "2")
     assert result.returncode == 0, result.stderr
     assert "mesh {'data': 2, 'fsdp': 1, 'tensor': 1}" in result.stdout
     assert "2 cpu device(s)" in result.stdout
-    for bad in ("--cpu-devices=0", "--cpu-devices"):
+    for bad in ("--cores-as-devices=0", "--cores-as-devices"):
         result = run_flaxlm("quicktrain", bad)
         assert result.returncode == 2
-        assert "--cpu-devices" in result.stderr and "Traceback" not in result.stderr
+        assert "--cores-as-devices" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_quicktrain_bad_mesh_is_one_clear_line():

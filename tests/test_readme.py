@@ -36,7 +36,7 @@ NOT_RUN_PIECES = {
     "runs/all": "a whole pipeline with DPO and GRPO: their stages run in the chain below",
     "pretrain.py:1b": "compiles the 1B preset: tests/test_multihost.py runs that AOT check",
     "ablation_activation": "a 6-run sweep: sweeps and reports are tested in test_sweep.py",
-    "--cpu-devices": "sets XLA_FLAGS before JAX starts: tests/test_cli.py runs it afresh",
+    "--cores-as-devices": "sets XLA_FLAGS before JAX starts: tests/test_cli.py runs it afresh",
 }
 
 

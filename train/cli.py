@@ -3,9 +3,9 @@
 Each subcommand names a `module:function` that takes the remaining argv; modules are
 imported only when their command runs, so `flaxlm --help` is instant.
 
-On a CPU-only host, `flaxlm COMMAND --cpu-devices N ...` makes N host devices, one per
-core (train/cpu.py); with `mesh.data=-1` (the default) training is then data parallel over
-them, which is faster for small models.
+On a CPU-only host, `flaxlm COMMAND --cores-as-devices N ...` makes N host devices, one
+per core (train/cpu.py); with `mesh.data=-1` (the default) training is then data parallel
+over them, which is faster for small models.
 
 Multi-host: every host runs the same command. Before the command runs, the flags
 `--coordinator HOST:PORT --num-processes N --process-id I [--init-timeout S]` (or the
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     from train import cpu, distributed  # light: jax is imported only when it initializes
 
     try:
-        rest = cpu.take_cpu_devices_flag(rest)  # before anything starts JAX's backend
+        rest = cpu.take_cores_as_devices_flag(rest)  # before anything starts JAX's backend
         rest = distributed.start(rest)
     except (ValueError, RuntimeError, distributed.StartupError) as err:
         print(f"flaxlm {name}: error: {err}", file=sys.stderr)

@@ -41,17 +41,17 @@ def cores_as_devices(n: int) -> None:
         raise RuntimeError(f"cores as devices: the backend is {jax.default_backend()}, not cpu")
 
 
-def take_cpu_devices_flag(argv: list[str]) -> list[str]:
-    """Strip `--cpu-devices N` (or `--cpu-devices=N`) from argv and, when given, run
+def take_cores_as_devices_flag(argv: list[str]) -> list[str]:
+    """Strip `--cores-as-devices N` (or `--cores-as-devices=N`) from argv and, when given, run
     `cores_as_devices(N)`; return the rest. The `flaxlm` command calls this before anything
     starts JAX. Raises ValueError naming the flag for a missing or non-positive N."""
     rest, count = [], None
     args = iter(argv)
     for arg in args:
-        if arg == "--cpu-devices" or arg.startswith("--cpu-devices="):
+        if arg == "--cores-as-devices" or arg.startswith("--cores-as-devices="):
             value = arg.partition("=")[2] if "=" in arg else next(args, "")
             if not value.isdigit() or int(value) < 1:
-                raise ValueError(f"--cpu-devices {value!r}: must be a positive integer")
+                raise ValueError(f"--cores-as-devices {value!r}: must be a positive integer")
             count = int(value)
         else:
             rest.append(arg)
