@@ -71,8 +71,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         rest = cpu.take_cores_as_devices_flag(rest)  # before anything starts JAX's backend
+    except (ValueError, RuntimeError) as err:  # a bad count, or a backend that is not CPU
+        print(f"flaxlm {name}: error: {err}", file=sys.stderr)
+        return 2
+    try:
         rest = distributed.start(rest)
-    except (ValueError, RuntimeError, distributed.StartupError) as err:
+    except distributed.StartupError as err:
         print(f"flaxlm {name}: error: {err}", file=sys.stderr)
         return 2
     module_name, function_name = COMMANDS[name][0].split(":")
