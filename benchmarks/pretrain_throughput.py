@@ -10,8 +10,7 @@ Shape: 4 layers, 4 heads, d_model 128, context 64, batch 12, char-level vocabula
 median fp32 matmul FLOP/s measured in the same run, before each round of steps. Prints
 compile time, step time, tokens/s, MFU and peak host memory. `--data N` splits the batch
 over N host devices (data parallel; XLA_FLAGS must provide them). `--cores-as-devices N`
-makes N host devices without Eigen's or YNNPACK's thread pools (train/cpu.py) and splits
-the batch over them.
+makes N host devices, one per core (train/cpu.py), and splits the batch over them.
 """
 
 from __future__ import annotations

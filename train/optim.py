@@ -224,12 +224,12 @@ def _one_all_reduce_per_step(
         flat, unravel = ravel_pytree(sums)
         return unravel(jax.lax.psum(flat, "data"))
 
-    replicated, rows = PartitionSpec(), PartitionSpec("data")
+    replicated, split_rows = PartitionSpec(), PartitionSpec("data")
     # check_vma off: model/layers.py:project's custom backward returns a replicated
     # weight's gradient as per-shard (it is, until the psum), which the check rejects.
     return jax.shard_map(
         shard_sums,
-        in_specs=(replicated, rows, replicated),
+        in_specs=(replicated, split_rows, replicated),
         out_specs=replicated,
         check_vma=False,
     )(params, batch, rng)
