@@ -8,14 +8,19 @@ since bf16 matmuls are slow and imprecise on CPU.
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Callable
 from typing import Any
 
-ACTIVATIONS = ("swiglu", "gelu")
+ACTIVATIONS = ("swiglu", "geglu", "gelu")  # geglu: gelu(tanh approx.)(x W_gate) * x W_up
+GATED_ACTIVATIONS = ("swiglu", "geglu")  # three MLP matrices (gate, up, down)
 ATTENTION_IMPLS = ("xla", "cudnn")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 DTYPES = ("float32", "bfloat16", "float16")
 NORMS = ("rmsnorm", "layernorm")
 POSITIONS = ("rope", "learned", "none")  # none = NoPE: only the causal mask orders tokens
+# attention_pattern letters: g = global (full causal) attention, l = local (sliding window).
+LAYER_KINDS = "gl"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,11 +47,31 @@ class ModelConfig:
     attention_impl: str = "xla"
     scan_layers: bool = True
     remat_policy: str = "none"
+    # Families beyond Llama (Qwen2, Mistral, Gemma 1/2/3). The defaults are Llama's behaviour.
+    qkv_bias: bool = False  # biases on the q, k, v projections (Qwen2)
+    # Keys a local layer's query sees, itself included (HF's sliding_window); 0 = none.
+    sliding_window: int = 0
+    # One letter per layer from LAYER_KINDS, repeated cyclically over the layers: "l" every
+    # layer local (Mistral), "lg" alternating (Gemma 2), "lllllg" (Gemma 3); "" = all global.
+    attention_pattern: str = ""
+    local_rope_theta: float = 0.0  # rope base of local layers (Gemma 3); 0 = rope_theta
+    scale_embeddings: bool = False  # embedding * sqrt(d_model), rounded to dtype (Gemma)
+    norm_scale_offset: float = 0.0  # RMSNorm multiplies by offset + scale (Gemma: 1)
+    attn_scale_dim: float = 0.0  # scores * attn_scale_dim**-0.5; 0 = head_dim (Gemma 2/3)
+    attn_logit_softcap: float = 0.0  # scores -> cap * tanh(scores / cap); 0 = off (Gemma 2)
+    final_logit_softcap: float = 0.0  # LM logits likewise (Gemma 2)
+    post_norms: bool = False  # norms on the attention and MLP outputs too (Gemma 2/3)
+    qk_norm: bool = False  # RMSNorm over head_dim on queries and keys (Gemma 3)
 
     def __post_init__(self) -> None:
         def check(ok: bool, key: str, why: str) -> None:
             if not ok:
                 raise ValueError(f"model.{key}={getattr(self, key)!r}: {why}")
+
+        self._check_shapes(check)
+        self._check_families(check)
+
+    def _check_shapes(self, check: Callable[[bool, str, str], None]) -> None:
 
         for key in (
             "vocab_size",
@@ -85,6 +110,60 @@ class ModelConfig:
         )
         check(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}")
         check(self.param_dtype in DTYPES, "param_dtype", f"must be one of {DTYPES}")
+
+    def _check_families(self, check: Callable[[bool, str, str], None]) -> None:
+        for key in ("qkv_bias", "scale_embeddings", "post_norms", "qk_norm"):
+            check(isinstance(getattr(self, key), bool), key, "must be true or false")
+        for key in (
+            "local_rope_theta",
+            "norm_scale_offset",
+            "attn_scale_dim",
+            "attn_logit_softcap",
+            "final_logit_softcap",
+        ):
+            value = getattr(self, key)
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+            check(ok and math.isfinite(value), key, "must be a finite number")
+        for key in ("local_rope_theta", "attn_scale_dim", "attn_logit_softcap"):
+            check(getattr(self, key) >= 0, key, "must be >= 0 (0 = off / the default)")
+        check(self.final_logit_softcap >= 0, "final_logit_softcap", "must be >= 0 (0 = off)")
+        window = self.sliding_window
+        check(
+            isinstance(window, int) and not isinstance(window, bool) and window >= 0,
+            "sliding_window",
+            "must be an integer >= 0 (0 = no sliding window)",
+        )
+        pattern = self.attention_pattern
+        check(
+            isinstance(pattern, str) and set(pattern) <= set(LAYER_KINDS),
+            "attention_pattern",
+            f"must be a string of the letters {LAYER_KINDS!r} (g global, l local)",
+        )
+        check(
+            ("l" in pattern) == (window > 0),
+            "sliding_window" if window else "attention_pattern",
+            "local layers ('l' in attention_pattern) need sliding_window > 0 and vice versa",
+        )
+        check(
+            self.norm_scale_offset == 0 or self.norm == "rmsnorm",
+            "norm_scale_offset",
+            "applies to rmsnorm only",
+        )
+        check(
+            self.attn_logit_softcap == 0 or self.attention_impl == "xla",
+            "attn_logit_softcap",
+            "needs attention_impl='xla' (the cuDNN kernel has no soft-capping)",
+        )
+        check(
+            self.local_rope_theta == 0 or self.position == "rope",
+            "local_rope_theta",
+            "needs position='rope'",
+        )
+
+    def layer_is_local(self) -> tuple[bool, ...]:
+        """Per layer: True for a local (sliding-window) layer; attention_pattern repeated."""
+        pattern = self.attention_pattern or "g"
+        return tuple(pattern[i % len(pattern)] == "l" for i in range(self.num_layers))
 
     def replace(self, **changes: Any) -> ModelConfig:
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
@@ -181,8 +260,18 @@ def _norm_param_count(cfg: ModelConfig) -> int:
 
 def _block_matmul_param_count(cfg: ModelConfig) -> int:
     attn = cfg.d_model * cfg.head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
-    mlp_mats = 3 if cfg.activation == "swiglu" else 2
+    mlp_mats = 3 if cfg.activation in GATED_ACTIVATIONS else 2
     return attn + mlp_mats * cfg.d_model * cfg.mlp_dim
+
+
+def _block_vector_param_count(cfg: ModelConfig) -> int:
+    """Norm scales (two, four with post_norms), q/k norm scales and q/k/v biases."""
+    count = (4 if cfg.post_norms else 2) * _norm_param_count(cfg)
+    if cfg.qk_norm:
+        count += 2 * cfg.head_dim
+    if cfg.qkv_bias:
+        count += cfg.head_dim * (cfg.num_heads + 2 * cfg.num_kv_heads)
+    return count
 
 
 def param_count(cfg: ModelConfig, include_embedding: bool = True) -> int:
@@ -190,7 +279,7 @@ def param_count(cfg: ModelConfig, include_embedding: bool = True) -> int:
 
     The learned position table counts as embedding (a lookup, like the token table).
     """
-    per_block = _block_matmul_param_count(cfg) + 2 * _norm_param_count(cfg)
+    per_block = _block_matmul_param_count(cfg) + _block_vector_param_count(cfg)
     blocks = cfg.num_layers * per_block + _norm_param_count(cfg)  # + final norm
     head = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model
     embed = cfg.vocab_size * cfg.d_model

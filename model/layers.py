@@ -79,23 +79,32 @@ _project.defvjp(_project_fwd, _project_bwd)
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * scale, computed in fp32 and returned in the compute dtype."""
+    """x / rms(x) * (scale_offset + scale), in fp32, returned in the compute dtype.
+
+    Gemma stores the scale minus one (`scale_offset` 1, the parameter initialised to 0);
+    keeping HF's parameter as is makes import and export exact.
+    """
 
     eps: float = 1e-6
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    scale_offset: float = 0.0
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        init = nn.initializers.constant(1.0 - self.scale_offset)
         scale = self.param(
             "scale",
-            nn.with_logical_partitioning(nn.initializers.ones, (sh.NORM,)),
+            nn.with_logical_partitioning(init, (sh.NORM,)),
             (x.shape[-1],),
             self.param_dtype,
         )
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-        return (x32 * scale.astype(jnp.float32)).astype(self.dtype)
+        scale32 = scale.astype(jnp.float32)
+        if self.scale_offset:
+            scale32 = self.scale_offset + scale32
+        return (x32 * scale32).astype(self.dtype)
 
 
 class LayerNorm(nn.Module):
@@ -122,10 +131,11 @@ class LayerNorm(nn.Module):
 NORMS: dict[str, type[nn.Module]] = {"rmsnorm": RMSNorm, "layernorm": LayerNorm}
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float | jax.Array) -> jax.Array:
     """Rotary embedding, 'rotate half' layout (first half / second half of H are the pairs).
 
-    x: [B, T, N, H]; positions: [B, T] (restart at 0 per packed document).
+    x: [B, T, N, H]; positions: [B, T] (restart at 0 per packed document); theta: the
+    base, a float or a traced scalar (a per-layer base under the layer scan).
     """
     half = x.shape[-1] // 2
     inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
@@ -137,38 +147,76 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 
 
 def attention_mask(
-    q_segment_ids: jax.Array, kv_segment_ids: jax.Array, q_slots: jax.Array, kv_slots: jax.Array
+    q_segment_ids: jax.Array,
+    kv_segment_ids: jax.Array,
+    q_slots: jax.Array,
+    kv_slots: jax.Array,
+    window: int = 0,
 ) -> jax.Array:
     """Boolean [B, T, S]: same non-pad segment and key slot not after the query slot.
 
     Segment id 0 marks padding. Slots are positions in the (cache) buffer, not RoPE
     positions, so causality holds across packed documents and left padding alike.
+    `window` > 0 also limits a query to the `window` slots ending at its own (HF's
+    sliding window, kv > q - window). Within a row's document the slots are consecutive
+    (left pad, prompt, then generated tokens), so slot distance is token distance.
     """
     same_doc = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
     not_pad = (kv_segment_ids != 0)[:, None, :]
     causal = kv_slots[None, None, :] <= q_slots[:, :, None]
-    return same_doc & not_pad & causal
+    mask = same_doc & not_pad & causal
+    if window:
+        mask = mask & (kv_slots[None, None, :] > q_slots[:, :, None] - window)
+    return mask
 
 
-def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Plain einsum attention with GQA. q: [B,T,N,H], k/v: [B,S,K,H], mask: [B,T,S]."""
+def xla_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array,
+    scale: float | None = None,
+    logit_softcap: float = 0.0,
+) -> jax.Array:
+    """Plain einsum attention with GQA. q: [B,T,N,H], k/v: [B,S,K,H], mask: [B,T,S].
+
+    scale: of the scores (None = H**-0.5); logit_softcap > 0: scores -> cap * tanh(scores /
+    cap) before masking (Gemma 2), in fp32.
+    """
     b, t, n, h = q.shape
     kv = k.shape[2]
     q = q.reshape(b, t, kv, n // kv, h)
     scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (h**-0.5)
+    scores = scores * (h**-0.5 if scale is None else scale)
+    if logit_softcap:
+        scores = jnp.tanh(scores / logit_softcap) * logit_softcap
     scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
     return out.reshape(b, t, n, h)
 
 
-def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Fused cuDNN flash attention (GPU, bf16/fp16); GQA is handled by the kernel."""
-    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="cudnn")
+def cudnn_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array,
+    scale: float | None = None,
+    logit_softcap: float = 0.0,
+) -> jax.Array:
+    """Fused cuDNN flash attention (GPU, bf16/fp16); GQA is handled by the kernel.
+
+    The kernel has no soft-capping (ModelConfig refuses the combination).
+    """
+    if logit_softcap:
+        raise ValueError("cudnn attention has no logit soft-capping; use attention_impl='xla'")
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=mask[:, None], scale=scale, implementation="cudnn"
+    )
 
 
-# The seam for kernels: a Pallas/splash TPU kernel registers here with the same signature.
+# The seam for kernels: a Pallas/splash TPU kernel registers here with the same signature,
+# fn(q, k, v, mask, scale=None, logit_softcap=0.0).
 ATTENTION_FNS: dict[str, Callable[..., jax.Array]] = {
     "xla": xla_attention,
     "cudnn": cudnn_attention,
@@ -183,6 +231,11 @@ class Attention(nn.Module):
     this layer's whole buffer; the mask says which slots are live. Writing one slice of the
     stacked buffer (rather than passing per-layer caches through the layer scan) lets XLA
     update the cache in place. Returns (output [B, T, D], updated cache or None).
+
+    Options (off by default): `qkv_bias` adds q/k/v biases [N or K, H] (Qwen2); `qk_norm`
+    RMS-normalises each query and key head over H before RoPE (Gemma 3); `scale` replaces
+    H**-0.5; `logit_softcap` caps the scores (Gemma 2). The call's `rope_theta` overrides
+    the field: under the layer scan it is a traced per-layer base (Gemma 3's local layers).
     """
 
     num_heads: int
@@ -194,6 +247,12 @@ class Attention(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     rope: bool = True  # False: learned absolute positions or NoPE, added/absent outside
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    norm_eps: float = 1e-6  # of the q/k norms
+    norm_scale_offset: float = 0.0  # of the q/k norms (RMSNorm.scale_offset)
+    scale: float | None = None  # of the scores; None = head_dim**-0.5
+    logit_softcap: float = 0.0
 
     @nn.compact
     def __call__(
@@ -204,6 +263,7 @@ class Attention(nn.Module):
         cache: dict | None = None,
         cache_index: jax.Array | None = None,
         layer: jax.Array | int = 0,
+        rope_theta: float | jax.Array | None = None,
     ) -> tuple[jax.Array, dict | None]:
         d = x.shape[-1]
         n, kv, h = self.num_heads, self.num_kv_heads, self.head_dim
@@ -215,12 +275,25 @@ class Attention(nn.Module):
                 (d, heads, h),
                 self.param_dtype,
             )
-            return project("BTD,DNH->BTNH", x, w.astype(self.dtype))
+            out = project("BTD,DNH->BTNH", x, w.astype(self.dtype))
+            if self.qkv_bias:
+                init = nn.with_logical_partitioning(nn.initializers.zeros, (axis, sh.HEAD_DIM))
+                bias = self.param(f"{name}_bias", init, (heads, h), self.param_dtype)
+                out = out + bias.astype(self.dtype)
+            return out
+
+        def norm(name: str) -> RMSNorm:
+            return RMSNorm(
+                self.norm_eps, self.dtype, self.param_dtype, self.norm_scale_offset, name=name
+            )
 
         q, k = proj("q", n, sh.HEADS), proj("k", kv, sh.KV_HEADS)
+        if self.qk_norm:
+            q, k = norm("q_norm")(q), norm("k_norm")(k)
         if self.rope:
-            q = apply_rope(q, positions, self.rope_theta)
-            k = apply_rope(k, positions, self.rope_theta)
+            theta = self.rope_theta if rope_theta is None else rope_theta
+            q = apply_rope(q, positions, theta)
+            k = apply_rope(k, positions, theta)
         v = proj("v", kv, sh.KV_HEADS)
         q = nn.with_logical_constraint(q, (sh.ACT_BATCH, sh.ACT_LENGTH, sh.ACT_HEADS, sh.HEAD_DIM))
 
@@ -235,7 +308,9 @@ class Attention(nn.Module):
             k, v = (jax.lax.dynamic_index_in_dim(cache[n], layer, keepdims=False) for n in "kv")
             k, v = k.astype(self.dtype), v.astype(self.dtype)
 
-        out = ATTENTION_FNS[self.attention_impl](q, k, v, mask)
+        out = ATTENTION_FNS[self.attention_impl](
+            q, k, v, mask, scale=self.scale, logit_softcap=self.logit_softcap
+        )
         wo = self.param(
             "o",
             param_init(
@@ -247,8 +322,16 @@ class Attention(nn.Module):
         return project("BTNH,NHD->BTD", out, wo.astype(self.dtype)), cache
 
 
+# Gated activations: name -> the gate's nonlinearity.
+GATES: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "swiglu": jax.nn.silu,
+    "geglu": functools.partial(jax.nn.gelu, approximate=True),
+}
+
+
 class MLP(nn.Module):
-    """SwiGLU (silu(x W_gate) * x W_up) W_down, or GELU (gelu(x W_up) W_down)."""
+    """SwiGLU (silu(x W_gate) * x W_up) W_down, GeGLU (the same with gelu's tanh
+    approximation, HF's gelu_pytorch_tanh: Gemma), or GELU (gelu(x W_up) W_down)."""
 
     mlp_dim: int
     num_layers: int
@@ -266,9 +349,9 @@ class MLP(nn.Module):
             )
 
         up = project("BTD,DF->BTF", x, weight("up", (d, f), d**-0.5, (sh.EMBED, sh.MLP)))
-        if self.activation == "swiglu":
+        if self.activation in GATES:
             gate = project("BTD,DF->BTF", x, weight("gate", (d, f), d**-0.5, (sh.EMBED, sh.MLP)))
-            hidden = jax.nn.silu(gate) * up
+            hidden = GATES[self.activation](gate) * up
         else:
             hidden = jax.nn.gelu(up)
         hidden = nn.with_logical_constraint(hidden, (sh.ACT_BATCH, sh.ACT_LENGTH, sh.ACT_MLP))

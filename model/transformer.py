@@ -22,6 +22,7 @@ from model.layers import (
     NORMS,
     PROJECTION,
     Attention,
+    RMSNorm,
     attention_mask,
     param_init,
     project,
@@ -46,8 +47,42 @@ class TransformerOutput(NamedTuple):
     cache: dict | None  # updated KV cache, when one was passed
 
 
+def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
+    """The config's norm layer (RMSNorm with Gemma's scale offset when set)."""
+    dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    if cfg.norm_scale_offset:
+        return RMSNorm(cfg.norm_eps, dtype, pdtype, cfg.norm_scale_offset, name=name)
+    return NORMS[cfg.norm](cfg.norm_eps, dtype, pdtype, name=name)
+
+
+def layer_attention(
+    cfg: ModelConfig, masks: tuple[jax.Array, jax.Array | None], layer: jax.Array | int
+) -> tuple[jax.Array, float | jax.Array]:
+    """(mask [B, T, S], rope base) of one layer: global or local (sliding window).
+
+    masks: (global, local or None). Under the layer scan `layer` is traced, so a model
+    mixing both kinds selects with `jnp.where` on a constant per-layer table (no Python
+    branch per layer); a model of one kind uses that kind's mask directly.
+    """
+    local = cfg.layer_is_local()
+    local_theta = cfg.local_rope_theta or cfg.rope_theta
+    if all(local):
+        return masks[1], local_theta
+    if not any(local):
+        return masks[0], cfg.rope_theta
+    if isinstance(layer, int):
+        return (masks[1], local_theta) if local[layer] else (masks[0], cfg.rope_theta)
+    is_local = jnp.asarray(local)[layer]
+    theta = jnp.where(is_local, jnp.float32(local_theta), jnp.float32(cfg.rope_theta))
+    return jnp.where(is_local, masks[1], masks[0]), theta
+
+
 class Block(nn.Module):
-    """Pre-norm residual block: x + Attn(Norm(x)), then x + MLP(Norm(x))."""
+    """Pre-norm residual block: x + Attn(Norm(x)), then x + MLP(Norm(x)).
+
+    With `post_norms` (Gemma 2/3) the attention and MLP outputs are normalised too before
+    the residual add: x + Norm(Attn(Norm(x))), then x + Norm(MLP(Norm(x))).
+    """
 
     config: ModelConfig
     deterministic: bool = True
@@ -57,16 +92,19 @@ class Block(nn.Module):
         self,
         carry: tuple[jax.Array, dict | None],
         positions: jax.Array,
-        mask: jax.Array,
+        masks: tuple[jax.Array, jax.Array | None],
         cache_index: jax.Array | None,
         layer: jax.Array | int,
     ) -> tuple[tuple[jax.Array, dict | None], None]:
-        """carry = (x [B, T, D], stacked cache or None); scan-shaped: (carry, xs) -> (carry, ys)."""
+        """carry = (x [B, T, D], stacked cache or None); scan-shaped: (carry, xs) -> (carry, ys).
+
+        masks: (global, local or None), each [B, T, S] (`layer_attention`).
+        """
         x, cache = carry
         cfg = self.config
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        norm = NORMS[cfg.norm]
-        h = norm(cfg.norm_eps, dtype, pdtype, name="attn_norm")(x)
+        mask, theta = layer_attention(cfg, masks, layer)
+        h = make_norm(cfg, "attn_norm")(x)
         h, cache = Attention(
             cfg.num_heads,
             cfg.num_kv_heads,
@@ -77,11 +115,21 @@ class Block(nn.Module):
             dtype,
             pdtype,
             rope=cfg.position == "rope",
+            qkv_bias=cfg.qkv_bias,
+            qk_norm=cfg.qk_norm,
+            norm_eps=cfg.norm_eps,
+            norm_scale_offset=cfg.norm_scale_offset,
+            scale=cfg.attn_scale_dim**-0.5 if cfg.attn_scale_dim else None,
+            logit_softcap=cfg.attn_logit_softcap,
             name="attn",
-        )(h, positions, mask, cache, cache_index, layer)
+        )(h, positions, mask, cache, cache_index, layer, theta)
+        if cfg.post_norms:
+            h = make_norm(cfg, "post_attn_norm")(h)
         x = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=self.deterministic)
-        h = norm(cfg.norm_eps, dtype, pdtype, name="mlp_norm")(x)
+        h = make_norm(cfg, "mlp_norm")(x)
         h = MLP(cfg.mlp_dim, cfg.num_layers, cfg.activation, dtype, pdtype, name="mlp")(h)
+        if cfg.post_norms:
+            h = make_norm(cfg, "post_mlp_norm")(h)
         x = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=self.deterministic)
         x = nn.with_logical_constraint(x, (sh.ACT_BATCH, sh.ACT_LENGTH, sh.ACT_EMBED))
         return (x, cache), None
@@ -121,17 +169,21 @@ class Transformer(nn.Module):
 
         q_slots = jnp.broadcast_to(jnp.arange(length), (batch, length))
         if cache is None:
-            mask = attention_mask(segment_ids, segment_ids, q_slots, jnp.arange(length))
+            kv_segments, kv_slots = segment_ids, jnp.arange(length)
             layer_cache = None
         else:
             cache_index = jnp.asarray(cache_index, jnp.int32)
             kv_segments = jax.lax.dynamic_update_slice(
                 cache["segment_ids"], segment_ids.astype(jnp.int32), (0, cache_index)
             )
-            mask = attention_mask(
-                segment_ids, kv_segments, q_slots + cache_index, jnp.arange(kv_segments.shape[1])
-            )
+            q_slots, kv_slots = q_slots + cache_index, jnp.arange(kv_segments.shape[1])
             layer_cache = {"k": cache["k"], "v": cache["v"]}
+        # Global and (with sliding-window layers) local masks, the same in prefill and decode.
+        mask_args = (segment_ids, kv_segments, q_slots, kv_slots)
+        masks = (
+            attention_mask(*mask_args),
+            attention_mask(*mask_args, window=cfg.sliding_window) if cfg.sliding_window else None,
+        )
 
         embedding = self.param(
             "embedding",
@@ -140,6 +192,9 @@ class Transformer(nn.Module):
             pdtype,
         )
         x = jnp.take(embedding, tokens, axis=0).astype(dtype)
+        if cfg.scale_embeddings:
+            # Gemma: the factor is rounded to the compute dtype first, as HF does.
+            x = x * jnp.asarray(cfg.d_model**0.5, dtype)
         if cfg.position == "learned":
             # Read at `positions`, not slot indices: packed documents restart at 0 and a
             # decode step (T = 1) gets its true position. Clipped, since pad slots may hold
@@ -166,16 +221,16 @@ class Transformer(nn.Module):
             )
             layers = jnp.arange(cfg.num_layers)
             carry, _ = stack(cfg, deterministic, name="layers")(
-                carry, positions, mask, cache_index, layers
+                carry, positions, masks, cache_index, layers
             )
         else:
             for i in range(cfg.num_layers):
                 carry, _ = block(cfg, deterministic, name=f"layers_{i}")(
-                    carry, positions, mask, cache_index, i
+                    carry, positions, masks, cache_index, i
                 )
         x, layer_cache = carry
 
-        hidden = NORMS[cfg.norm](cfg.norm_eps, dtype, pdtype, name="final_norm")(x)
+        hidden = make_norm(cfg, "final_norm")(x)
         logits = scalars = None
         if self.lm_head:
             if cfg.tie_embeddings:
@@ -188,6 +243,9 @@ class Transformer(nn.Module):
                     pdtype,
                 )
             logits = project("BTD,DV->BTV", hidden, head.astype(dtype), jnp.float32)
+            if cfg.final_logit_softcap:
+                cap = cfg.final_logit_softcap
+                logits = jnp.tanh(logits / cap) * cap
             logits = nn.with_logical_constraint(logits, (sh.ACT_BATCH, sh.ACT_LENGTH, sh.ACT_VOCAB))
         if self.scalar_head:
             # Small init (std 1/sqrt(D+1)) so initial rewards/values are O(1).
