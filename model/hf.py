@@ -1,4 +1,15 @@
-"""Hugging Face Llama interop: config and parameter mapping, sharded safetensors I/O.
+"""Hugging Face interop: Llama, Qwen2, Mistral, Gemma 1/2/3; tensor mapping, sharded I/O.
+
+Families. Import reads `config.json` of model_type llama, qwen2, mistral, gemma, gemma2
+and gemma3_text (Gemma3ForCausalLM), as XForCausalLM or, for reward models,
+XForSequenceClassification with one label; export writes the family the flaxlm config
+needs (model/hf_config.py: the config mapping; model/hf_families.py: the per-family
+table). Refused with the field named (`UnsupportedConfigError`): rope scaling of any kind
+(so Gemma 3 4B+ with linear scaling of its global layers), partial rotary, biases other
+than Qwen2's q/k/v, activations other than SiLU-gated (Llama, Qwen2, Mistral) or
+tanh-GELU-gated (Gemma), bidirectional attention, Gemma 3's attention soft-cap,
+multimodal Gemma 3 (model_type gemma3), other model types, quantized weights. A flaxlm
+model with a plain GELU MLP, LayerNorm or non-RoPE positions does not export.
 
 Layouts. flaxlm keeps einsum-shaped kernels, HF keeps `nn.Linear` weights [out, in]:
 
@@ -7,6 +18,8 @@ Layouts. flaxlm keeps einsum-shaped kernels, HF keeps `nn.Linear` weights [out, 
     attn/q         [D, N, H]       self_attn.q_proj.weight           [N*H, D]
     attn/k, v      [D, K, H]       self_attn.{k,v}_proj.weight       [K*H, D]
     attn/o         [N, H, D]       self_attn.o_proj.weight           [D, N*H]
+    attn/q_bias    [N, H]          self_attn.q_proj.bias             [N*H]     (Qwen2; k, v too)
+    attn/q_norm    [H]             self_attn.q_norm.weight           [H]       (Gemma 3; k too)
     mlp/gate, up   [D, F]          mlp.{gate,up}_proj.weight         [F, D]
     mlp/down       [F, D]          mlp.down_proj.weight              [D, F]
     attn_norm      [D]             input_layernorm.weight            [D]
@@ -15,17 +28,17 @@ Layouts. flaxlm keeps einsum-shaped kernels, HF keeps `nn.Linear` weights [out, 
     lm_head        [D, V]          lm_head.weight                    [V, D]  (untied only)
     scalar_head    [D]             score.weight                      [1, D]  (reward models)
 
+With post norms (Gemma 2/3) HF's names shift: post_attention_layernorm is flaxlm's
+post_attn_norm (on the attention output), pre_feedforward_layernorm its mlp_norm and
+post_feedforward_layernorm its post_mlp_norm. Gemma's norm weights are stored as HF
+stores them (scale - 1; flaxlm's RMSNorm adds the offset), so nothing is converted.
+
 With `scan_layers` the per-layer kernels are stacked on a leading [L] axis (`layers/...`),
 otherwise they live under `layers_0`, `layers_1`, ... Every mapping is "reshape to the
-[in, out] matrix, transpose" or the identity, so conversion is exact (a round trip
+[in, out] matrix, transpose" or a reshape, so conversion is exact (a round trip
 reproduces the bits). RoPE needs no permutation: `apply_rope` uses the same "rotate half"
 layout (first half / second half of each head) as HF's `rotate_half`; the permutation
 known from Meta's original checkpoints applies to those files, not to HF's.
-
-What HF's Llama has and flaxlm does not is refused with the field named (`UnsupportedConfigError`):
-rope scaling of any kind, partial rotary, attention or MLP biases, sliding-window or
-non-full attention layers, activations other than SiLU (SwiGLU), quantized weights. A
-flaxlm model with a GELU MLP is refused on export the same way.
 
 Streaming import. `params_from_hf` builds each target array with
 `jax.make_array_from_callback` on its NamedSharding; a callback reads only the HF tensors
@@ -46,221 +59,23 @@ import jax
 import numpy as np
 
 from model.config import ModelConfig
+from model.hf_config import (  # noqa: F401 (re-exported: model.hf is the interface)
+    FAMILIES,
+    KEY_TYPES,
+    POSITIVE_INTS,
+    REQUIRED_KEYS,
+    SUPPORTED,
+    UnsupportedConfigError,
+    check_config_keys,
+    config_from_hf,
+    config_to_hf,
+    family_for,
+)
 
-CAUSAL_LM = "LlamaForCausalLM"
-SEQUENCE_CLASSIFICATION = "LlamaForSequenceClassification"
+CAUSAL_LM = FAMILIES["llama"].causal_lm
+SEQUENCE_CLASSIFICATION = FAMILIES["llama"].classifier
 # Non-parameter buffers some older checkpoints carry; skipped on import.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
-class UnsupportedConfigError(ValueError):
-    """An HF config (or flaxlm config) this mapping cannot represent exactly."""
-
-
-# ----------------------------------------------------------------------------- configs
-
-
-def config_to_hf(
-    cfg: ModelConfig,
-    *,
-    reward: bool = False,
-    pad_id: int = 0,
-    bos_id: int = 2,
-    eos_id: int = 3,
-    dtype: str = "float32",
-    extra: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """flaxlm ModelConfig -> the `config.json` dict of a Llama model.
-
-    `reward` makes a LlamaForSequenceClassification with one label. The rope base is
-    written both as `rope_theta` (transformers 4.x) and `rope_parameters` (5.x); each
-    version ignores the other's key. `extra` adds fields (e.g. the reward bias).
-    """
-    if cfg.activation != "swiglu":
-        raise UnsupportedConfigError(
-            f"model.activation={cfg.activation!r}: Llama has SwiGLU MLPs only; "
-            "a GELU model cannot be exported as Llama"
-        )
-    if cfg.norm != "rmsnorm":
-        raise UnsupportedConfigError(
-            f"model.norm={cfg.norm!r}: Llama has RMSNorm only; cannot be exported as Llama"
-        )
-    if cfg.position != "rope":
-        raise UnsupportedConfigError(
-            f"model.position={cfg.position!r}: Llama has RoPE only; cannot be exported as Llama"
-        )
-    config: dict[str, Any] = {
-        "architectures": [SEQUENCE_CLASSIFICATION if reward else CAUSAL_LM],
-        "model_type": "llama",
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.d_model,
-        "intermediate_size": cfg.mlp_dim,
-        "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads,
-        "head_dim": cfg.head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": cfg.max_seq_len,
-        "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "rope_scaling": None,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "mlp_bias": False,
-        "pretraining_tp": 1,
-        "initializer_range": 0.02,
-        "use_cache": True,
-        "pad_token_id": pad_id,
-        "bos_token_id": bos_id,
-        "eos_token_id": eos_id,
-        "torch_dtype": dtype,
-        "dtype": dtype,
-    }
-    if reward:
-        config |= {"num_labels": 1, "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}
-    return config | dict(extra or {})
-
-
-# The sizes every Llama config.json states; the other keys read below have defaults.
-REQUIRED_KEYS = (
-    "vocab_size",
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "intermediate_size",
-)
-POSITIVE_INTS = (
-    *REQUIRED_KEYS,
-    "num_key_value_heads",
-    "head_dim",
-    "max_position_embeddings",
-    "num_labels",
-)
-# JSON types of the keys `config_from_hf` reads (null is its default for the optional ones).
-KEY_TYPES: dict[str, Any] = {
-    **{key: int for key in POSITIVE_INTS},
-    "rms_norm_eps": (int, float),
-    "rope_theta": (int, float),
-    "partial_rotary_factor": (int, float),
-    "model_type": str,
-    "hidden_act": str,
-    "architectures": list,
-    "layer_types": list,
-    "id2label": dict,
-    "rope_scaling": dict,
-    "rope_parameters": dict,
-}
-
-
-_WORDS = {
-    int: "an integer",
-    (int, float): "a number",
-    str: "a string",
-    list: "a list",
-    dict: "an object",
-}
-
-
-def check_config_keys(hf: Mapping[str, Any]) -> None:
-    """Refuse, naming the keys, a config.json without Llama's sizes or with a value of the
-    wrong JSON type: the mapping then reads well-typed values only (no KeyError or
-    TypeError from a crafted or truncated file)."""
-    if not isinstance(hf, Mapping):
-        raise UnsupportedConfigError(f"HF config is a {type(hf).__name__}, not a JSON object")
-    missing = [key for key in REQUIRED_KEYS if hf.get(key) is None]
-    if missing:
-        raise UnsupportedConfigError(
-            f"HF config lacks the Llama key(s) {', '.join(missing)}; not a Llama config"
-        )
-    for key, kind in KEY_TYPES.items():
-        value = hf.get(key)
-        # bool is an int in Python, never a size in JSON.
-        if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
-            raise UnsupportedConfigError(f"HF config {key}={value!r}: expected {_WORDS[kind]}")
-        if key in POSITIVE_INTS and value is not None and value <= 0:
-            raise UnsupportedConfigError(f"HF config {key}={value!r}: must be > 0")
-
-
-def _refuse(field: str, value: Any, why: str) -> None:
-    raise UnsupportedConfigError(f"HF config {field}={value!r}: {why}; flaxlm cannot represent it")
-
-
-def _rope_theta(hf: Mapping[str, Any]) -> float:
-    """The rope base, refusing every rope variant but the default one."""
-    scaling = hf.get("rope_scaling")
-    if scaling:
-        kind = scaling.get("rope_type", scaling.get("type"))
-        if kind not in (None, "default"):
-            _refuse("rope_scaling", scaling, "rope scaling is not supported")
-    params = hf.get("rope_parameters") or {}
-    if "rope_type" not in params and params and all(isinstance(v, dict) for v in params.values()):
-        _refuse("rope_parameters", params, "per-layer-type rope is not supported")
-    if params.get("rope_type", "default") != "default":
-        _refuse("rope_parameters.rope_type", params["rope_type"], "rope scaling is not supported")
-    for source in (params, hf):
-        factor = source.get("partial_rotary_factor", 1.0)
-        if factor not in (None, 1, 1.0):
-            _refuse("partial_rotary_factor", factor, "partial rotary embeddings are not supported")
-    return float(params.get("rope_theta", hf.get("rope_theta", 10_000.0)))
-
-
-def config_from_hf(
-    hf: Mapping[str, Any], dtype: str | None = None, **overrides: Any
-) -> tuple[ModelConfig, bool]:
-    """An HF Llama `config.json` dict -> (flaxlm ModelConfig, is a reward model).
-
-    dtype: the compute dtype; None follows the checkpoint (float32 stays float32, any
-    16-bit checkpoint computes in bfloat16). Parameters are always `param_dtype` (fp32).
-    Refuses, with the field named, a malformed config (`check_config_keys`) and whatever
-    the mapping cannot represent exactly.
-    """
-    check_config_keys(hf)
-    model_type = hf.get("model_type")
-    if model_type != "llama":
-        _refuse("model_type", model_type, "only Llama-architecture models are supported")
-    archs = list(hf.get("architectures") or [CAUSAL_LM])
-    if len(archs) != 1 or archs[0] not in (CAUSAL_LM, SEQUENCE_CLASSIFICATION):
-        _refuse(
-            "architectures", archs, f"expected [{CAUSAL_LM!r}] or [{SEQUENCE_CLASSIFICATION!r}]"
-        )
-    reward = archs[0] == SEQUENCE_CLASSIFICATION
-    if reward and hf.get("num_labels", len(hf.get("id2label") or {0: 0})) != 1:
-        _refuse("num_labels", hf.get("num_labels"), "a reward model has one label")
-    if hf.get("hidden_act", "silu") != "silu":
-        _refuse("hidden_act", hf["hidden_act"], "only SiLU-gated (SwiGLU) MLPs are supported")
-    for key in ("attention_bias", "mlp_bias"):
-        if hf.get(key):
-            _refuse(key, hf[key], "biases are not supported")
-    if hf.get("sliding_window") is not None:
-        _refuse("sliding_window", hf["sliding_window"], "sliding-window attention is unsupported")
-    layer_types = hf.get("layer_types") or []
-    if any(t != "full_attention" for t in layer_types):
-        _refuse("layer_types", layer_types, "only full attention layers are supported")
-    if hf.get("quantization_config"):
-        _refuse("quantization_config", hf["quantization_config"], "quantized weights")
-    heads = int(hf["num_attention_heads"])
-    if dtype is None:
-        stored = hf.get("dtype") or hf.get("torch_dtype") or "float32"
-        dtype = "float32" if stored == "float32" else "bfloat16"
-    fields = dict(
-        vocab_size=int(hf["vocab_size"]),
-        d_model=int(hf["hidden_size"]),
-        num_layers=int(hf["num_hidden_layers"]),
-        num_heads=heads,
-        num_kv_heads=int(hf.get("num_key_value_heads") or heads),
-        head_dim=int(hf.get("head_dim") or hf["hidden_size"] // heads),
-        mlp_dim=int(hf["intermediate_size"]),
-        max_seq_len=int(hf.get("max_position_embeddings", 2048)),
-        rope_theta=_rope_theta(hf),
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        activation="swiglu",
-        dtype=dtype,
-        dropout_rate=0.0,
-    )
-    return ModelConfig(**(fields | overrides)), reward
 
 
 # ----------------------------------------------------------------------------- tensors
@@ -272,17 +87,19 @@ class TensorMap:
 
     path: the parameter's keys below the layer (or top-level) dict; hf: the HF name with
     `{i}` for the layer; linear_in: for a Linear weight, how many leading flaxlm axes make
-    its input dimension (HF stores [out, in]); 0 means the layouts are identical.
+    its input dimension (HF stores [out, in]); 0 means the layouts are identical, up to
+    `flat`: HF keeps the tensor as a vector (a q/k/v bias: flaxlm [N, H], HF [N*H]).
     """
 
     path: tuple[str, ...]
     hf: str
     linear_in: int = 0
+    flat: bool = False
 
     def to_hf(self, x: np.ndarray) -> np.ndarray:
         """flaxlm layout -> HF layout (exact: a reshape and a transpose)."""
         if not self.linear_in:
-            return x
+            return x.reshape(-1) if self.flat else x
         fan_in = math.prod(x.shape[: self.linear_in])
         return np.ascontiguousarray(x.reshape(fan_in, -1).T)
 
@@ -294,22 +111,51 @@ class TensorMap:
 
     def hf_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
         if not self.linear_in:
-            return tuple(shape)
+            return (math.prod(shape),) if self.flat else tuple(shape)
         fan_in = math.prod(shape[: self.linear_in])
         return (math.prod(shape) // fan_in, fan_in)
 
 
+_LAYER = "model.layers.{i}."
+# Llama's layer tensors (every family has these, Gemma 2/3 with another norm after attention).
 LAYER_TENSORS = (
-    TensorMap(("attn_norm", "scale"), "model.layers.{i}.input_layernorm.weight"),
-    TensorMap(("attn", "q"), "model.layers.{i}.self_attn.q_proj.weight", 1),
-    TensorMap(("attn", "k"), "model.layers.{i}.self_attn.k_proj.weight", 1),
-    TensorMap(("attn", "v"), "model.layers.{i}.self_attn.v_proj.weight", 1),
-    TensorMap(("attn", "o"), "model.layers.{i}.self_attn.o_proj.weight", 2),
-    TensorMap(("mlp_norm", "scale"), "model.layers.{i}.post_attention_layernorm.weight"),
-    TensorMap(("mlp", "gate"), "model.layers.{i}.mlp.gate_proj.weight", 1),
-    TensorMap(("mlp", "up"), "model.layers.{i}.mlp.up_proj.weight", 1),
-    TensorMap(("mlp", "down"), "model.layers.{i}.mlp.down_proj.weight", 1),
+    TensorMap(("attn_norm", "scale"), _LAYER + "input_layernorm.weight"),
+    TensorMap(("attn", "q"), _LAYER + "self_attn.q_proj.weight", 1),
+    TensorMap(("attn", "k"), _LAYER + "self_attn.k_proj.weight", 1),
+    TensorMap(("attn", "v"), _LAYER + "self_attn.v_proj.weight", 1),
+    TensorMap(("attn", "o"), _LAYER + "self_attn.o_proj.weight", 2),
+    TensorMap(("mlp_norm", "scale"), _LAYER + "post_attention_layernorm.weight"),
+    TensorMap(("mlp", "gate"), _LAYER + "mlp.gate_proj.weight", 1),
+    TensorMap(("mlp", "up"), _LAYER + "mlp.up_proj.weight", 1),
+    TensorMap(("mlp", "down"), _LAYER + "mlp.down_proj.weight", 1),
 )
+QKV_BIASES = tuple(  # Qwen2
+    TensorMap(("attn", f"{x}_bias"), _LAYER + f"self_attn.{x}_proj.bias", flat=True) for x in "qkv"
+)
+QK_NORMS = tuple(  # Gemma 3
+    TensorMap(("attn", f"{x}_norm", "scale"), _LAYER + f"self_attn.{x}_norm.weight") for x in "qk"
+)
+# Gemma 2/3: HF's post_attention_layernorm normalises the attention output; the MLP's
+# input norm is pre_feedforward_layernorm.
+POST_NORMS = (
+    TensorMap(("post_attn_norm", "scale"), _LAYER + "post_attention_layernorm.weight"),
+    TensorMap(("mlp_norm", "scale"), _LAYER + "pre_feedforward_layernorm.weight"),
+    TensorMap(("post_mlp_norm", "scale"), _LAYER + "post_feedforward_layernorm.weight"),
+)
+
+
+def layer_tensors(cfg: ModelConfig) -> tuple[TensorMap, ...]:
+    """One layer's tensors for the features `cfg` has (the family is not consulted)."""
+    out = [t for t in LAYER_TENSORS if not (cfg.post_norms and t.path[0] == "mlp_norm")]
+    if cfg.qkv_bias:
+        out += QKV_BIASES
+    if cfg.qk_norm:
+        out += QK_NORMS
+    if cfg.post_norms:
+        out += POST_NORMS
+    return tuple(out)
+
+
 EMBEDDING = TensorMap(("embedding",), "model.embed_tokens.weight")
 FINAL_NORM = TensorMap(("final_norm", "scale"), "model.norm.weight")
 LM_HEAD = TensorMap(("lm_head",), "lm_head.weight", 1)
@@ -328,8 +174,9 @@ class Entry:
 def entries(cfg: ModelConfig, lm_head: bool = True, scalar_head: bool = False) -> list[Entry]:
     """Every HF tensor of the model, in HF's order (embedding, layers, norm, head)."""
     out = [Entry(EMBEDDING.hf, EMBEDDING, None)]
+    tensors = layer_tensors(cfg)
     for i in range(cfg.num_layers):
-        out += [Entry(t.hf.format(i=i), t, i) for t in LAYER_TENSORS]
+        out += [Entry(t.hf.format(i=i), t, i) for t in tensors]
     out.append(Entry(FINAL_NORM.hf, FINAL_NORM, None))
     if lm_head and not cfg.tie_embeddings:
         out.append(Entry(LM_HEAD.hf, LM_HEAD, None))

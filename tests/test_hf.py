@@ -397,7 +397,7 @@ def test_reward_model_exports_as_sequence_classification(tmp_path, tokenizer):
         ({"mlp_bias": True}, "mlp_bias"),
         ({"hidden_act": "gelu"}, "hidden_act"),
         ({"sliding_window": 4096}, "sliding_window"),
-        ({"model_type": "mistral"}, "model_type"),
+        ({"model_type": "mixtral"}, "model_type"),
         ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
     ],
 )

@@ -1,12 +1,13 @@
 """`flaxlm export-hf --workdir DIR --out HF_DIR [--step N]` and
-`flaxlm import-hf --hf HF_DIR --workdir DIR`: Llama-format weights in and out.
+`flaxlm import-hf --hf HF_DIR --workdir DIR`: Llama, Qwen2, Mistral and Gemma 1/2/3
+weights in and out (the families and what is refused: model/hf.py).
 
 Export writes what `AutoModelForCausalLM.from_pretrained(HF_DIR)` and
 `AutoTokenizer.from_pretrained(HF_DIR)` load with no code of ours: `config.json`,
 `model.safetensors` (or shards + index above `--max-shard-bytes`),
 `generation_config.json` and the tokenizer files (model/hf_tokenizer.py). A reward model
-(a checkpoint whose meta says it has a scalar head) exports as
-LlamaForSequenceClassification with one label; HF's score layer has no bias, so the
+(a checkpoint whose meta says it has a scalar head) exports as the family's
+XForSequenceClassification with one label; HF's score layer has no bias, so the
 flaxlm `scalar_bias` and the reward calibration (gain, bias) go into config.json under
 "flaxlm": reward = gain * (HF logit + scalar_bias) + bias.
 
@@ -120,8 +121,13 @@ def export_hf(
     step: int | None = None,
     dtype: str = "float32",
     max_shard_bytes: int = hf_files.DEFAULT_SHARD_BYTES,
+    model_type: str | None = None,
 ) -> list[str]:
-    """Export a flaxlm checkpoint (a workdir's newest, or `step`) to `out`; returns files."""
+    """Export a flaxlm checkpoint (a workdir's newest, or `step`) to `out`; returns files.
+
+    model_type: the HF family to write (None: the one the model config needs,
+    `hf.family_for`); a family that cannot represent the model is refused by field.
+    """
     if jax.process_count() > 1:
         raise HFCommandError("export-hf runs on one host (it gathers every tensor)")
     if dtype not in hf_files.DTYPES:
@@ -134,7 +140,8 @@ def export_hf(
         raise HFCommandError(f"{parent.checkpoint}: heads {heads} are neither an LM nor a reward")
     cfg = ModelConfig(**parent.model)
     extra = {"checkpoint": str(parent.checkpoint), "step": parent.step, "stage": parent.stage}
-    config = hf.config_to_hf(cfg, reward=reward, dtype=dtype)  # refuses GELU before loading
+    # Refuses what the family cannot represent before loading anything.
+    config = hf.config_to_hf(cfg, reward=reward, dtype=dtype, model_type=model_type)
     out = pathlib.Path(out)
     if out.is_dir() and any(out.glob("model*.safetensors*")):
         raise HFCommandError(f"--out={out} already holds model weights; pick an empty directory")
@@ -197,7 +204,8 @@ def import_hf(
     strategy: str = "fsdp",
     scan_layers: bool = True,
 ) -> pathlib.Path:
-    """Import an HF Llama directory into a new flaxlm workdir; returns its checkpoint dir."""
+    """Import an HF model directory (Llama, Qwen2, Mistral, Gemma 1/2/3) into a new flaxlm
+    workdir; returns its checkpoint dir."""
     hf_dir, workdir = pathlib.Path(hf_dir).resolve(), pathlib.Path(workdir).resolve()
     hf_config = hf_files.read_config(hf_dir)
     try:
@@ -254,7 +262,8 @@ def _run(prog: str, fn: Any) -> int:
 
 def export_main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
-        prog="flaxlm export-hf", description="export a checkpoint as a Hugging Face Llama model"
+        prog="flaxlm export-hf",
+        description="export a checkpoint as a Hugging Face Llama, Qwen2, Mistral or Gemma model",
     )
     parser.add_argument("--workdir", required=True, help="a flaxlm run directory")
     parser.add_argument("--out", required=True, help="the Hugging Face model directory to write")
@@ -266,10 +275,17 @@ def export_main(argv: Sequence[str]) -> int:
         default=hf_files.DEFAULT_SHARD_BYTES,
         help="split files above",
     )
+    parser.add_argument(
+        "--model-type",
+        default=None,
+        help=f"HF family: {', '.join(hf.SUPPORTED)} (default: the one the model needs)",
+    )
     args = parser.parse_args(argv)
 
     def go() -> None:
-        files = export_hf(args.workdir, args.out, args.step, args.dtype, args.max_shard_bytes)
+        files = export_hf(
+            args.workdir, args.out, args.step, args.dtype, args.max_shard_bytes, args.model_type
+        )
         print(f"wrote {args.out}: {', '.join(files)}")
 
     return _run("export-hf", go)
@@ -277,7 +293,8 @@ def export_main(argv: Sequence[str]) -> int:
 
 def import_main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
-        prog="flaxlm import-hf", description="import a Hugging Face Llama model as a checkpoint"
+        prog="flaxlm import-hf",
+        description="import a Hugging Face Llama, Qwen2, Mistral or Gemma model as a checkpoint",
     )
     parser.add_argument("--hf", required=True, help="directory with config.json + safetensors")
     parser.add_argument("--workdir", required=True, help="the flaxlm workdir to create")
