@@ -26,7 +26,7 @@ from model import generate, hf, hf_files, sharding
 from model.config import ModelConfig, param_count
 from model.transformer import Transformer, unstack_layers
 from train import cli, hf_cli
-from train.checkpoint import load_params, read_parent
+from train.checkpoint import InitFromError, Parent, child_model_dict, load_params, read_parent
 from train.state import abstract_sharded_params
 
 TOLERANCE = 1e-4
@@ -281,3 +281,18 @@ def test_export_refuses_a_family_that_cannot_hold_the_model():
     mixed = ModelConfig(sliding_window=4, attention_pattern="lg")  # no bias: not Qwen2
     with pytest.raises(hf.UnsupportedConfigError, match=r"model\.attention_pattern='lg'"):
         hf.config_to_hf(mixed)
+
+
+def test_checkpoint_metas_without_the_new_fields_read_as_before():
+    """A meta written before these fields existed is a Llama-like model; a child may
+    restate the defaults but not change a field that adds parameters."""
+    new = {"qkv_bias", "sliding_window", "attention_pattern", "local_rope_theta"}
+    new |= {"scale_embeddings", "norm_scale_offset", "attn_scale_dim", "attn_logit_softcap"}
+    new |= {"final_logit_softcap", "post_norms", "qk_norm"}
+    old = {k: v for k, v in ModelConfig(dtype="float32").to_dict().items() if k not in new}
+    parent = Parent(pathlib.Path("old/checkpoints/3"), 3, {"model": old})
+    child = child_model_dict(parent, {"qkv_bias": False, "sliding_window": 0})
+    assert ModelConfig(**child) == ModelConfig(**old) == ModelConfig(dtype="float32")
+    for key in ("qkv_bias", "post_norms", "qk_norm"):
+        with pytest.raises(InitFromError, match=f"model.{key}=True"):
+            child_model_dict(parent, {key: True})

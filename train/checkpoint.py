@@ -443,13 +443,31 @@ PARAM_SHAPE_KEYS = (
     "param_dtype",
     "norm",  # layernorm adds a bias per norm
     "position",  # learned adds a [max_seq_len, d_model] table
+    "qkv_bias",  # q/k/v biases (Qwen2)
+    "post_norms",  # two more norms per block (Gemma 2/3)
+    "qk_norm",  # q and k norm scales (Gemma 3)
 )
-# What a meta written before `norm` and `position` existed means: the only choices then.
-SHAPE_DEFAULTS = {"norm": "rmsnorm", "position": "rope"}
+# What a meta written before `norm`, `position` and the fields for other HF families
+# existed means: the only choices then (ModelConfig's defaults).
+SHAPE_DEFAULTS = {
+    "norm": "rmsnorm",
+    "position": "rope",
+    "qkv_bias": False,
+    "sliding_window": 0,
+    "attention_pattern": "",
+    "local_rope_theta": 0.0,
+    "scale_embeddings": False,
+    "norm_scale_offset": 0.0,
+    "attn_scale_dim": 0.0,
+    "attn_logit_softcap": 0.0,
+    "final_logit_softcap": 0.0,
+    "post_norms": False,
+    "qk_norm": False,
+}
 
 
 def with_shape_defaults(model: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint's model config with the shape fields older metas lack filled in."""
+    """A checkpoint's model config with the fields older metas lack filled in."""
     return {**SHAPE_DEFAULTS, **model}
 
 
