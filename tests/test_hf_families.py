@@ -26,7 +26,14 @@ from model import generate, hf, hf_files, sharding
 from model.config import ModelConfig, param_count
 from model.transformer import Transformer, unstack_layers
 from train import cli, hf_cli
-from train.checkpoint import InitFromError, Parent, child_model_dict, load_params, read_parent
+from train.checkpoint import (
+    Checkpointer,
+    InitFromError,
+    Parent,
+    child_model_dict,
+    load_params,
+    read_parent,
+)
 from train.state import abstract_sharded_params
 
 TOLERANCE = 1e-4
@@ -296,3 +303,27 @@ def test_checkpoint_metas_without_the_new_fields_read_as_before():
     for key in ("qkv_bias", "post_norms", "qk_norm"):
         with pytest.raises(InitFromError, match=f"model.{key}=True"):
             child_model_dict(parent, {key: True})
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "gemma3_text"])
+def test_reward_model_exports_as_the_familys_classifier(tmp_path, model_type):
+    cfg, _ = hf.config_from_hf(hf_model(model_type).config.to_dict(), dtype="float32")
+    heads = {"lm_head": False, "scalar_head": True}
+    model = Transformer(cfg, **heads)
+    params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda x: x + rng.normal(0, 0.1, x.shape).astype(np.float32), params)
+    meta = {"stage": "reward", "config": {}, "model": cfg.to_dict(), "heads": heads}
+    checkpointer = Checkpointer(tmp_path / "rm", async_save=False)
+    checkpointer.save(1, {"step": jnp.asarray(1), "params": params}, {}, meta | {"tokenizer": None})
+    checkpointer.close()
+    hf_cli.export_hf(tmp_path / "rm", tmp_path / "hf")
+    hf_model_ = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf")
+    assert type(hf_model_).__name__ == hf.FAMILIES[model_type].classifier
+    tokens = rng.integers(4, 256, (2, 20))
+    tokens[1, 14:] = COMMON["pad_token_id"]  # right padding: HF scores the last real token
+    with torch.no_grad():
+        theirs = hf_model_.eval()(torch.tensor(tokens)).logits[:, 0].numpy()
+    out = model.apply({"params": params}, jnp.asarray(tokens), segment_ids=jnp.asarray(tokens != 0))
+    ours = np.asarray(out.scalars)[[0, 1], [19, 13]] - float(params["scalar_bias"])
+    assert np.abs(theirs - ours).max() <= TOLERANCE
