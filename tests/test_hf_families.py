@@ -155,7 +155,8 @@ def imported(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(model_type)
     model = hf_model(model_type)
     model.save_pretrained(root / "hf")
-    hf_cli.import_hf(root / "hf", root / "run", dtype="float32", mesh_shape=(1, 1, 1))
+    # Streamed into FSDP x TP shards (biases, q/k norms and post norms included).
+    hf_cli.import_hf(root / "hf", root / "run", "float32", (2, 2, 2), "fsdp_tp")
     cfg = ModelConfig(**read_parent(root / "run").model)
     return {
         "type": model_type,
