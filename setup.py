@@ -19,6 +19,7 @@ INSTALL_REQUIRES = [
     "array-record>=0.8.6",
     "absl-py>=2.5.1",
     "matplotlib>=3.11",  # the pipeline's and sweeps' report plots
+    "gguf>=0.19",  # llama.cpp's GGUF files (numpy only): flaxlm import-gguf
     # tensorflow-datasets imports it for builders defined in packages but declares it
     # only for Python < 3.9.
     "importlib-resources>=7.1.0",

@@ -44,7 +44,7 @@ class StageError(ValueError):
 
 # What a checkpoint holds, by the stage that wrote it (meta "stage"): a raw LM, a chat
 # policy (both have an LM head) or a reward model (a scalar head, no LM head).
-RAW_LM_STAGES = ("pretrain", "import-hf")
+RAW_LM_STAGES = ("pretrain", "import-hf", "import-gguf")
 POLICY_STAGES = ("sft", "dpo", "grpo", "ppo")
 LM_STAGES = RAW_LM_STAGES + POLICY_STAGES
 # What each stage may start from (`init_from`): (in words, the parent stages). SFT and
