@@ -12,7 +12,10 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 import pathlib
+import subprocess
+import sys
 
 import gguf
 import jax
@@ -145,6 +148,14 @@ def write_tiny_gguf(
     writer.add_float32(f"{arch}.rope.freq_base", 500.0)
     writer.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)
     writer.add_string("tokenizer.ggml.model", tokenizer_model)
+    # A byte-level BPE vocabulary of TINY's size: 62 letters/digits, their merge, <eos>.
+    letters = [chr(c) for c in range(ord("!"), ord("!") + t["vocab"] - 2)]
+    writer.add_array("tokenizer.ggml.tokens", ["<eos>", *letters, "!#"])
+    writer.add_array("tokenizer.ggml.token_type", [3] + [1] * (t["vocab"] - 1))
+    writer.add_array("tokenizer.ggml.merges", ["! #"])
+    writer.add_uint32("tokenizer.ggml.eos_token_id", 0)
+    writer.add_string("tokenizer.ggml.pre", "gpt-2")
+    writer.add_string("tokenizer.chat_template", "{{ messages[0]['content'] }}")
     for name, w in tensors.items():
         target = gguf_name(name)
         if target.endswith("attn_q.weight"):
@@ -185,6 +196,43 @@ def test_synthetic_gguf_round_trips_to_hf_tensors(tmp_path):
     assert not reward and not cfg.tie_embeddings and cfg.dtype == "float32"
     assert (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rope_theta) == (4, 2, 8, 500.0)
     assert cfg.norm_eps == 1e-5  # the float32 field read back as the decimal written
+
+
+NO_TORCH = """
+import sys
+from train import cli
+assert cli.main(["import-gguf", "--gguf", sys.argv[1], "--workdir", sys.argv[2]]) == 0
+loaded = [m for m in ("torch", "transformers") if m in sys.modules]
+assert not loaded, loaded
+"""
+
+
+def test_import_command_never_imports_torch(tmp_path):
+    """The whole command on a tiny file in a fresh process: no torch, no transformers;
+    the checkpoint holds the source tensors, the tokenizer directory encodes."""
+    from tokenizers import Tokenizer
+
+    source = hf_source(seed=1)
+    write_tiny_gguf(tmp_path / "tiny.gguf", source)
+    workdir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    args = [sys.executable, "-c", NO_TORCH, str(tmp_path / "tiny.gguf"), str(workdir)]
+    result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    parent = read_parent(workdir)
+    cfg = ModelConfig(**parent.model)
+    mesh = sh.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    target = abstract_sharded_params(Transformer(cfg), mesh, sh.get_rules("fsdp"))
+    params = jax.device_get(load_params(parent, target))
+    np.testing.assert_array_equal(params["lm_head"], source["lm_head.weight"].T)
+    np.testing.assert_array_equal(
+        params["layers"]["attn"]["v"][1].reshape(TINY["d"], -1),
+        source["model.layers.1.self_attn.v_proj.weight"].T,
+    )
+    tokenizer = Tokenizer.from_file(str(workdir / "tokenizer" / "tokenizer.json"))
+    assert tokenizer.encode("!#$<eos>").tokens == ["!#", "$", "<eos>"]
+    config = json.loads((workdir / "tokenizer" / "tokenizer_config.json").read_text())
+    assert (config["eos_token"], config["bos_token"], config["pad_token"]) == ("<eos>", None, None)
 
 
 # ----------------------------------------------------------------------------- bad input
