@@ -38,7 +38,6 @@ from __future__ import annotations
 import collections
 import os
 import re
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -269,7 +268,7 @@ class GGUFModel:
         return list(self._by_hf)
 
     def gguf_tensor(self, gguf_name: str) -> np.ndarray:
-        """One tensor dequantized to fp32, in numpy order (ne reversed), unpermuted never."""
+        """One tensor dequantized to fp32 in numpy order (ne reversed), rows as stored."""
         tensor = self.tensors[gguf_name]
         shape = tuple(int(n) for n in reversed(tensor.shape))
         values = dequantize(np.asarray(tensor.data), tensor.tensor_type)
@@ -301,9 +300,3 @@ class GGUFModel:
 
     def clear_cache(self) -> None:
         self._cache.clear()
-
-    def metadata(self) -> Mapping[str, Any]:
-        """Every metadata key except the tokenizer's long arrays (for records and tests)."""
-        skip = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type")
-        skip += ("tokenizer.ggml.scores",)
-        return {k: f.contents() for k, f in self.fields.items() if k not in skip}
