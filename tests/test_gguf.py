@@ -330,6 +330,40 @@ def test_smollm_logits_match_transformers(smollm):
     np.testing.assert_array_equal(ours.argmax(-1)[clear], theirs.argmax(-1)[clear])
 
 
+@needs_smollm
+def test_smollm_greedy_answer_matches_transformers(smollm):
+    """KV-cache decoding of the imported chat model against transformers' generate."""
+    from tokenizers import Tokenizer
+
+    from model import generate
+
+    torch = smollm["torch"]
+    parent = read_parent(smollm["workdir"])
+    cfg = ModelConfig(**parent.model)
+    model = Transformer(cfg)
+    mesh = sh.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    params = load_params(parent, abstract_sharded_params(model, mesh, sh.get_rules("fsdp")))
+    tokenizer = Tokenizer.from_file(str(smollm["workdir"] / "tokenizer" / "tokenizer.json"))
+    prompt = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+    ids = np.asarray([tokenizer.encode(prompt).ids])
+    out = generate.generate(
+        model,
+        params,
+        ids,
+        np.ones_like(ids),
+        jax.random.key(0),
+        max_new_tokens=8,
+        sampling=generate.SamplingConfig(temperature=0.0),
+    )
+    ours = np.asarray(out.tokens)[0].tolist()
+    with torch.no_grad():
+        theirs = smollm["ref"].generate(
+            torch.tensor(ids), max_new_tokens=8, do_sample=False, eos_token_id=None
+        )
+    assert ours == theirs[0, ids.shape[1] :].tolist()
+    assert "Paris" in tokenizer.decode(ours)
+
+
 def sample_texts() -> list[str]:
     texts = [
         "Hello, world! The quick brown fox jumps over the lazy dog.",
