@@ -28,6 +28,12 @@ from typing import Any
 import numpy as np
 import sentencepiece as spm
 
+from model.pretrained_tokenizer import (
+    PretrainedTokenizer,
+    is_pretrained_dir,
+    load_pretrained_tokenizer,
+)
+
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 SYSTEM_ID, USER_ID, ASSISTANT_ID, END_ID, NEWLINE_ID = 4, 5, 6, 7, 8
 USER_DEFINED_SYMBOLS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "\n")
@@ -50,7 +56,15 @@ class Tokenizer:
     """A loaded sentencepiece model with this project's special ids and chat template.
 
     Picklable (it carries the serialized model), so grain worker processes can use it.
+    Its special ids are attributes, as on `PretrainedTokenizer` (model/pretrained_tokenizer.py),
+    so stages read them from whichever tokenizer they hold.
     """
+
+    bos_id: int = BOS_ID
+    eos_id: int = EOS_ID
+    pad_id: int = PAD_ID
+    end_of_turn_id: int = END_ID
+    stop_ids: tuple[int, ...] = (EOS_ID, END_ID)
 
     def __init__(self, model_proto: bytes, source: str = "<memory>"):
         self._proto = bytes(model_proto)
@@ -91,6 +105,10 @@ class Tokenizer:
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return self._sp.encode(list(texts))
+
+    def encode_document(self, text: str) -> list[int]:
+        """A pretraining document: bos, the text, eos."""
+        return [BOS_ID, *self.encode(text), EOS_ID]
 
     def decode(self, ids: Iterable[int]) -> str:
         """Ids -> text. pad/bos/eos decode to nothing; role markers to their text."""
@@ -142,9 +160,13 @@ class Tokenizer:
         return str(directory)
 
 
-def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """Load from a tokenizer directory (as written by `Tokenizer.save`) or a .model file."""
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer | PretrainedTokenizer:
+    """Load a tokenizer directory: flaxlm's sentencepiece (`Tokenizer.save`, or a .model
+    file) or a pretrained model's Hugging Face files (tokenizer.json +
+    tokenizer_config.json, model/pretrained_tokenizer.py)."""
     path = os.fspath(path)
+    if not os.path.isfile(os.path.join(path, MODEL_FILE)) and is_pretrained_dir(path):
+        return load_pretrained_tokenizer(path)
     model_path = os.path.join(path, MODEL_FILE) if os.path.isdir(path) else path
     if not os.path.isfile(model_path):
         raise FileNotFoundError(f"no sentencepiece model at {model_path}")
@@ -152,7 +174,9 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         return Tokenizer(f.read(), source=model_path)
 
 
-def check_vocab(model_vocab_size: int, tokenizer: Tokenizer, allow_padding: bool = False) -> None:
+def check_vocab(
+    model_vocab_size: int, tokenizer: Tokenizer | PretrainedTokenizer, allow_padding: bool = False
+) -> None:
     """Refuse a model whose embedding table does not match the tokenizer.
 
     Exact equality by default. `allow_padding=True` accepts a larger model vocabulary
@@ -226,3 +250,7 @@ def train_tokenizer(
         minloglevel=2,
     )
     return Tokenizer(writer.getvalue(), source=f"<trained {model_type} {vocab_size}>")
+
+
+# Either tokenizer: what stages, sampling and the data pipelines accept.
+AnyTokenizer = Tokenizer | PretrainedTokenizer

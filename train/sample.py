@@ -25,7 +25,7 @@ import numpy as np
 from model import generate
 from model import sharding as sh
 from model.config import ModelConfig
-from model.tokenizer import BOS_ID, END_ID, EOS_ID, Tokenizer, load_tokenizer
+from model.tokenizer import AnyTokenizer, load_tokenizer
 from model.transformer import Transformer, init_cache
 from train.checkpoint import InitFromError, Parent, load_params, read_parent
 from train.stage import RAW_LM_STAGES
@@ -48,7 +48,7 @@ class Policy:
         self.params = load_params(self.parent, target)
         if self.parent.tokenizer_dir is None:
             raise InitFromError(f"{self.parent.checkpoint} records no tokenizer")
-        self.tokenizer: Tokenizer = load_tokenizer(self.parent.tokenizer_dir)
+        self.tokenizer: AnyTokenizer = load_tokenizer(self.parent.tokenizer_dir)
 
     @property
     def rows_multiple(self) -> int:
@@ -56,17 +56,18 @@ class Policy:
         return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
 
 
-def encode_prompt(tokenizer: Tokenizer, text: str, chat: bool) -> list[int]:
+def encode_prompt(tokenizer: AnyTokenizer, text: str, chat: bool) -> list[int]:
     if chat:
         ids, _ = tokenizer.encode_chat([{"role": "user", "content": text}], True)
         return [int(i) for i in ids]
-    return [BOS_ID, *tokenizer.encode(text)]
+    head = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+    return [*head, *tokenizer.encode(text)]
 
 
-def decode_completion(tokenizer: Tokenizer, tokens: np.ndarray, mask: np.ndarray) -> str:
+def decode_completion(tokenizer: AnyTokenizer, tokens: np.ndarray, mask: np.ndarray) -> str:
     """Generated ids -> text, without the stop marker and any padded-vocabulary id."""
     ids = [int(t) for t, m in zip(tokens, mask, strict=True) if m]
-    ids = [i for i in ids if i not in (EOS_ID, END_ID) and i < tokenizer.vocab_size]
+    ids = [i for i in ids if i not in tokenizer.stop_ids and i < tokenizer.vocab_size]
     return tokenizer.decode(ids)
 
 
@@ -97,7 +98,7 @@ def complete(
         jax.random.key(seed),
         max_new_tokens=max_new_tokens,
         sampling=sampling,
-        eos_id=END_ID if chat else EOS_ID,
+        eos_id=policy.tokenizer.end_of_turn_id if chat else policy.tokenizer.eos_id,
         mesh=policy.mesh,
         rules=policy.rules,
     )
@@ -150,7 +151,12 @@ def new_tokens(args: argparse.Namespace, policy: Policy) -> int:
 
 
 def is_chat(policy: Policy, fmt: str) -> bool:
-    return fmt == "chat" or (fmt == "auto" and policy.parent.stage not in RAW_LM_STAGES)
+    if fmt != "auto":
+        return fmt == "chat"
+    # An imported instruct model is a raw LM by stage but ships its chat template.
+    return policy.parent.stage not in RAW_LM_STAGES or bool(
+        getattr(policy.tokenizer, "chat_template", None)
+    )
 
 
 def main_sample(argv: Sequence[str]) -> int:
@@ -202,7 +208,7 @@ def stream_reply(
     for i in range(max_new_tokens):
         token, _ = sample_jit(sampling)(jax.random.fold_in(key, i), logits)
         token_id = int(token[0])
-        if token_id in (END_ID, EOS_ID):
+        if token_id in policy.tokenizer.stop_ids:
             return
         yield token_id
         logits, cache = step_fn(policy.params, cache, token, jnp.array([len(ids) + i]), length + i)
