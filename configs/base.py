@@ -2,6 +2,8 @@
 
 `model.preset` names a ModelConfig preset; every other `model.<field>` left at None takes
 the preset's value (so `--config.model.num_layers=4` changes one field of the preset).
+`model.lora.*` (rank, alpha, targets) configures LoRA (model/lora.py); it is not a
+ModelConfig field.
 """
 
 from __future__ import annotations
@@ -11,11 +13,14 @@ import dataclasses
 import ml_collections
 
 from model.config import ModelConfig
+from model.lora import DEFAULT_TARGETS
 
 
 def model_section(preset: str = "tiny") -> ml_collections.ConfigDict:
     section = {"preset": preset}
     section.update({f.name: None for f in dataclasses.fields(ModelConfig)})
+    # Low-rank adapters (model/lora.py): rank 0 = off; update scaled by alpha / rank.
+    section["lora"] = {"rank": 0, "alpha": 16.0, "targets": DEFAULT_TARGETS}
     return ml_collections.ConfigDict(section)
 
 

@@ -135,6 +135,7 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
     """The ModelConfig: `model.preset` with every non-None `model.<field>` applied."""
     section = config.model.to_dict()
     preset = section.pop("preset")
+    section.pop("lora", None)  # adapters, not the model's shape (model/lora.py)
     changes = {k: v for k, v in section.items() if v is not None}
     try:
         return get_preset(preset, **changes)

@@ -17,6 +17,8 @@ from flax import linen as nn
 from jax.flatten_util import ravel_pytree
 from jax.sharding import PartitionSpec
 
+from model import lora
+
 OPTIMIZERS = ("adamw", "lion", "adafactor", "muon")
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
 NO_DECAY_NAMES = ("scale", "bias", "scalar_bias")
@@ -169,6 +171,43 @@ def optimizer_from_config(config: Any) -> tuple[optax.GradientTransformation, op
         o.name, o.lr, o.schedule, config.total_steps, o.warmup_steps, o.min_lr_ratio,
         o.decay_fraction, o.weight_decay, o.b1, o.b2, o.eps, o.clip_norm, o.ns_steps,
     )  # fmt: skip
+
+
+def trainable_value_and_grad(
+    fn: Callable, argnums: int | tuple[int, ...] = 0, has_aux: bool = False
+) -> Callable:
+    """jax.value_and_grad of `fn` w.r.t. the trainable part (model/lora.py `trainable`) of
+    its parameter arguments: with LoRA the adapters and scalar head only, so no gradient
+    of the frozen base is ever formed; without LoRA exactly jax.value_and_grad."""
+    nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
+    plain = jax.value_and_grad(fn, argnums=argnums, has_aux=has_aux)
+
+    def wrapped(*args: Any) -> Any:
+        if not any(lora.is_lora(args[i]) for i in nums):
+            return plain(*args)
+
+        def inner(*parts: Any) -> Any:
+            full = list(args)
+            for i, part in zip(nums, parts, strict=True):
+                full[i] = lora.combine(part, args[i])
+            return fn(*full)
+
+        parts = [lora.trainable(args[i]) for i in nums]
+        grad = jax.value_and_grad(inner, argnums=tuple(range(len(nums))), has_aux=has_aux)
+        out, grads = grad(*parts)
+        return out, grads[0] if isinstance(argnums, int) else grads
+
+    return wrapped
+
+
+def apply_gradients(
+    tx: optax.GradientTransformation, params: Any, opt_state: Any, grads: Any
+) -> tuple[Any, Any]:
+    """(new params, new opt_state): one optimizer update of the trainable part of `params`
+    (grads from `trainable_value_and_grad`); frozen parameters pass through untouched."""
+    part = lora.trainable(params)
+    updates, opt_state = tx.update(grads, opt_state, part)
+    return lora.combine(optax.apply_updates(part, updates), params), opt_state
 
 
 GradFn = Callable[[Any, Any, jax.Array], tuple[tuple[jax.Array, Any], Any]]

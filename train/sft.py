@@ -111,7 +111,7 @@ def start_from_parent(
         )
     parent = read_parent(config.init_from)
     check_parent_kind(parent, "init_from", INIT_FROM_KINDS[stage])
-    overrides = {k: v for k, v in config.model.to_dict().items() if k != "preset"}
+    overrides = {k: v for k, v in config.model.to_dict().items() if k not in ("preset", "lora")}
     model_dict = child_model_dict(parent, overrides)
     for key, value in model_dict.items():
         config.model[key] = value

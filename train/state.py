@@ -17,6 +17,7 @@ from flax import linen as nn
 from flax import struct
 from jax.sharding import Mesh, NamedSharding
 
+from model import lora
 from model import sharding as sh
 from train.optim import key_name
 
@@ -99,7 +100,8 @@ def state_shardings(
     params_sh = param_shardings(model, mesh, rules)
     tokens = jnp.zeros((1, 8), jnp.int32)
     abstract_params = nn.unbox(jax.eval_shape(init_params_fn(model, tokens), jax.random.key(0)))
-    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    # Optimizer state for the trainable part only (all of it without LoRA adapters).
+    abstract_opt = jax.eval_shape(tx.init, lora.trainable(abstract_params))
     replicated = sh.replicated(mesh)
     opt_sh = opt_state_shardings(abstract_opt, abstract_params, params_sh, replicated)
     abstract = TrainState(
@@ -129,7 +131,7 @@ def create_train_state(
         return TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,
-            opt_state=tx.init(params),
+            opt_state=tx.init(lora.trainable(params)),
             rng=jax.random.key_data(jax.random.fold_in(seed_key, 1)),
         )
 

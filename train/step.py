@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 
 from model import sharding as sh
 from train import losses
-from train.optim import accumulate_gradients
+from train.optim import accumulate_gradients, apply_gradients, trainable_value_and_grad
 from train.state import TrainState, step_rng
 
 Batch = dict[str, jax.Array]
@@ -43,7 +43,7 @@ def lm_loss_fn(model: nn.Module, z_loss: float = 0.0) -> Callable:
         )
         return mean * count, count
 
-    return jax.value_and_grad(summed_loss, has_aux=True)
+    return trainable_value_and_grad(summed_loss, has_aux=True)
 
 
 def keep_if_finite(
@@ -74,8 +74,7 @@ def make_train_step(
         )
         scale = 1.0 / jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g * scale, grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        params, opt_state = apply_gradients(tx, state.params, state.opt_state, grads)
         loss = loss_sum * scale
         grad_norm = optax.tree.norm(grads)
         metrics = {
