@@ -34,6 +34,8 @@ EXTRAS = {
         "nbclient>=0.11",
         "nbformat>=5.11",
         "ipykernel>=7.4",
+        # drives the system Chromium (/usr/bin/chromium + chromedriver) in the label page test
+        "selenium>=4.51",
     ],
     # torch==2.13.0 is the CPU build; any newer pin pulls a multi-GB CUDA build.
     "hf": ["torch==2.13.0", "transformers>=5.24", "safetensors>=0.8", "tokenizers>=0.23"],
@@ -47,6 +49,7 @@ setup(
     description=__doc__.strip().splitlines()[0],
     python_requires=">=3.11",
     packages=["model", "train", "train.data", "rlhf", "configs", "configs.ablations"],
+    package_data={"rlhf": ["label_page/*.html", "label_page/*.js", "label_page/*.css"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["flaxlm=train.cli:main"]},

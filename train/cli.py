@@ -46,6 +46,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export-hf": ("train.hf_cli:export_main", "export a checkpoint as a Hugging Face Llama model"),
     "import-hf": ("train.hf_cli:import_main", "import a Hugging Face Llama model as a checkpoint"),
     "import-gguf": ("train.gguf_cli:main", "import a llama.cpp GGUF file as a checkpoint"),
+    "label": ("rlhf.label_server:main", "rank sampled responses yourself on a local web page"),
     "sweep": ("train.sweep:main", "run an ablation's arms x seeds (paired), then its report"),
     "report": ("train.report:main", "tables with 95% CIs and plots for a sweep directory"),
 }
