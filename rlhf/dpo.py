@@ -42,6 +42,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from model import lora
 from model import sharding as sh
 from model.config import flops_per_token
 from model.generate import SamplingConfig, limit_vocab, token_log_probs
@@ -54,7 +55,7 @@ from rlhf.tasks import load_task
 from train import distributed
 from train.checkpoint import load_params
 from train.data import pipelines
-from train.optim import accumulate_gradients
+from train.optim import accumulate_gradients, apply_gradients, trainable_value_and_grad
 from train.sft import (
     batch_multiple,
     data_options,
@@ -193,7 +194,7 @@ def make_dpo_step(
         n = jnp.float32(logps.shape[0])
         return loss * n, {"pairs": n, **{k: v * n for k, v in metrics.items()}}
 
-    grad_fn = jax.value_and_grad(summed, has_aux=True)
+    grad_fn = trainable_value_and_grad(summed, has_aux=True)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         loss_sum, aux, grads = accumulate_gradients(
@@ -201,8 +202,7 @@ def make_dpo_step(
         )
         scale = 1.0 / aux.pop("pairs")
         grads = jax.tree.map(lambda g: g * scale, grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        params, opt_state = apply_gradients(tx, state.params, state.opt_state, grads)
         loss, grad_norm = loss_sum * scale, optax.tree.norm(grads)
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr_fn(state.step)}
         metrics |= {k: v * scale for k, v in aux.items()}
@@ -335,7 +335,7 @@ def build(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str,
         if len(index) == 0:
             raise StageError(f"{split} data: no preference pairs (every ranking is a tie)")
         pairs[split] = PairSource(records, index, tokenizer, config.seq_len)
-    model = Transformer(model_cfg)
+    model = lora.wrap(Transformer(model_cfg), lora.from_config(config))
     tx, lr_fn = make_tx(config)
     state, shardings = init_state_from(parent, model, tx, mesh, rules, config.seed)
     # The reference is the init_from checkpoint, which the fresh state also holds: read

@@ -42,6 +42,7 @@ import numpy as np
 import optax
 
 from configs import loader
+from model import lora
 from model import sharding as sh
 from model.config import flops_per_token
 from model.generate import SamplingConfig
@@ -57,6 +58,7 @@ from rlhf.grpo_math import group_advantages, grpo_loss
 from rlhf.tasks import load_task
 from train.checkpoint import load_params
 from train.data import pipelines
+from train.optim import apply_gradients, trainable_value_and_grad
 from train.reward import reward_model
 from train.sft import (
     batch_multiple,
@@ -200,7 +202,7 @@ def make_learn(
             beta,
         )
 
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    grad_fn = trainable_value_and_grad(loss_fn, has_aux=True)
 
     def learn(state: TrainState, exp: Experience, key: jax.Array) -> tuple[TrainState, dict]:
         order = pl.minibatch_indices(key, exp.advantages.shape[0], g.epochs, g.minibatches)
@@ -209,11 +211,11 @@ def make_learn(
             params, opt_state = carry
             mini = jax.tree.map(lambda x: jnp.take(x, rows, axis=0), exp)
             (loss, m), grads = grad_fn(params, mini)
-            updates, opt_state = tx.update(grads, opt_state, params)
+            new_params, opt_state = apply_gradients(tx, params, opt_state, grads)
             metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
             metrics |= {"clip_fraction": m["clip_fraction"], "kl_k3": m["kl"]}
             metrics["response_kl_k3"] = m["response_kl"]  # "kl" is the rollout's k1
-            return (optax.apply_updates(params, updates), opt_state), metrics
+            return (new_params, opt_state), metrics
 
         (params, opt_state), metrics = jax.lax.scan(update, (state.params, state.opt_state), order)
         new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
@@ -348,7 +350,7 @@ def build(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str,
     rules = sh.get_rules(config.mesh.strategy)
     parent, tokenizer, model_cfg = start_from_parent(config, "grpo")  # refuses non-policies
     g = config.grpo
-    models = {"policy": Transformer(model_cfg)}
+    models = {"policy": lora.wrap(Transformer(model_cfg), lora.from_config(config))}
     total_len = config.seq_len + g.max_new_tokens
     configs = [("policy", model_cfg)]
     rm_parent, calibration = None, None

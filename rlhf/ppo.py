@@ -56,6 +56,7 @@ import optax
 from flax import struct
 
 from configs import loader
+from model import lora
 from model import sharding as sh
 from model.config import ModelConfig, flops_per_token
 from model.generate import Prompts, SamplingConfig
@@ -396,7 +397,11 @@ def build(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str,
             options,
         )
     )
-    models = {"policy": Transformer(model_cfg), "value": reward_model(rm_cfg)}
+    adapters = lora.from_config(config)  # LoRA on the policy and the value model alike
+    models = {
+        "policy": lora.wrap(Transformer(model_cfg), adapters),
+        "value": lora.wrap(reward_model(rm_cfg), adapters),
+    }
     models["reward"] = models["value"]
     tx, _ = make_tx(updates_config(config, config.optim.lr))
     value_tx, _ = make_tx(updates_config(config, config.ppo.value_lr))

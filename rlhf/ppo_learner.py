@@ -21,6 +21,7 @@ from model.transformer import Transformer
 from rlhf import kl as kl_lib
 from rlhf import ppo_math as pm
 from rlhf import rollout as ro
+from train.optim import apply_gradients, trainable_value_and_grad
 
 Params = Any
 
@@ -178,7 +179,7 @@ def make_learn(
     value_tx: optax.GradientTransformation,
 ) -> Any:
     """(state, experience, key) -> (state with params/values updated, mean metrics)."""
-    grad_fn = jax.value_and_grad(
+    grad_fn = trainable_value_and_grad(
         lambda w, v, mini: ppo_loss(models, sampling, p, w, v, mini), argnums=(0, 1), has_aux=True
     )
 
@@ -190,14 +191,10 @@ def make_learn(
             params, opt_state, vparams, vopt_state = carry
             mini = jax.tree.map(lambda x: jnp.take(x, rows, axis=0), exp)
             (loss, metrics), (grads, vgrads) = grad_fn(params, vparams, mini)
-            updates, opt_state = tx.update(grads, opt_state, params)
-            vupdates, vopt_state = value_tx.update(vgrads, vopt_state, vparams)
+            params, opt_state = apply_gradients(tx, params, opt_state, grads)
+            vparams, vopt_state = apply_gradients(value_tx, vparams, vopt_state, vgrads)
             metrics |= {"loss": loss, "grad_norm": optax.tree.norm(grads)}
             metrics["value_grad_norm"] = optax.tree.norm(vgrads)
-            params, vparams = (
-                optax.apply_updates(params, updates),
-                optax.apply_updates(vparams, vupdates),
-            )
             return (params, opt_state, vparams, vopt_state), metrics
 
         init = (state.params, state.opt_state, state.value_params, state.value_opt_state)

@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 
 from configs import loader
-from model import generate
+from model import generate, lora
 from model import sharding as sh
 from model.config import flops_per_token
 from model.tokenizer import (
@@ -197,7 +197,7 @@ def build(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str,
             text_key=config.data.text_key,
         )
     )
-    model = Transformer(model_cfg)
+    model = lora.wrap(Transformer(model_cfg), lora.from_config(config))
     eval_fn = None
     if config.eval.every_steps:
         eval_fn = make_eval_fn(model, config, tokenizer, mesh, rules)

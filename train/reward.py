@@ -39,6 +39,7 @@ import numpy as np
 import optax
 
 from configs import loader
+from model import lora
 from model import sharding as sh
 from model.config import ModelConfig, flops_per_token
 from model.generate import SamplingConfig
@@ -55,7 +56,7 @@ from train.checkpoint import (
 )
 from train.data import builders, pipelines
 from train.metrics import MetricWriter
-from train.optim import accumulate_gradients
+from train.optim import accumulate_gradients, apply_gradients, trainable_value_and_grad
 from train.sft import (
     batch_multiple,
     data_options,
@@ -106,7 +107,7 @@ def reward_grad_fn(model: Transformer, margin: float, center_coef: float) -> Any
         )
         return loss_sum, {"prompts": prompts, **stats}
 
-    return jax.value_and_grad(summed_loss, has_aux=True)
+    return trainable_value_and_grad(summed_loss, has_aux=True)
 
 
 def make_reward_step(
@@ -128,8 +129,7 @@ def make_reward_step(
         )
         scale = 1.0 / jnp.maximum(aux["prompts"], 1.0)
         grads = jax.tree.map(lambda g: g * scale, grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        params, opt_state = apply_gradients(tx, state.params, state.opt_state, grads)
         loss, grad_norm = loss_sum * scale, optax.tree.norm(grads)
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr_fn(state.step)}
         metrics |= {"num_prompts": aux["prompts"], **rl.ranking_metrics(aux)}
@@ -231,7 +231,7 @@ def build(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str,
             options,
         )
     )
-    model = reward_model(model_cfg)
+    model = lora.wrap(reward_model(model_cfg), lora.from_config(config))
     eval_fn = (
         make_eval_fn(model, config, tokenizer, mesh, rules) if config.eval.every_steps else None
     )

@@ -34,6 +34,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
+from model import lora
 from model import sharding as sh
 from model.config import ModelConfig, flops_per_token
 from model.generate import SamplingConfig, generate, left_pad
@@ -354,7 +355,7 @@ def build(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str,
             config.data.packing,
         )
     )
-    model = Transformer(model_cfg)
+    model = lora.wrap(Transformer(model_cfg), lora.from_config(config))
     eval_fn = None
     if config.eval.every_steps:
         eval_fn = make_eval_fn(model, config, tokenizer, mesh, rules, workdir)
