@@ -46,7 +46,7 @@ from model import lora
 from model import sharding as sh
 from model.config import flops_per_token
 from model.generate import SamplingConfig, limit_vocab, token_log_probs
-from model.tokenizer import Tokenizer
+from model.tokenizer import AnyTokenizer
 from model.transformer import Transformer
 from rlhf import grpo
 from rlhf import rollout as ro
@@ -92,7 +92,7 @@ class PairSource:
     """Random-access pairs for grain: pair m -> the ranked arrays with K = 2 ([2, T]:
     chosen, rejected; PAIR_KEYS) plus `ref_logps` [2] once they are set."""
 
-    def __init__(self, records: Sequence[Any], pairs: np.ndarray, tokenizer: Tokenizer, T: int):
+    def __init__(self, records: Sequence[Any], pairs: np.ndarray, tokenizer: AnyTokenizer, T: int):
         self.records, self.pairs, self.tokenizer, self.seq_len = records, pairs, tokenizer, T
         self.ref_logps: np.ndarray | None = None  # [M, 2] float32
 
@@ -266,7 +266,7 @@ def make_sample_eval(
     config: ml_collections.ConfigDict,
     evaluate: Any,
     records: Sequence[Any],
-    tokenizer: Tokenizer,
+    tokenizer: AnyTokenizer,
     mesh: jax.sharding.Mesh,
     rules: sh.Rules,
 ) -> Any:

@@ -27,7 +27,7 @@ import numpy as np
 
 from model import sharding as sh
 from model.generate import Prompts, SamplingConfig
-from model.tokenizer import Tokenizer
+from model.tokenizer import AnyTokenizer
 from model.transformer import Transformer
 from rlhf import kl as kl_lib
 from rlhf import labeler as lab
@@ -65,7 +65,7 @@ def _flat(samples: Samples, per_chunk: list[np.ndarray]) -> np.ndarray:
 def policy_samples(
     model: Transformer,
     params: Params,
-    tokenizer: Tokenizer,
+    tokenizer: AnyTokenizer,
     prompts: Sequence[str],
     n: int,
     key: jax.Array,
@@ -107,6 +107,8 @@ def policy_samples(
             sampling=sampling,
             mesh=mesh,
             rules=rules,
+            stop_id=tokenizer.end_of_turn_id,
+            pad_id=tokenizer.pad_id,
         )
         host = rollout._replace(tokens=to_host(rollout.tokens), mask=to_host(rollout.mask))
         texts += ro.decode_responses(tokenizer, host)

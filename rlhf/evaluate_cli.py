@@ -34,7 +34,7 @@ import numpy as np
 from model import sharding as sh
 from model.config import ModelConfig
 from model.generate import SamplingConfig
-from model.tokenizer import Tokenizer, load_tokenizer
+from model.tokenizer import AnyTokenizer, load_tokenizer
 from model.transformer import Transformer
 from rlhf import evaluate as ev
 from rlhf import rollout as ro
@@ -65,7 +65,7 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
-def load_policy(path: str, tokenizer: Tokenizer, mesh: jax.sharding.Mesh, rules: sh.Rules):
+def load_policy(path: str, tokenizer: AnyTokenizer, mesh: jax.sharding.Mesh, rules: sh.Rules):
     """(parent, model, params) of an LM checkpoint (SFT, PPO, DPO, GRPO: `params`)."""
     parent = read_parent(path)
     if parent.stage == "reward":

@@ -46,7 +46,7 @@ from model import lora
 from model import sharding as sh
 from model.config import flops_per_token
 from model.generate import SamplingConfig
-from model.tokenizer import Tokenizer
+from model.tokenizer import AnyTokenizer
 from model.transformer import Transformer
 from rlhf import kl as kl_lib
 from rlhf import ppo
@@ -83,7 +83,7 @@ def make_policy_evaluate(
     max_new_tokens: int,
     mesh: jax.sharding.Mesh,
     rules: sh.Rules,
-    tokenizer: Tokenizer,
+    tokenizer: AnyTokenizer,
     task: Any = None,
     reward: tuple[Transformer, Params, float, float] | None = None,
 ) -> Any:
@@ -110,7 +110,15 @@ def make_policy_evaluate(
     def evaluate(params: Params, batch: dict[str, jax.Array], key: jax.Array) -> dict:
         with sh.sharding_context(mesh, rules):
             rollout = ppo.sample_rollout(
-                {"policy": policy}, params, batch, key, max_new_tokens, sampling, mesh, rules
+                {"policy": policy},
+                params,
+                batch,
+                key,
+                max_new_tokens,
+                sampling,
+                mesh,
+                rules,
+                tokenizer,
             )
             metrics = measure(params, ref_params, rm_params, rollout)
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -234,7 +242,7 @@ def make_grpo_step(
     shardings: TrainState,
     mesh: jax.sharding.Mesh,
     rules: sh.Rules,
-    tokenizer: Tokenizer,
+    tokenizer: AnyTokenizer,
     task: Any = None,
 ) -> Any:
     """The loop's `train_step(state, prompt batch [B, P]) -> (state, metrics)`.
@@ -268,6 +276,7 @@ def make_grpo_step(
                 sampling,
                 mesh,
                 rules,
+                tokenizer,
             )
             jax.block_until_ready(rollout)
             t1 = time.perf_counter()

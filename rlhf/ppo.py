@@ -60,7 +60,7 @@ from model import lora
 from model import sharding as sh
 from model.config import ModelConfig, flops_per_token
 from model.generate import Prompts, SamplingConfig
-from model.tokenizer import Tokenizer
+from model.tokenizer import AnyTokenizer
 from model.transformer import Transformer
 from rlhf import kl as kl_lib
 from rlhf import ppo_learner as pl
@@ -115,8 +115,10 @@ def sample_rollout(
     sampling: SamplingConfig,
     mesh: jax.sharding.Mesh,
     rules: sh.Rules,
+    tokenizer: AnyTokenizer,
 ) -> ro.Rollout:
-    """One response per row of a prompt batch (`tokens`, `segment_ids`, `positions` [B, P])."""
+    """One response per row of a prompt batch (`tokens`, `segment_ids`, `positions` [B, P]),
+    ending at the tokenizer's end of turn."""
     prompts = Prompts(batch["tokens"], batch["segment_ids"], batch["positions"])
     return ro.sample(
         models["policy"],
@@ -127,6 +129,8 @@ def sample_rollout(
         sampling=sampling,
         mesh=mesh,
         rules=rules,
+        stop_id=tokenizer.end_of_turn_id,
+        pad_id=tokenizer.pad_id,
     )
 
 
@@ -138,7 +142,7 @@ def make_evaluate(
     sampling: SamplingConfig,
     mesh: jax.sharding.Mesh,
     rules: sh.Rules,
-    tokenizer: Tokenizer,
+    tokenizer: AnyTokenizer,
     task: Any = None,
 ) -> Any:
     """(state, prompt batch, key) -> {rm_score, kl, response_length, eos_rate[, oracle_score]}.
@@ -153,7 +157,15 @@ def make_evaluate(
     def evaluate(state: PPOState, batch: dict[str, jax.Array], key: jax.Array) -> dict:
         with sh.sharding_context(mesh, rules):
             rollout = sample_rollout(
-                models, state.params, batch, key, config.ppo.max_new_tokens, sampling, mesh, rules
+                models,
+                state.params,
+                batch,
+                key,
+                config.ppo.max_new_tokens,
+                sampling,
+                mesh,
+                rules,
+                tokenizer,
             )
             scored = score(
                 state.params, frozen["ref"], state.value_params, frozen["reward"], rollout
@@ -181,7 +193,7 @@ def make_scoring(
     sampling: SamplingConfig,
     mesh: jax.sharding.Mesh,
     rules: sh.Rules,
-    tokenizer: Tokenizer,
+    tokenizer: AnyTokenizer,
     task: Any = None,
 ) -> Any:
     """(state, rollout, β) -> (scored, Experience, metrics, last-token scores [B]).
@@ -218,7 +230,7 @@ def make_ppo_step(
     shardings: PPOState,
     mesh: jax.sharding.Mesh,
     rules: sh.Rules,
-    tokenizer: Tokenizer,
+    tokenizer: AnyTokenizer,
     task: Any = None,
     scoring: Any = None,
 ) -> Any:
@@ -259,6 +271,7 @@ def make_ppo_step(
                 sampling,
                 mesh,
                 rules,
+                tokenizer,
             )
             jax.block_until_ready(rollout)
         t1 = time.perf_counter()
@@ -284,7 +297,7 @@ def make_ppo_step(
 def make_eval_fn(
     config: ml_collections.ConfigDict,
     evaluate: Any,
-    tokenizer: Tokenizer,
+    tokenizer: AnyTokenizer,
     mesh: jax.sharding.Mesh,
     rules: sh.Rules,
 ) -> Any:
@@ -352,7 +365,7 @@ def updates_config(config: ml_collections.ConfigDict, lr: float) -> ml_collectio
     return c
 
 
-def load_reward_parent(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> tuple:
+def load_reward_parent(config: ml_collections.ConfigDict, tokenizer: AnyTokenizer) -> tuple:
     """(parent, model config, calibration) of `reward_from`; refuses non-reward or
     uncalibrated checkpoints and another tokenizer."""
     rm_parent = read_parent(config.reward_from)

@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 
 from model import sharding as sh
-from model.tokenizer import END_ID, USER_ID, Tokenizer
+from model.tokenizer import END_ID, USER_ID, AnyTokenizer
 from rlhf import ppo_learner as pl
 from rlhf import rollout as ro
 from train.sft import to_host
@@ -33,7 +33,7 @@ from train.sft import to_host
 REWARD_SOURCES = ("model", "oracle")
 
 
-def prompt_texts(tokenizer: Tokenizer, prompt_tokens: np.ndarray) -> list[str]:
+def prompt_texts(tokenizer: AnyTokenizer, prompt_tokens: np.ndarray) -> list[str]:
     """The last user turn of each left-padded chat prompt row [B, P] (for the oracle)."""
     texts = []
     for row in np.asarray(prompt_tokens).tolist():
@@ -43,21 +43,21 @@ def prompt_texts(tokenizer: Tokenizer, prompt_tokens: np.ndarray) -> list[str]:
     return texts
 
 
-def rollout_texts(tokenizer: Tokenizer, rollout: ro.Rollout) -> tuple[list[str], list[str]]:
+def rollout_texts(tokenizer: AnyTokenizer, rollout: ro.Rollout) -> tuple[list[str], list[str]]:
     """(user turns [B], decoded responses [B]) of a rollout, gathered to the host."""
     prompts = prompt_texts(tokenizer, to_host(rollout.prompt_tokens))
     host = rollout._replace(tokens=to_host(rollout.tokens), mask=to_host(rollout.mask))
     return prompts, ro.decode_responses(tokenizer, host)
 
 
-def oracle_row_scores(task: Any, tokenizer: Tokenizer, rollout: ro.Rollout) -> np.ndarray:
+def oracle_row_scores(task: Any, tokenizer: AnyTokenizer, rollout: ro.Rollout) -> np.ndarray:
     """The hidden oracle's score of each response, [B] float32 on the host."""
     prompts, responses = rollout_texts(tokenizer, rollout)
     scores = [task.score(p, r) for p, r in zip(prompts, responses, strict=True)]
     return np.asarray(scores, np.float32)
 
 
-def oracle_score(task: Any, tokenizer: Tokenizer, rollout: ro.Rollout) -> float:
+def oracle_score(task: Any, tokenizer: AnyTokenizer, rollout: ro.Rollout) -> float:
     """Mean hidden-oracle score of the rollout's responses (host side, metrics only)."""
     return float(np.mean(oracle_row_scores(task, tokenizer, rollout)))
 
@@ -72,7 +72,7 @@ def to_mesh(values: np.ndarray, mesh: jax.sharding.Mesh, rules: sh.Rules) -> jax
 def make_experience_fn(
     config: ml_collections.ConfigDict,
     calibration: dict,
-    tokenizer: Tokenizer,
+    tokenizer: AnyTokenizer,
     mesh: jax.sharding.Mesh,
     rules: sh.Rules,
     task: Any = None,

@@ -70,6 +70,8 @@ def sample_groups(
                 sampling=sampling,
                 mesh=mesh,
                 rules=rules,
+                stop_id=tokenizer.end_of_turn_id,
+                pad_id=tokenizer.pad_id,
             )
         host = rollout._replace(tokens=to_host(rollout.tokens), mask=to_host(rollout.mask))
         texts += ro.decode_responses(tokenizer, host)[: len(chunk)]

@@ -41,7 +41,7 @@ from model.generate import (
     generate,
     left_pad,
 )
-from model.tokenizer import END_ID, EOS_ID, PAD_ID, Tokenizer
+from model.tokenizer import END_ID, PAD_ID, AnyTokenizer
 
 Params = Any
 
@@ -61,7 +61,7 @@ class Rollout(NamedTuple):
 
 
 def sampling_for(
-    sampling: SamplingConfig, model_vocab: int, tokenizer: Tokenizer
+    sampling: SamplingConfig, model_vocab: int, tokenizer: AnyTokenizer
 ) -> SamplingConfig:
     """`sampling` with vocab_limit set to the tokenizer's size when the model's is larger.
 
@@ -77,7 +77,7 @@ def sampling_for(
     return sampling
 
 
-def encode_prompts(tokenizer: Tokenizer, prompts: Sequence[str], length: int) -> Prompts:
+def encode_prompts(tokenizer: AnyTokenizer, prompts: Sequence[str], length: int) -> Prompts:
     """User-turn strings -> chat-template prompts left padded to exactly `length` tokens.
 
     Each row is bos, `<|user|>`, the prompt, `<|end|>`, `<|assistant|>`. A fixed length
@@ -92,7 +92,7 @@ def encode_prompts(tokenizer: Tokenizer, prompts: Sequence[str], length: int) ->
         if ids.size > length:
             raise ValueError(f"prompt {prompt!r} takes {ids.size} tokens, more than {length}")
         rows.append(ids.tolist())
-    return left_pad(rows, PAD_ID, length)
+    return left_pad(rows, tokenizer.pad_id, length)
 
 
 def sample(
@@ -105,8 +105,11 @@ def sample(
     sampling: SamplingConfig,
     mesh: Mesh | None = None,
     rules: sh.Rules | None = None,
+    stop_id: int = END_ID,
+    pad_id: int = PAD_ID,
 ) -> Rollout:
-    """Sample one response per prompt row (stop at END_ID) -> `Rollout`.
+    """Sample one response per prompt row (stop at `stop_id`, the tokenizer's end of turn)
+    -> `Rollout`.
 
     For G samples per prompt (GRPO, best-of-n), repeat each prompt row G times.
     """
@@ -118,12 +121,12 @@ def sample(
         key,
         max_new_tokens=max_new_tokens,
         sampling=sampling,
-        eos_id=END_ID,
-        pad_id=PAD_ID,
+        eos_id=stop_id,
+        pad_id=pad_id,
         mesh=mesh,
         rules=rules,
     )
-    ended = jnp.any((out.tokens == END_ID) & out.mask, axis=-1)
+    ended = jnp.any((out.tokens == stop_id) & out.mask, axis=-1)
     tokens, segment_ids = jnp.asarray(prompts.tokens), jnp.asarray(prompts.segment_ids)
     return Rollout(tokens, segment_ids, out.tokens, out.log_probs, out.mask, ended)
 
@@ -177,7 +180,7 @@ def check_log_probs(
     return gap
 
 
-def decode_responses(tokenizer: Tokenizer, rollout: Rollout) -> list[str]:
+def decode_responses(tokenizer: AnyTokenizer, rollout: Rollout) -> list[str]:
     """Response texts (without END_ID / EOS_ID), one per row, for the oracle and labelers."""
     tokens, mask = np.asarray(rollout.tokens), np.asarray(rollout.mask)
     texts = []
@@ -185,7 +188,7 @@ def decode_responses(tokenizer: Tokenizer, rollout: Rollout) -> list[str]:
         ids = [int(t) for t, m in zip(row_tokens, row_mask, strict=True) if m]
         texts.append(
             tokenizer.decode(
-                [t for t in ids if t not in (END_ID, EOS_ID) and t < tokenizer.vocab_size]
+                [t for t in ids if t not in tokenizer.stop_ids and t < tokenizer.vocab_size]
             )
         )
     return texts

@@ -20,9 +20,7 @@ from model import generate, lora
 from model import sharding as sh
 from model.config import flops_per_token
 from model.tokenizer import (
-    BOS_ID,
-    EOS_ID,
-    Tokenizer,
+    AnyTokenizer,
     check_vocab,
     load_tokenizer,
     train_tokenizer,
@@ -67,7 +65,7 @@ def texts(source: Any, text_key: str) -> Any:
 
 def get_tokenizer(
     config: ml_collections.ConfigDict, workdir: pathlib.Path, source: Any
-) -> Tokenizer:
+) -> AnyTokenizer:
     """data.tokenizer if given, else the workdir's (resume), else train one on the data."""
     if config.data.tokenizer:
         return load_tokenizer(config.data.tokenizer)
@@ -80,7 +78,7 @@ def get_tokenizer(
 def make_eval_fn(
     model: Transformer,
     config: ml_collections.ConfigDict,
-    tokenizer: Tokenizer,
+    tokenizer: AnyTokenizer,
     mesh: jax.sharding.Mesh,
     rules: sh.Rules,
 ) -> Any:
@@ -130,13 +128,13 @@ def make_eval_fn(
 def sample_text(
     model: Transformer,
     params: Any,
-    tokenizer: Tokenizer,
+    tokenizer: AnyTokenizer,
     config: ml_collections.ConfigDict,
     mesh: jax.sharding.Mesh,
     rules: sh.Rules,
 ) -> str:
     """A short continuation of eval.sample_prompt (temperature 0.8, top-k 40, fixed key)."""
-    prompt = generate.left_pad([[BOS_ID, *tokenizer.encode(config.eval.sample_prompt)]])
+    prompt = generate.left_pad([tokenizer.encode_document(config.eval.sample_prompt)[:-1]])
     copies = max(1, mesh.shape["data"] * mesh.shape["fsdp"])  # one row per batch shard
     tokens = np.repeat(prompt.tokens, copies, axis=0)
     segments = np.repeat(prompt.segment_ids, copies, axis=0)
@@ -150,7 +148,7 @@ def sample_text(
         sampling=generate.SamplingConfig(
             temperature=0.8, top_k=40, vocab_limit=tokenizer.vocab_size
         ),
-        eos_id=EOS_ID,
+        eos_id=tokenizer.eos_id,
         mesh=mesh,
         rules=rules,
     )

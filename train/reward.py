@@ -43,7 +43,7 @@ from model import lora
 from model import sharding as sh
 from model.config import ModelConfig, flops_per_token
 from model.generate import SamplingConfig
-from model.tokenizer import Tokenizer, load_tokenizer
+from model.tokenizer import AnyTokenizer, load_tokenizer
 from model.transformer import Transformer
 from train import distributed
 from train import reward_losses as rl
@@ -145,7 +145,7 @@ def make_reward_step(
 def make_eval_fn(
     model: Transformer,
     config: ml_collections.ConfigDict,
-    tokenizer: Tokenizer,
+    tokenizer: AnyTokenizer,
     mesh: jax.sharding.Mesh,
     rules: sh.Rules,
 ) -> Any:
@@ -275,7 +275,7 @@ def build(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str,
 def score_texts(
     model: Transformer,
     params: Any,
-    tokenizer: Tokenizer,
+    tokenizer: AnyTokenizer,
     items: Sequence[tuple[Sequence[dict], str]],
     seq_len: int,
     mesh: jax.sharding.Mesh,

@@ -38,7 +38,7 @@ from model import lora
 from model import sharding as sh
 from model.config import ModelConfig, flops_per_token
 from model.generate import SamplingConfig, generate, left_pad
-from model.tokenizer import END_ID, EOS_ID, PAD_ID, Tokenizer, check_vocab, load_tokenizer
+from model.tokenizer import AnyTokenizer, check_vocab, load_tokenizer
 from model.transformer import Transformer
 from train import distributed, losses
 from train.checkpoint import Parent, check_tokenizer, child_model_dict, load_params, read_parent
@@ -84,7 +84,7 @@ def open_records(config: ml_collections.ConfigDict, section: str, kind: str) -> 
 make_tx = optimizer_from_config
 
 
-def parent_tokenizer(config: ml_collections.ConfigDict, parent: Parent) -> Tokenizer:
+def parent_tokenizer(config: ml_collections.ConfigDict, parent: Parent) -> AnyTokenizer:
     """`data.tokenizer` if set, else the parent's; it must be the parent's tokenizer."""
     source = config.data.tokenizer or parent.tokenizer_dir
     if not source:
@@ -99,7 +99,7 @@ def parent_tokenizer(config: ml_collections.ConfigDict, parent: Parent) -> Token
 
 def start_from_parent(
     config: ml_collections.ConfigDict, stage: str
-) -> tuple[Parent, Tokenizer, ModelConfig]:
+) -> tuple[Parent, AnyTokenizer, ModelConfig]:
     """Read `init_from` (meta only): the parent, its tokenizer and the child's model config.
 
     A parent of a kind `stage` cannot start from (INIT_FROM_KINDS) is refused.
@@ -190,7 +190,7 @@ def split_prompt(messages: Sequence[dict]) -> tuple[list[dict], str | None]:
 def sample_responses(
     model: Transformer,
     params: Any,
-    tokenizer: Tokenizer,
+    tokenizer: AnyTokenizer,
     prompts: Sequence[Sequence[dict]],
     key: jax.Array,
     max_new_tokens: int,
@@ -213,7 +213,7 @@ def sample_responses(
         rows.append(ids.tolist())
     multiple = batch_multiple(mesh, rules)
     padded = rows + [rows[-1]] * (-len(rows) % multiple)
-    batch = left_pad(padded, PAD_ID)
+    batch = left_pad(padded, tokenizer.pad_id)
     out = generate(
         model,
         params,
@@ -222,8 +222,8 @@ def sample_responses(
         key,
         max_new_tokens=max_new_tokens,
         sampling=sampling,
-        eos_id=END_ID,
-        pad_id=PAD_ID,
+        eos_id=tokenizer.end_of_turn_id,
+        pad_id=tokenizer.pad_id,
         mesh=mesh,
         rules=rules,
     )
@@ -231,7 +231,7 @@ def sample_responses(
     texts = []
     for row in range(len(rows)):
         ids = [int(t) for t, m in zip(tokens[row], mask[row], strict=True) if m]
-        keep = [t for t in ids if t not in (END_ID, EOS_ID) and t < tokenizer.vocab_size]
+        keep = [t for t in ids if t not in tokenizer.stop_ids and t < tokenizer.vocab_size]
         texts.append(tokenizer.decode(keep))
     return texts
 
@@ -263,7 +263,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 def make_eval_fn(
     model: Transformer,
     config: ml_collections.ConfigDict,
-    tokenizer: Tokenizer,
+    tokenizer: AnyTokenizer,
     mesh: jax.sharding.Mesh,
     rules: sh.Rules,
     workdir: pathlib.Path,

@@ -48,7 +48,7 @@ from absl import flags
 from jax.sharding import Mesh
 
 from model import sharding as sh
-from model.tokenizer import BOS_ID, EOS_ID, Tokenizer
+from model.tokenizer import AnyTokenizer
 from train.data.packing import PackIterDataset, assemble_row, concat_documents, shift_document
 
 PACKING = ("first_fit", "concat_split", "none")
@@ -107,9 +107,9 @@ def fit_left(ids: np.ndarray, mask: np.ndarray, seq_len: int) -> tuple[np.ndarra
     return ids[keep][:seq_len], mask[keep][:seq_len]
 
 
-def tokenize_text(record: Mapping[str, Any], tokenizer: Tokenizer, text_key: str) -> dict:
+def tokenize_text(record: Mapping[str, Any], tokenizer: AnyTokenizer, text_key: str) -> dict:
     """One document -> shifted pairs of bos + tokens + eos (every target counts)."""
-    return shift_document([BOS_ID, *tokenizer.encode(_text(record[text_key])), EOS_ID])
+    return shift_document(tokenizer.encode_document(_text(record[text_key])))
 
 
 def tokenize_chunk(records: Sequence[Mapping[str, Any]], doc_fn: Any) -> dict:
@@ -117,14 +117,14 @@ def tokenize_chunk(records: Sequence[Mapping[str, Any]], doc_fn: Any) -> dict:
     return concat_documents([doc_fn(r) for r in records])
 
 
-def tokenize_sft(record: Mapping[str, Any], tokenizer: Tokenizer, seq_len: int) -> dict:
+def tokenize_sft(record: Mapping[str, Any], tokenizer: AnyTokenizer, seq_len: int) -> dict:
     """One conversation -> shifted pairs, loss on assistant tokens; first T + 1 tokens kept."""
     ids, mask = tokenizer.encode_chat(conversation(record))
     return shift_document(ids[: seq_len + 1], mask[: seq_len + 1])
 
 
 def tokenize_ranked(
-    record: Mapping[str, Any], tokenizer: Tokenizer, seq_len: int, max_responses: int
+    record: Mapping[str, Any], tokenizer: AnyTokenizer, seq_len: int, max_responses: int
 ) -> dict[str, np.ndarray]:
     """One prompt with K responses -> the [K_max, T] arrays of the ranked batch format."""
     K, T = max_responses, seq_len
@@ -153,7 +153,7 @@ def tokenize_ranked(
 
 
 def tokenize_prompt(
-    record: Mapping[str, Any], tokenizer: Tokenizer, seq_len: int
+    record: Mapping[str, Any], tokenizer: AnyTokenizer, seq_len: int
 ) -> dict[str, np.ndarray]:
     """One prompt -> left-padded [T] tokens ending with the assistant marker."""
     ids, mask = tokenizer.encode_chat(conversation(record), add_generation_prompt=True)
@@ -279,7 +279,7 @@ def _check_packing(packing: str, allowed: Sequence[str] = PACKING) -> None:
 
 def pretrain_dataset(
     source: Sequence[Any],
-    tokenizer: Tokenizer,
+    tokenizer: AnyTokenizer,
     batch_size: int,
     seq_len: int,
     options: DataOptions = DataOptions(),
@@ -298,7 +298,7 @@ def pretrain_dataset(
 
 def sft_dataset(
     source: Sequence[Any],
-    tokenizer: Tokenizer,
+    tokenizer: AnyTokenizer,
     batch_size: int,
     seq_len: int,
     options: DataOptions = DataOptions(),
@@ -320,7 +320,7 @@ def sft_dataset(
 
 def ranked_dataset(
     source: Sequence[Any],
-    tokenizer: Tokenizer,
+    tokenizer: AnyTokenizer,
     batch_size: int,
     seq_len: int,
     max_responses: int = 4,
@@ -338,7 +338,7 @@ def ranked_dataset(
 
 def prompts_dataset(
     source: Sequence[Any],
-    tokenizer: Tokenizer,
+    tokenizer: AnyTokenizer,
     batch_size: int,
     seq_len: int,
     options: DataOptions = DataOptions(),
