@@ -147,3 +147,32 @@ def test_missing_template_and_bad_special_token_are_one_line(tmp_path):
         tok.encode_chat(CHAT)
     with pytest.raises(TokenizerFileError, match="eos_token='<nope>' is not in the vocabulary"):
         load_tokenizer(write_dir(tmp_path / "bad", SMOLLM_TEMPLATE, eos="<nope>"))
+
+
+def test_import_hf_keeps_the_checkpoints_own_tokenizer(tmp_path):
+    """import-hf copies tokenizer.json + tokenizer_config.json; chat then uses them."""
+    transformers = pytest.importorskip("transformers")
+    from train import hf_cli, sample
+
+    hf_dir = write_dir(tmp_path / "hf", SMOLLM_TEMPLATE)
+    vocab = load_tokenizer(hf_dir).vocab_size
+    config = transformers.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
+    transformers.LlamaForCausalLM(config).save_pretrained(hf_dir)
+    hf_cli.import_hf(hf_dir, tmp_path / "run")
+    copied = load_tokenizer(tmp_path / "run" / "tokenizer")
+    assert copied.fingerprint == load_tokenizer(hf_dir).fingerprint
+    policy = sample.Policy(tmp_path / "run")
+    assert policy.tokenizer.fingerprint == copied.fingerprint
+    assert sample.is_chat(policy, "auto")
+    ids = sample.encode_prompt(policy.tokenizer, "What is 2+2?", chat=True)
+    want, _ = copied.encode_chat([{"role": "user", "content": "What is 2+2?"}], True)
+    assert ids == want.tolist()

@@ -38,7 +38,17 @@ from model import hf, hf_files
 from model import sharding as sh
 from model.config import ModelConfig
 from model.hf_tokenizer import write_hf_tokenizer
-from model.tokenizer import BOS_ID, END_ID, EOS_ID, MODEL_FILE, PAD_ID, Tokenizer, check_vocab
+from model.pretrained_tokenizer import is_pretrained_dir, load_pretrained_tokenizer
+from model.tokenizer import (
+    BOS_ID,
+    END_ID,
+    EOS_ID,
+    MODEL_FILE,
+    PAD_ID,
+    AnyTokenizer,
+    Tokenizer,
+    check_vocab,
+)
 from model.tokenizer import load_tokenizer as load_flaxlm_tokenizer
 from model.transformer import Transformer
 from train.checkpoint import (
@@ -178,11 +188,17 @@ def _layer_shape(target: Any, entry: hf.Entry, cfg: ModelConfig) -> tuple[int, .
 # ----------------------------------------------------------------------------- import
 
 
-def hf_tokenizer(hf_dir: pathlib.Path, vocab_size: int) -> Tokenizer | None:
-    """The HF dir's sentencepiece model when it has flaxlm's fixed special ids, else None."""
+def hf_tokenizer(hf_dir: pathlib.Path, vocab_size: int) -> AnyTokenizer | None:
+    """The HF dir's tokenizer: a sentencepiece model with flaxlm's fixed special ids, else
+    the checkpoint's own tokenizer.json + tokenizer_config.json (model/pretrained_tokenizer.py),
+    else None."""
     path = hf_dir / MODEL_FILE
     if not path.is_file():
-        return None
+        if not is_pretrained_dir(hf_dir):
+            return None
+        tokenizer = load_pretrained_tokenizer(hf_dir)
+        check_vocab(vocab_size, tokenizer, allow_padding=True)
+        return tokenizer
     try:
         tokenizer = Tokenizer(path.read_bytes(), source=str(path))
     except (ValueError, RuntimeError) as err:
