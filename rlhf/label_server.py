@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from rlhf import label_agreement
-from rlhf.label_store import CANDIDATES, LabelError, LabelStore, check_labeler
+from rlhf.label_store import CANDIDATES, LABELER_RE, LabelError, LabelStore, check_labeler
 
 MAX_BODY = 1 << 20
 STATIC = {  # URL name -> (file in rlhf/label_page, content type)
@@ -224,7 +224,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--workdir", required=True, help=f"directory with {CANDIDATES}")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default local)")
     parser.add_argument("--port", type=int, default=8765, help="0 picks a free port")
-    parser.add_argument("--labeler", default=os.environ.get("USER", "labeler"))
+    parser.add_argument("--labeler", default=None, help="name the page starts with ($USER)")
     parser.add_argument("--agreement", action="store_true", help="print agreement and exit")
     parser.add_argument("--task", default=None, help="task for the oracle (default label.json)")
     parser.add_argument("--verbose", action="store_true", help="log every request")
@@ -244,7 +244,8 @@ def main(argv: Sequence[str]) -> int:
             if task is None:
                 print("(no task known: pass --task NAME for the oracle and simulated rows)")
             return 0
-        default = args.labeler if check_labeler(args.labeler) else "labeler"
+        user = os.environ.get("USER", "")
+        default = check_labeler(args.labeler or (user if LABELER_RE.match(user) else "labeler"))
         lock = lock_directory(args.workdir)
         token = secrets.token_urlsafe(18)
         server = LabelServer((args.host, args.port), store, token, default)

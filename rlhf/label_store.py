@@ -176,7 +176,7 @@ class LabelStore:
         self.dir = pathlib.Path(directory)
         self.candidates = read_candidates(self.dir / CANDIDATES)
         self.by_id = {c.id: c for c in self.candidates}
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # reads too: never see a line half-appended
         for name in (RANKED, SKIPPED):
             repair_tail(self.dir / name)
 
@@ -201,8 +201,10 @@ class LabelStore:
         labeler. Ranked records are matched to candidates by content; a record of another
         origin (no matching candidate) is left alone and not counted."""
         out = []
+        with self.lock:
+            lines = {name: self._lines(name) for name in (RANKED, SKIPPED)}
         for name in (RANKED, SKIPPED):
-            for index, obj in self._lines(name):
+            for index, obj in lines[name]:
                 who = obj.get("labeler", "")
                 if labeler is not None and who != labeler:
                     continue
