@@ -176,3 +176,14 @@ def test_import_hf_keeps_the_checkpoints_own_tokenizer(tmp_path):
     ids = sample.encode_prompt(policy.tokenizer, "What is 2+2?", chat=True)
     want, _ = copied.encode_chat([{"role": "user", "content": "What is 2+2?"}], True)
     assert ids == want.tolist()
+    # Export writes the same files back, and the tokenizer's ids into the configs.
+    hf_cli.export_hf(tmp_path / "run", tmp_path / "out")
+    assert load_tokenizer(tmp_path / "out").fingerprint == copied.fingerprint
+    generation = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    end = copied._tok.token_to_id("<|im_end|>")
+    assert generation["eos_token_id"] == [end] and generation["pad_token_id"] == end
+    exported = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    text = exported.apply_chat_template(CHAT, tokenize=False)
+    assert exported(text, add_special_tokens=False)["input_ids"] == (
+        copied.encode_chat(CHAT)[0].tolist()
+    )

@@ -49,7 +49,7 @@ from model.tokenizer import (
     Tokenizer,
     check_vocab,
 )
-from model.tokenizer import load_tokenizer as load_flaxlm_tokenizer
+from model.tokenizer import load_tokenizer as load_any_tokenizer
 from model.transformer import Transformer
 from train.checkpoint import (
     Checkpointer,
@@ -104,14 +104,24 @@ def parse_mesh(text: str | None) -> tuple[int, int, int] | None:
 # ----------------------------------------------------------------------------- export
 
 
-def generation_config() -> dict[str, Any]:
-    """Greedy by default; generation ends at eos or at the end-of-turn marker."""
-    return {
-        "bos_token_id": BOS_ID,
-        "eos_token_id": [EOS_ID, END_ID],
-        "pad_token_id": PAD_ID,
-        "do_sample": False,
-    }
+def generation_config(tokenizer: AnyTokenizer | None = None) -> dict[str, Any]:
+    """Greedy by default; generation ends at eos or at the end-of-turn marker. The ids are
+    the tokenizer's (flaxlm's fixed ids when there is none)."""
+    if tokenizer is None:
+        bos, stops, pad = BOS_ID, [EOS_ID, END_ID], PAD_ID
+    else:
+        bos, stops, pad = tokenizer.bos_id, list(tokenizer.stop_ids), tokenizer.pad_id
+    return {"bos_token_id": bos, "eos_token_id": stops, "pad_token_id": pad, "do_sample": False}
+
+
+def parent_tokenizer(parent: Any) -> AnyTokenizer | None:
+    """The checkpoint's tokenizer, either kind, or None when it records none."""
+    directory = parent.tokenizer_dir
+    if directory is None or not (
+        (directory / MODEL_FILE).is_file() or is_pretrained_dir(directory)
+    ):
+        return None
+    return load_any_tokenizer(directory)
 
 
 def reward_extra(workdir: pathlib.Path, step: int, params: Any) -> dict[str, Any]:
@@ -151,7 +161,12 @@ def export_hf(
     cfg = ModelConfig(**parent.model)
     extra = {"checkpoint": str(parent.checkpoint), "step": parent.step, "stage": parent.stage}
     # Refuses what the family cannot represent before loading anything.
-    config = hf.config_to_hf(cfg, reward=reward, dtype=dtype, model_type=model_type)
+    tokenizer = parent_tokenizer(parent)
+    ids = {}
+    if tokenizer is not None:
+        ids = {"pad_id": tokenizer.pad_id, "eos_id": tokenizer.eos_id}
+        ids["bos_id"] = tokenizer.eos_id if tokenizer.bos_id is None else tokenizer.bos_id
+    config = hf.config_to_hf(cfg, reward=reward, dtype=dtype, model_type=model_type, **ids)
     out = pathlib.Path(out)
     if out.is_dir() and any(out.glob("model*.safetensors*")):
         raise HFCommandError(f"--out={out} already holds model weights; pick an empty directory")
@@ -172,9 +187,11 @@ def export_hf(
         max_shard_bytes,
     )
     hf_files.write_json(out / hf_files.CONFIG_FILE, config | {"flaxlm": extra})
-    hf_files.write_json(out / "generation_config.json", generation_config())
-    if parent.tokenizer_dir is not None and (parent.tokenizer_dir / MODEL_FILE).is_file():
-        write_hf_tokenizer(load_flaxlm_tokenizer(parent.tokenizer_dir), out, cfg.max_seq_len)
+    hf_files.write_json(out / "generation_config.json", generation_config(tokenizer))
+    if isinstance(tokenizer, Tokenizer):
+        write_hf_tokenizer(tokenizer, out, cfg.max_seq_len)
+    elif tokenizer is not None:  # a pretrained model's own files, as they came
+        tokenizer.save(out)
     else:
         print(f"export-hf: {parent.checkpoint} records no tokenizer; none written", file=sys.stderr)
     return files
