@@ -28,7 +28,9 @@ Stages (`stages`, comma separated, in this order):
   `rm_data.num_prompts` prompts, ranked by the simulated labeler (`labeler.*`, ~75%
   agreement with the oracle by default) → DIR/rm_data/ranked.jsonl; the held-out prompts
   get K samples ranked by the noiseless oracle (ranked_eval.jsonl), so the reward model's
-  eval accuracy is measured against the oracle;
+  eval accuracy is measured against the oracle; with `labeler.kind=human` the stage
+  writes the K responses per prompt to DIR/rm_data/candidates.jsonl and stops until
+  people have ranked them with `flaxlm label --workdir DIR/rm_data` (rerun to continue);
 - report: DIR/report.md and its PNG plots from every stage's metrics.jsonl, and
   `flaxlm rlhf-eval` on the held-out prompts (`report.eval_samples` samples per prompt):
   each policy's oracle score, RM score and KL to SFT, the reward model's accuracy against
@@ -80,7 +82,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.rm_data = ml_collections.ConfigDict(
         {"k": 4, "num_prompts": 2000, "temperature": 1.0, "max_new_tokens": 10, "batch_size": 128}
     )
-    c.labeler = ml_collections.ConfigDict({"random_rate": 0.5, "score_noise": 0.0})
+    c.labeler = ml_collections.ConfigDict(
+        {"kind": "simulated", "random_rate": 0.5, "score_noise": 0.0}  # kind: or "human"
+    )
     c.report = ml_collections.ConfigDict({"num_samples": 8, "eval_samples": 16})
 
     for name in TRAINING_STAGES:

@@ -96,7 +96,7 @@ def stage_fingerprint(config: ml_collections.ConfigDict, stage: str) -> dict[str
 # the value that reproduces the behaviour from before it existed. A recorded fingerprint
 # lacking one is read as having that value, so upgrading flaxlm does not refuse a
 # finished stage over a setting it never had.
-ADDED_KEYS = {"optim.ns_steps": 5}
+ADDED_KEYS = {"optim.ns_steps": 5, "labeler.kind": "simulated"}
 
 
 def with_added_keys(recorded: Any, current: Any, prefix: str = "") -> Any:

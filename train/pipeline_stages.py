@@ -50,6 +50,8 @@ def check(config: ml_collections.ConfigDict) -> None:
             f"rm_data.num_prompts={config.rm_data.num_prompts} must be in [1, data.n_prompts="
             f"{config.data.n_prompts}]"
         )
+    if config.labeler.kind not in ("simulated", "human"):
+        raise ValueError(f"labeler.kind={config.labeler.kind!r}: choose simulated or human")
     if config.tokenizer.type not in ("char", "bpe", "unigram"):
         raise ValueError(f"tokenizer.type={config.tokenizer.type!r}: choose char, bpe or unigram")
 
@@ -166,6 +168,9 @@ def run_rm_data(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> int
 
     r, p = config.rm_data, data_paths(workdir)
     task = load_task(config.task)
+    human = config.labeler.kind == "human"
+    if human and (p["ranked"].parent / CANDIDATES).is_file():
+        return human_rm_data_status(config, p["ranked"].parent, task)
     policy = Policy(str(workdir / "sft"))
     sampling = ro.sampling_for(
         SamplingConfig(temperature=r.temperature), policy.config.vocab_size, policy.tokenizer
@@ -200,6 +205,10 @@ def run_rm_data(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> int
             desc=f"rm_data: {name}",
             **common,
         )
+        if human and name == "ranked":  # people rank these with `flaxlm label`
+            kept = write_jsonl(tmp / CANDIDATES, candidate_records(prompts, groups))
+            summary[name] = {"candidates": kept, "dropped_all_tied": len(prompts) - kept}
+            continue
         rng = np.random.default_rng([config.seed, len(summary)])
         records, summary[name] = rm_data.ranked_records(
             task, prompts, groups, who, rng, allow_empty=name == "ranked_eval"
@@ -207,7 +216,86 @@ def run_rm_data(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> int
         write_jsonl(tmp / f"{name}.jsonl", records)
         print(f"rm_data: {name}: {json.dumps(summary[name])}")
     (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if human:
+        (tmp / "label.json").write_text(json.dumps(label_meta(config), indent=2) + "\n")
     replace_dir(tmp, final)
+    return human_rm_data_status(config, final, task) if human else 0
+
+
+# With labeler.kind=human the stage stops with this exit code until every candidate is
+# ranked (or skipped); rerunning the pipeline then continues.
+WAITING_FOR_LABELS = 3
+CANDIDATES = "candidates.jsonl"
+
+
+def candidate_records(prompts: list[str], groups: list[list[str]]) -> list[dict]:
+    """Candidates to rank; groups whose K responses are all the same are left out (no
+    ranking of them could carry a preference)."""
+    return [
+        {"prompt": p, "responses": list(g)}
+        for p, g in zip(prompts, groups, strict=True)
+        if len(set(g)) > 1
+    ]
+
+
+def label_meta(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """What the candidates were sampled with (checked on resume) and what `flaxlm label
+    --agreement` needs: the task and the simulated labeler to compare with."""
+    labeler = {k: v for k, v in config.labeler.to_dict().items() if k != "kind"}
+    return {"task": config.task, "seed": config.seed, "rm_data": config.rm_data.to_dict()} | {
+        "labeler": labeler
+    }
+
+
+def human_rm_data_status(
+    config: ml_collections.ConfigDict, directory: pathlib.Path, task: Any
+) -> int:
+    """0 once every candidate has an answer (the summary then gets the human figures);
+    otherwise a line saying how many remain and how to rank them, and WAITING_FOR_LABELS."""
+    from rlhf import label_agreement, label_store
+    from rlhf.labeler import Labeler, pairwise_agreement
+
+    meta = json.loads((directory / "label.json").read_text())
+    current = label_meta(config)
+    changed = [k for k in ("task", "seed", "rm_data") if meta.get(k) != current[k]]
+    if changed:
+        raise ValueError(
+            f"{directory / CANDIDATES} was sampled with another {', '.join(changed)}; rerun "
+            "with --from-stage rm_data (the old directory is kept under replaced/)"
+        )
+    store = label_store.LabelStore(directory)
+    counts = label_store.summary(store)
+    if counts["remaining"]:
+        print(
+            f"rm_data: {counts['remaining']} of {counts['candidates']} prompts still unranked "
+            f"({counts['rankings']} rankings so far): run `flaxlm label --workdir {directory}`, "
+            "then rerun this command",
+            file=sys.stderr,
+        )
+        return WAITING_FOR_LABELS
+    if not counts["rankings"]:
+        raise ValueError(f"{directory}: every prompt was skipped; nothing to train on")
+    rows = label_agreement.agreement_rows(store, task, Labeler(**meta["labeler"]))
+    path = directory / "summary.json"
+    summary = json.loads(path.read_text())
+    # The keys the simulated path writes (the report reads them), pooled over labelers.
+    agree, pairs = 0.0, 0
+    for answer, _, _ in store.answers():
+        if answer.ranking is not None:
+            c = store.by_id[answer.id]
+            scores = [float(task.score(c.prompt, r)) for r in c.responses]
+            a, n = pairwise_agreement(scores, answer.ranking)
+            agree, pairs = agree + a, pairs + n
+    summary["ranked"] |= {
+        "groups": counts["rankings"],
+        "labeler_agreement": agree / pairs if pairs else float("nan"),
+        "pairs": pairs,
+        "human": counts | {"agreement": rows},
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    tmp.replace(path)
+    print(f"rm_data: human rankings: {json.dumps(counts)}")
     return 0
 
 
