@@ -32,7 +32,9 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec
 
+from model import lora
 from train import distributed
 
 ITEMS = ("state", "data", "meta")
@@ -594,7 +596,17 @@ def load_params(parent: Parent, target: Any, init: Any | None = None, new: tuple
     Top-level parameters named in `new` may be absent from the parent (fresh heads such
     as `scalar_head`); they are taken from `init`. Any other absent parameter, or a leaf
     whose shape differs, is refused with its path.
+
+    LoRA (model/lora.py): a parent holding adapters (`params["lora"]`) is read merged,
+    W + (alpha/rank) * A @ B with its meta's `lora` settings, so every reader of its
+    weights (a later stage's init_from, references, sample, export) gets the function it
+    trained. The target's own adapters are never read from the parent: they come from
+    `init` (fresh), or are left out when `init` is None (the merged base alone computes
+    the same function as zero-initialized adapters).
     """
+    own_adapters = target.get(lora.LORA_KEY) if isinstance(target, dict) else None
+    if own_adapters is not None:
+        target = {k: v for k, v in target.items() if k != lora.LORA_KEY}
     status = _integrity_status(parent.checkpoint)
     if status not in ("ok", "unverified"):  # no manifest: an older checkpoint, read as before
         raise InitFromError(f"init_from={parent.checkpoint} is damaged ({status})")
@@ -605,9 +617,12 @@ def load_params(parent: Parent, target: Any, init: Any | None = None, new: tuple
     absl_logger.setLevel(logging.ERROR)  # reading one item warns that the step metadata is absent
     try:
         saved = checkpointer.metadata(directory).item_metadata.tree.get("params") or {}
-        return _restore_params(parent, checkpointer, directory, saved, target, init, new)
+        params = _restore_params(parent, checkpointer, directory, saved, target, init, new)
     finally:
         absl_logger.setLevel(level)
+    if own_adapters is not None and init is not None:
+        params[lora.LORA_KEY] = init[lora.LORA_KEY]
+    return params
 
 
 def _restore_params(
@@ -649,6 +664,14 @@ def _restore_params(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), restore
         )
     }
+    adapters = saved.get(lora.LORA_KEY) if isinstance(saved, dict) else None
+    if adapters:  # a LoRA checkpoint: read its (small) adapters replicated, then merge
+        first = jax.tree.leaves(restore)[0].sharding
+        named = isinstance(first, NamedSharding)
+        replicated = NamedSharding(first.mesh, PartitionSpec()) if named else first
+        item["params"][lora.LORA_KEY] = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=replicated), adapters
+        )
     restored = checkpointer.restore(
         directory,
         args=ocp.args.PyTreeRestore(
@@ -657,4 +680,21 @@ def _restore_params(
             partial_restore=True,
         ),
     )["params"]
+    if adapters:
+        restored = _merge_adapters(parent, restored, jax.tree.map(lambda x: x.sharding, restore))
     return {**restored, **fresh}
+
+
+def _merge_adapters(parent: Parent, restored: dict, shardings: Any) -> dict:
+    """The parent's base parameters with its adapters merged in, on `shardings`."""
+    try:
+        settings = lora.LoraConfig.from_dict(parent.meta.get("lora"))
+    except ValueError as err:
+        raise InitFromError(f"init_from={parent.checkpoint}: its meta's lora: {err}") from None
+    if not settings.enabled:
+        raise InitFromError(
+            f"init_from={parent.checkpoint} holds LoRA adapters but its meta records no "
+            "lora rank and alpha to merge them with"
+        )
+    merge = jax.jit(lambda p: lora.merge(p, settings.scale), out_shardings=shardings)
+    return merge(restored)

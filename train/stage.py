@@ -18,6 +18,7 @@ import ml_collections
 
 from configs import loader
 from configs.meshes import apply_mesh_preset
+from model import lora
 from model import sharding as sh
 from train import distributed
 from train.checkpoint import (
@@ -139,16 +140,20 @@ def restore_or_start(
     shardings: Any,
     batches: Any,
     model_dict: dict | None = None,
+    lora_dict: dict | None = None,
 ) -> tuple[Any, dict | None]:
     """Continue from the newest intact checkpoint, if any (state and data position).
 
-    A checkpoint whose model config differs from `model_dict` is refused (StageError),
+    A checkpoint whose model config differs from `model_dict`, or whose LoRA adapters
+    differ from `lora_dict` (the meta's `lora`, {} without), is refused (StageError),
     never treated as damaged."""
     abstract = abstract_with_shardings(jax.eval_shape(lambda: state), shardings)
 
     def check(meta: dict) -> None:
         if model_dict is not None and "model" in meta:
             check_model_shape(meta["model"], model_dict)
+        if lora_dict is not None:
+            check_lora_resume(meta.get("lora"), lora_dict)
 
     restored = checkpointer.restore(abstract, check_meta=check)
     if restored is None:
@@ -160,17 +165,34 @@ def restore_or_start(
     return new_state, meta
 
 
-def check_workdir_model(workdir: pathlib.Path, model_dict: dict | None) -> None:
+def check_workdir_model(
+    workdir: pathlib.Path, model_dict: dict | None, lora_dict: dict | None = None
+) -> None:
     """Refuse, before anything is written, to resume a workdir whose newest checkpoint
     holds another model shape (its config.json and checkpoints stay as they are).
     Numerics that leave shapes alone (dtype, remat, dropout, ...) may change on resume."""
     if model_dict is None or not (workdir / "checkpoints").is_dir():
         return
     try:
-        saved = read_parent(workdir).model
+        saved = read_parent(workdir)
     except InitFromError:  # no readable checkpoint yet: nothing to protect
         return
-    check_model_shape(saved, model_dict)
+    check_model_shape(saved.model, model_dict)
+    if lora_dict is not None:
+        check_lora_resume(saved.meta.get("lora"), lora_dict)
+
+
+def check_lora_resume(saved: dict | None, current: dict) -> None:
+    """Refuse to resume adapters of another rank or targets (or none, or new ones):
+    their shapes differ. alpha may change, like the other numerics."""
+    saved, current = saved or {}, current or {}
+    for key in ("rank", "targets"):
+        if saved.get(key) != current.get(key):
+            raise StageError(
+                f"model.lora.{key}={current.get(key)!r}: the workdir's checkpoint was made "
+                f"with model.lora.{key}={saved.get(key)!r}; use a new --workdir or the "
+                "original settings"
+            )
 
 
 def check_model_shape(saved: dict, model_dict: dict) -> None:
@@ -211,7 +233,7 @@ def run_stage(
         validate_common(config)
         parts = build()
         distributed.check_same_everywhere(_host_invariant(parts["meta"]), "resolved config")
-        check_workdir_model(workdir, parts["meta"].get("model"))
+        check_workdir_model(workdir, parts["meta"].get("model"), parts["meta"].get("lora", {}))
     except (loader.ConfigError, StageError, ValueError, FileNotFoundError, TypeError) as err:
         print(f"flaxlm {prog}: error: {err}", file=sys.stderr)
         return 2
@@ -237,6 +259,7 @@ def run_stage(
             parts["shardings"],
             batches,
             parts["meta"].get("model"),
+            parts["meta"].get("lora", {}),
         )
         settings: LoopSettings = parts["settings"]
         if int(state.step) >= settings.total_steps:
@@ -326,12 +349,14 @@ def stage_parts(
             f"split the batch (mesh.data x mesh.fsdp); use a multiple of {split}"
         )
 
+    adapters = lora.from_config(config)
     meta = {
         "stage": stage,
         "config": config.to_dict(),
         "model": model_cfg.to_dict(),
         "tokenizer": {"path": TOKENIZER_DIR, "fingerprint": tokenizer.fingerprint},
         "lineage": lineage,
+        **({"lora": adapters.to_dict()} if adapters.enabled else {}),  # model/lora.py
         **(extra_meta or {}),
     }
     return {
