@@ -30,7 +30,7 @@ from model.gguf import GGUFError, GGUFModel
 from model.gguf_tokenizer import fingerprint, tokenizer_files, write_files
 from model.transformer import Transformer
 from train.checkpoint import Checkpointer, lineage, write_json
-from train.hf_cli import HFCommandError, parse_mesh, placement
+from train.hf_cli import HFCommandError, add_import_args, parse_mesh, placement
 from train.stage import TOKENIZER_DIR
 
 STAGE = "import-gguf"
@@ -100,11 +100,7 @@ def main(argv: Sequence[str]) -> int:
         description="import a llama.cpp GGUF file (llama architecture) as a checkpoint",
     )
     parser.add_argument("--gguf", required=True, help="the .gguf file")
-    parser.add_argument("--workdir", required=True, help="the flaxlm workdir to create")
-    parser.add_argument("--dtype", default=None, help="compute dtype (default float32)")
-    parser.add_argument("--mesh", default=None, help="DATA,FSDP,TENSOR (default FSDP over all)")
-    parser.add_argument("--strategy", default="fsdp", help="dp, fsdp, tp or fsdp_tp")
-    parser.add_argument("--no-scan", action="store_true", help="per-layer params (layers_i)")
+    add_import_args(parser, "compute dtype (default float32)")
     args = parser.parse_args(argv)
     try:
         path = import_gguf(

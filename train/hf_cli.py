@@ -324,17 +324,22 @@ def export_main(argv: Sequence[str]) -> int:
     return _run("export-hf", go)
 
 
+def add_import_args(parser: argparse.ArgumentParser, dtype_help: str) -> None:
+    """The options every import command shares: where to write, and the placement."""
+    parser.add_argument("--workdir", required=True, help="the flaxlm workdir to create")
+    parser.add_argument("--dtype", default=None, help=dtype_help)
+    parser.add_argument("--mesh", default=None, help="DATA,FSDP,TENSOR (default FSDP over all)")
+    parser.add_argument("--strategy", default="fsdp", help="dp, fsdp, tp or fsdp_tp")
+    parser.add_argument("--no-scan", action="store_true", help="per-layer params (layers_i)")
+
+
 def import_main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="flaxlm import-hf",
         description="import a Hugging Face Llama, Qwen2, Mistral or Gemma model as a checkpoint",
     )
     parser.add_argument("--hf", required=True, help="directory with config.json + safetensors")
-    parser.add_argument("--workdir", required=True, help="the flaxlm workdir to create")
-    parser.add_argument("--dtype", default=None, help="compute dtype (default: the checkpoint's)")
-    parser.add_argument("--mesh", default=None, help="DATA,FSDP,TENSOR (default FSDP over all)")
-    parser.add_argument("--strategy", default="fsdp", help="dp, fsdp, tp or fsdp_tp")
-    parser.add_argument("--no-scan", action="store_true", help="per-layer params (layers_i)")
+    add_import_args(parser, "compute dtype (default: the checkpoint's)")
     args = parser.parse_args(argv)
 
     def go() -> None:
