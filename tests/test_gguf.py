@@ -453,3 +453,26 @@ def test_smollm_chat_answer_matches_transformers(smollm):
     theirs = [t for t in out[0, len(prompt) :].tolist() if t != end]
     assert policy.tokenizer.encode(text) == theirs
     assert "Paris" in text
+
+
+@needs_smollm
+def test_smollm_template_masks_each_reply_and_its_end(smollm):
+    """SFT/RM masks on SmolLM2's own ChatML template (read from the GGUF metadata)."""
+    from model.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(smollm["workdir"] / "tokenizer")
+    chat = [
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": "Blue."},
+        {"role": "user", "content": "Another?"},
+        {"role": "assistant", "content": "Green, or red."},
+    ]
+    ids, mask = tokenizer.encode_chat(chat)
+    runs, start = [], None
+    for i, m in enumerate([*mask.tolist(), 0]):
+        if m and start is None:
+            start = i
+        elif not m and start is not None:
+            runs.append(tokenizer._tok.decode(ids[start:i].tolist(), skip_special_tokens=False))
+            start = None
+    assert runs == ["Blue.<|im_end|>", "Green, or red.<|im_end|>"]
