@@ -115,6 +115,8 @@ def validate_common(config: ml_collections.ConfigDict) -> None:
         "log.every_steps",
         "checkpoint.max_to_keep",
     )
+    if "lora" in config.get("model", {}):
+        lora.from_config(config)  # bad model.lora.* keys fail here, naming the key
     if config.nonfinite not in NONFINITE_POLICIES:
         raise StageError(f"nonfinite={config.nonfinite!r}: choose from {NONFINITE_POLICIES}")
     for key in ("eval.every_steps", "checkpoint.every_steps"):
