@@ -202,6 +202,7 @@ def check_oracle_experience(
             parts["sampling"],
             mesh,
             rules,
+            parts["tokenizer"],
         )
     beta = state.kl_coef
     scored, exp, metrics, scores = parts["scoring"](state, rollout, beta)
