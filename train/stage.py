@@ -199,8 +199,9 @@ def check_lora_resume(saved: dict | None, current: dict) -> None:
 
 def check_model_shape(saved: dict, model_dict: dict) -> None:
     """Refuse (StageError, naming the key) a model config whose parameter shapes differ
-    from those of a checkpoint's `saved` one."""
-    saved = with_shape_defaults(saved)
+    from those of a checkpoint's `saved` one. A field either side lacks reads as its
+    default (what the model meant before the field existed)."""
+    saved, model_dict = with_shape_defaults(saved), with_shape_defaults(model_dict)
     check_resume_compatible(
         {f"model.{k}": v for k, v in saved.items()},
         {f"model.{k}": v for k, v in model_dict.items()},
