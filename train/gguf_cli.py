@@ -23,15 +23,19 @@ import sys
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 
 from model import hf
 from model.gguf import GGUFError, GGUFModel
 from model.gguf_tokenizer import fingerprint, tokenizer_files, write_files
 from model.transformer import Transformer
-from train.checkpoint import Checkpointer, lineage, write_json
-from train.hf_cli import HFCommandError, add_import_args, parse_mesh, placement
-from train.stage import TOKENIZER_DIR
+from train.hf_cli import (
+    HFCommandError,
+    add_import_args,
+    parse_mesh,
+    placement,
+    refuse_used_workdir,
+    write_imported,
+)
 
 STAGE = "import-gguf"
 
@@ -60,8 +64,7 @@ def import_gguf(
     except ValueError as err:
         raise GGUFError(f"{gguf_path}: {err}") from None
     files = tokenizer_files(model_file)
-    if (workdir / "checkpoints").is_dir() and any((workdir / "checkpoints").iterdir()):
-        raise HFCommandError(f"--workdir={workdir} already holds checkpoints")
+    refuse_used_workdir(workdir)
     heads = {"lm_head": True, "scalar_head": False}
     mesh, _, target = placement(Transformer(cfg, **heads), mesh_shape, strategy)
     # Shards of one stacked parameter each read all its layers: keep one parameter's
@@ -76,22 +79,17 @@ def import_gguf(
         "gguf_types": model_file.types(),
         "hf_config": hf_config,
     }
-    meta = {
-        "stage": STAGE,
-        "config": config,
-        "model": cfg.to_dict(),
-        "heads": heads,
-        "tokenizer": {"path": TOKENIZER_DIR, "fingerprint": fingerprint(files)},
-        "lineage": lineage(STAGE, str(gguf_path)),
-    }
-    workdir.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-        write_files(files, workdir / TOKENIZER_DIR)
-        write_json(workdir / "config.json", {**config, "model": cfg.to_dict()})
-    checkpointer = Checkpointer(workdir, max_to_keep=1, async_save=False)
-    checkpointer.save(0, {"step": jnp.zeros((), jnp.int32), "params": params}, None, meta)
-    checkpointer.close()
-    return workdir / "checkpoints" / "0"
+    return write_imported(
+        workdir,
+        str(gguf_path),
+        STAGE,
+        config,
+        cfg,
+        heads,
+        params,
+        fingerprint(files),
+        lambda directory: write_files(files, directory),
+    )
 
 
 def main(argv: Sequence[str]) -> int:

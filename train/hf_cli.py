@@ -249,8 +249,7 @@ def import_hf(
     reader = hf_files.SafetensorsDir(hf_dir)
     hf.check_names(reader.names(), cfg, heads["lm_head"], reward)
     tokenizer = hf_tokenizer(hf_dir, cfg.vocab_size)
-    if (workdir / "checkpoints").is_dir() and any((workdir / "checkpoints").iterdir()):
-        raise HFCommandError(f"--workdir={workdir} already holds checkpoints")
+    refuse_used_workdir(workdir)
     model = Transformer(cfg, **heads)
     _, _, target = placement(model, mesh_shape, strategy)
     bias = float((hf_config.get("flaxlm") or {}).get("scalar_bias", 0.0))
@@ -259,24 +258,52 @@ def import_hf(
     finally:
         reader.close()
     config = {"stage": STAGE, "hf_dir": str(hf_dir), "hf_config": hf_config}
+    save = None if tokenizer is None else tokenizer.save
+    fingerprint = None if tokenizer is None else tokenizer.fingerprint
+    return write_imported(
+        workdir, str(hf_dir), STAGE, config, cfg, heads, params, fingerprint, save
+    )
+
+
+def refuse_used_workdir(workdir: pathlib.Path) -> None:
+    """An import writes a new workdir: one that holds checkpoints is refused."""
+    if (workdir / "checkpoints").is_dir() and any((workdir / "checkpoints").iterdir()):
+        raise HFCommandError(f"--workdir={workdir} already holds checkpoints")
+
+
+def write_imported(
+    workdir: pathlib.Path,
+    source: str,
+    stage: str,
+    config: dict[str, Any],
+    cfg: ModelConfig,
+    heads: dict[str, bool],
+    params: Any,
+    tokenizer_fingerprint: str | None,
+    save_tokenizer: Any = None,
+) -> pathlib.Path:
+    """An imported model's workdir: config.json, the tokenizer (`save_tokenizer(dir)`, when
+    there is one) and checkpoint 0 holding the parameters only, with the meta every stage
+    reads (stage, model, heads, tokenizer, lineage from `source`). Returns the checkpoint
+    dir."""
+    tokenizer = None
+    if tokenizer_fingerprint is not None:
+        tokenizer = {"path": TOKENIZER_DIR, "fingerprint": tokenizer_fingerprint}
     meta = {
-        "stage": STAGE,
+        "stage": stage,
         "config": config,
         "model": cfg.to_dict(),
         "heads": heads,
-        "tokenizer": None,
-        "lineage": lineage(STAGE, str(hf_dir)),
+        "tokenizer": tokenizer,
+        "lineage": lineage(stage, source),
     }
-    if tokenizer is not None:
-        meta["tokenizer"] = {"path": TOKENIZER_DIR, "fingerprint": tokenizer.fingerprint}
     workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
-        if tokenizer is not None:
-            tokenizer.save(workdir / TOKENIZER_DIR)
+        if save_tokenizer is not None:
+            save_tokenizer(workdir / TOKENIZER_DIR)
         write_json(workdir / "config.json", {**config, "model": cfg.to_dict()})
     checkpointer = Checkpointer(workdir, max_to_keep=1, async_save=False)
-    state = {"step": jnp.zeros((), jnp.int32), "params": params}
-    checkpointer.save(0, state, None, meta)
+    checkpointer.save(0, {"step": jnp.zeros((), jnp.int32), "params": params}, None, meta)
     checkpointer.close()
     return workdir / "checkpoints" / "0"
 
