@@ -192,8 +192,9 @@ class PretrainedTokenizer:
             if message.get("role") != "assistant":
                 continue
             begin = len(self.render(messages[:turn], add_generation_prompt=True))
-            end = len(self.render(messages[: turn + 1]))
-            if not text.startswith(self.render(messages[: turn + 1])):
+            through_reply = self.render(messages[: turn + 1])
+            end = len(through_reply)
+            if not text.startswith(through_reply):
                 raise ValueError(
                     f"the chat template of {self.source} renders turn {turn} differently "
                     "inside a longer conversation; cannot locate the reply to mask"
@@ -243,15 +244,13 @@ def load_pretrained_tokenizer(path: str | os.PathLike) -> PretrainedTokenizer:
     try:
         tokenizer_json = (directory / TOKENIZER_FILE).read_text(encoding="utf-8")
         config_file = directory / CONFIG_FILE
-        config = (
-            json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
-        )
+        config_json = config_file.read_text(encoding="utf-8") if config_file.is_file() else "{}"
+        config = json.loads(config_json)
     except (OSError, ValueError) as err:
         raise TokenizerFileError(f"tokenizer {directory}: {err}") from None
     template_file = directory / CHAT_TEMPLATE_FILE
     if not config.get("chat_template") and template_file.is_file():
+        # The template joins the config; otherwise the file's bytes are kept (fingerprint).
         config["chat_template"] = template_file.read_text(encoding="utf-8")
-    config_json = json.dumps(config, ensure_ascii=False, indent=2)
-    if config_file.is_file() and json.loads(config_file.read_text(encoding="utf-8")) == config:
-        config_json = config_file.read_text(encoding="utf-8")  # keep the bytes: fingerprint
+        config_json = json.dumps(config, ensure_ascii=False, indent=2)
     return PretrainedTokenizer(tokenizer_json, config_json, source=str(directory))
