@@ -93,6 +93,7 @@ class PretrainedTokenizer:
         added = json.loads(tokenizer_json).get("added_tokens", [])
         self._special = {int(t["id"]) for t in added if t.get("special")}
         self.end_of_turn_id: int = self._find_end_of_turn()
+        self._markers: tuple[str, str] | None = None  # see _user_turn_markers
 
     # ------------------------------------------------------------------ loading helpers
 
@@ -206,6 +207,48 @@ class PretrainedTokenizer:
                 last = stop[0] if stop.size else reply[-1]
                 mask[reply[0] : last + 1] = 1
         return ids, mask
+
+    def last_user_text(self, ids: Iterable[int]) -> str:
+        """The content of the last user turn of a chat prompt (ids as `encode_chat(...,
+        add_generation_prompt=True)` writes them, left padding allowed): what a task's
+        oracle reads as the prompt.
+
+        The template's own text locates it: the decoded prompt must end with what the
+        template writes after a user turn (e.g. `<|im_end|>\\n<|im_start|>assistant\\n`),
+        and the content starts after the last occurrence of what it writes before one.
+        """
+        opener, closer = self._user_turn_markers()
+        text = self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+        start = text.rfind(opener)
+        if start < 0 or not text.endswith(closer):
+            raise ValueError(
+                f"the prompt {text[-80:]!r} does not end with a user turn and the generation "
+                f"prompt of {self.source}'s chat template ({opener!r} ... {closer!r})"
+            )
+        return text[start + len(opener) : len(text) - len(closer)]
+
+    def _user_turn_markers(self) -> tuple[str, str]:
+        """(text before, text after) a last user turn's content with a generation prompt:
+        the common suffix of what precedes a first and a later user turn, and what follows."""
+        if self._markers is None:
+            user = {"role": "user", "content": _PROBE}
+            first = self.render([user], add_generation_prompt=True)
+            later = self.render(
+                [user, {"role": "assistant", "content": "\u2063reply\u2063"}, user],
+                add_generation_prompt=True,
+            )
+            heads = first[: first.index(_PROBE)], later[: later.rindex(_PROBE)]
+            common = 0
+            while common < min(map(len, heads)) and heads[0][-1 - common] == heads[1][-1 - common]:
+                common += 1
+            closer = first[first.index(_PROBE) + len(_PROBE) :]
+            if not common:
+                raise TokenizerFileError(
+                    f"the chat template of {self.source} writes nothing before a user turn; "
+                    "cannot locate a prompt's user text"
+                )
+            self._markers = (heads[0][len(heads[0]) - common :], closer)
+        return self._markers
 
     def save(self, directory: str | os.PathLike) -> str:
         """Write tokenizer.json and tokenizer_config.json (byte for byte as loaded)."""

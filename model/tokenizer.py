@@ -144,6 +144,16 @@ class Tokenizer:
             mask.append(0)
         return np.asarray(ids, np.int32), np.asarray(mask, np.int32)
 
+    def last_user_text(self, ids: Iterable[int]) -> str:
+        """The content of the last user turn of a chat prompt (ids as `encode_chat` writes
+        them, left padding allowed): what a task's oracle reads as the prompt."""
+        row = [int(i) for i in ids]
+        if USER_ID not in row:
+            raise ValueError("the prompt has no user turn (no <|user|> marker)")
+        start = len(row) - row[::-1].index(USER_ID)
+        end = row.index(END_ID, start) if END_ID in row[start:] else len(row)
+        return self.decode(row[start:end])
+
     def save(self, directory: str | os.PathLike) -> str:
         """Write `tokenizer.model` and `tokenizer.json` (ids, fingerprint) into `directory`."""
         os.makedirs(directory, exist_ok=True)

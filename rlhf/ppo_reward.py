@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 
 from model import sharding as sh
-from model.tokenizer import END_ID, USER_ID, AnyTokenizer
+from model.tokenizer import AnyTokenizer
 from rlhf import ppo_learner as pl
 from rlhf import rollout as ro
 from train.sft import to_host
@@ -34,13 +34,9 @@ REWARD_SOURCES = ("model", "oracle")
 
 
 def prompt_texts(tokenizer: AnyTokenizer, prompt_tokens: np.ndarray) -> list[str]:
-    """The last user turn of each left-padded chat prompt row [B, P] (for the oracle)."""
-    texts = []
-    for row in np.asarray(prompt_tokens).tolist():
-        start = len(row) - row[::-1].index(USER_ID)
-        end = row.index(END_ID, start) if END_ID in row[start:] else len(row)
-        texts.append(tokenizer.decode(row[start:end]))
-    return texts
+    """The last user turn of each left-padded chat prompt row [B, P] (for the oracle), as
+    the tokenizer's chat template locates it."""
+    return [tokenizer.last_user_text(row) for row in np.asarray(prompt_tokens).tolist()]
 
 
 def rollout_texts(tokenizer: AnyTokenizer, rollout: ro.Rollout) -> tuple[list[str], list[str]]:

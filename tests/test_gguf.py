@@ -476,3 +476,17 @@ def test_smollm_template_masks_each_reply_and_its_end(smollm):
             runs.append(tokenizer._tok.decode(ids[start:i].tolist(), skip_special_tokens=False))
             start = None
     assert runs == ["Blue.<|im_end|>", "Green, or red.<|im_end|>"]
+
+
+@needs_smollm
+def test_smollm_prompt_reads_back_for_the_oracle(smollm):
+    """An RL prompt on SmolLM2's template (default system turn first) gives the oracle the
+    user's words back."""
+    from model.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(smollm["workdir"] / "tokenizer")
+    question = "Name a fruit that is red. Answer in at most 5 words."
+    ids, _ = tokenizer.encode_chat(
+        [{"role": "user", "content": question}], add_generation_prompt=True
+    )
+    assert tokenizer.last_user_text([tokenizer.pad_id] * 3 + ids.tolist()) == question

@@ -187,3 +187,18 @@ def test_import_hf_keeps_the_checkpoints_own_tokenizer(tmp_path):
     assert exported(text, add_special_tokens=False)["input_ids"] == (
         copied.encode_chat(CHAT)[0].tolist()
     )
+
+
+@pytest.mark.parametrize("template", [SMOLLM_TEMPLATE, QWEN2_TEMPLATE, GEMMA_TEMPLATE])
+def test_last_user_text_reads_the_prompt_back(tmp_path, template):
+    """What a task's oracle sees: the last user turn's content, found through the template
+    (left padding and earlier turns around it)."""
+    tok = load_tokenizer(write_dir(tmp_path / "tok", template, bos="<bos>"))
+    for conversation, want in ((CHAT[:1], "What is 2+2?"), (CHAT[:3], "And 3+3?")):
+        ids, _ = tok.encode_chat(conversation, add_generation_prompt=True)
+        padded = [tok.pad_id] * 5 + ids.tolist()
+        assert tok.last_user_text(padded) == want
+    # A row that is not a prompt awaiting a reply is refused, not misread.
+    ids, _ = tok.encode_chat(CHAT[:2])
+    with pytest.raises(ValueError, match="does not end with a user turn"):
+        tok.last_user_text(ids)

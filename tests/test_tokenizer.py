@@ -91,6 +91,19 @@ def test_chat_template_ids_and_assistant_mask(bpe):
         bpe.encode_chat([{"role": "robot", "content": "x"}])
 
 
+def test_last_user_text_of_a_padded_prompt(bpe):
+    messages = [
+        {"role": "user", "content": "Who art thou?"},
+        {"role": "assistant", "content": "A friend."},
+        {"role": "user", "content": "Whence?"},
+    ]
+    for turns, want in ((1, "Who art thou?"), (3, "Whence?")):
+        prompt, _ = bpe.encode_chat(messages[:turns], add_generation_prompt=True)
+        assert bpe.last_user_text([tk.PAD_ID] * 4 + prompt.tolist()) == want
+    with pytest.raises(ValueError, match="no user turn"):
+        bpe.last_user_text(bpe.encode_chat(messages[1:2])[0])
+
+
 def test_save_load_and_pickle(bpe, tmp_path):
     bpe.save(tmp_path / "tok")
     loaded = tk.load_tokenizer(tmp_path / "tok")
