@@ -75,6 +75,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.stage = "pipeline"
     c.task = "uppercase"
     c.seed = 0
+    # A base model's run directory (`flaxlm import-hf` / `import-gguf`): the pipeline then
+    # skips tokenizer and pretrain, SFT starts from it, and without SFT so do the rest.
+    c.init_from = ""
     c.stages = DEFAULT_STAGES
     c.data = ml_collections.ConfigDict({"n_docs": 400, "n_sft": 2000, "n_prompts": 2000})
     c.data.n_eval = 64

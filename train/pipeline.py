@@ -64,6 +64,10 @@ NEEDS = {
     "grpo": ("reward",),
     "report": ("sft",),
 }
+# With a base model (`init_from`) there is no tokenizer or pretraining stage, and SFT is
+# optional: the stages that read the SFT policy read the base model when SFT did not run.
+NEEDS_WITH_BASE = {"sft": ("data",), "rm_data": ("data",), "report": ("data",)}
+BASE_MAKES = ("tokenizer", "pretrain")  # what a base model brings instead
 STATE_FILE = "pipeline.json"
 
 
@@ -88,7 +92,7 @@ def read_state(workdir: pathlib.Path) -> dict[str, Any]:
 
 def stage_fingerprint(config: ml_collections.ConfigDict, stage: str) -> dict[str, Any]:
     """The part of the config a stage's outputs depend on."""
-    keys = ("task", "seed", *STAGE_KEYS[stage])
+    keys = ("task", "seed", "init_from", *STAGE_KEYS[stage])
     return {k: (config[k].to_dict() if hasattr(config[k], "to_dict") else config[k]) for k in keys}
 
 
@@ -96,7 +100,7 @@ def stage_fingerprint(config: ml_collections.ConfigDict, stage: str) -> dict[str
 # the value that reproduces the behaviour from before it existed. A recorded fingerprint
 # lacking one is read as having that value, so upgrading flaxlm does not refuse a
 # finished stage over a setting it never had.
-ADDED_KEYS = {"optim.ns_steps": 5, "labeler.kind": "simulated"}
+ADDED_KEYS = {"optim.ns_steps": 5, "labeler.kind": "simulated", "init_from": ""}
 
 
 def with_added_keys(recorded: Any, current: Any, prefix: str = "") -> Any:
@@ -126,14 +130,28 @@ def changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 
 def select_stages(config: ml_collections.ConfigDict, stages: str | None) -> list[str]:
-    """The stages to run, in pipeline order; unknown names are refused by name."""
+    """The stages to run, in pipeline order; unknown names are refused by name. With a
+    base model (`init_from`) the tokenizer and pretrain stages of `config.stages` are
+    left out; asking for them with --stages is an error."""
     names = [s.strip() for s in (stages or config.stages).split(",") if s.strip()]
     unknown = [s for s in names if s not in ALL_STAGES]
     if unknown:
         raise PipelineError(f"unknown stage(s) {unknown}; choose from {list(ALL_STAGES)}")
+    if config.init_from:
+        clash = [s for s in names if s in BASE_MAKES]
+        if clash and stages:
+            raise PipelineError(
+                f"--stages {','.join(clash)} with init_from={config.init_from}: the base "
+                "model brings its own tokenizer and weights; leave them out"
+            )
+        names = [s for s in names if s not in BASE_MAKES]
     if not names:
         raise PipelineError("no stages selected")
     return [s for s in ALL_STAGES if s in names]
+
+
+def stage_needs(config: ml_collections.ConfigDict, stage: str) -> tuple[str, ...]:
+    return NEEDS_WITH_BASE.get(stage, NEEDS[stage]) if config.init_from else NEEDS[stage]
 
 
 def plan(
@@ -163,7 +181,7 @@ def plan(
                 )
     available = done | set(to_run)
     for stage in to_run:
-        missing = [n for n in NEEDS[stage] if n not in available]
+        missing = [n for n in stage_needs(config, stage) if n not in available]
         if missing:
             raise PipelineError(
                 f"stage {stage} needs {', '.join(missing)}, which has not run in this "

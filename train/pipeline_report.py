@@ -22,9 +22,17 @@ import numpy as np
 
 from rlhf.tasks import load_task
 from train.metrics import read_metrics
-from train.pipeline_stages import TRAINING, data_paths, read_prompts
+from train.pipeline_stages import TRAINING, data_paths, read_prompts, start_policy
 
 POLICY_STAGES = ("sft", "ppo", "ppo_oracle", "dpo", "grpo")
+
+
+def policy_dir(
+    config: ml_collections.ConfigDict, workdir: pathlib.Path, stage: str
+) -> pathlib.Path:
+    """A policy stage's run directory; "sft" is the policy RL started from (the base model
+    when a pipeline with `init_from` ran no SFT)."""
+    return start_policy(config, workdir) if stage == "sft" else workdir / stage
 
 
 def last(rows: list[dict], key: str) -> float | None:
@@ -131,7 +139,7 @@ def sample_answers(
     from rlhf import rollout as ro
     from train.sample import Policy
 
-    policy = Policy(str(workdir / stage))
+    policy = Policy(str(policy_dir(config, workdir, stage)))
     sampling = ro.sampling_for(
         SamplingConfig(temperature=temperature), policy.config.vocab_size, policy.tokenizer
     )
@@ -162,7 +170,7 @@ def rlhf_eval(
 
     if not (workdir / "reward" / CALIBRATION_FILE).is_file():
         return None
-    argv = ["--sft", str(workdir / "sft"), "--reward", str(workdir / "reward")]
+    argv = ["--sft", str(start_policy(config, workdir)), "--reward", str(workdir / "reward")]
     for stage in stages:
         argv += ["--policy", str(workdir / stage)]
     argv += ["--prompts", str(data_paths(workdir)["eval_prompts"]), "--task", config.task]
@@ -181,7 +189,7 @@ def evaluate_policies(
     reward model ran) and its greedy answers. Also best-of-n on the SFT samples."""
     task = load_task(config.task)
     prompts = read_prompts(data_paths(workdir)["eval_prompts"])
-    stages = [s for s in POLICY_STAGES if (workdir / s / "checkpoints").is_dir()]
+    stages = [s for s in POLICY_STAGES if (policy_dir(config, workdir, s) / "checkpoints").is_dir()]
     evaluated = rlhf_eval(config, workdir, [s for s in stages if s != "sft"])
     results: dict[str, dict] = {}
     if evaluated is not None:

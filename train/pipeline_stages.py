@@ -40,9 +40,24 @@ def data_paths(workdir: pathlib.Path) -> dict[str, pathlib.Path]:
     }
 
 
+def start_policy(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> pathlib.Path:
+    """The policy the reward model and RL start from: DIR/sft once the SFT stage has run
+    here, else the base model (`init_from`, e.g. an imported checkpoint) as it is."""
+    sft = workdir / "sft"
+    if config.init_from and not (sft / "checkpoints").is_dir():
+        return pathlib.Path(config.init_from)
+    return sft
+
+
 def check(config: ml_collections.ConfigDict) -> None:
-    """Fail before anything is written: the task loads, K >= 2, sections exist."""
+    """Fail before anything is written: the task loads, K >= 2, sections exist, the base
+    model (`init_from`) is a run directory."""
     load_task(config.task)  # ValueError naming the task path
+    if config.init_from and not (pathlib.Path(config.init_from) / "checkpoints").is_dir():
+        raise ValueError(
+            f"init_from={config.init_from}: not a flaxlm run directory (no checkpoints/); "
+            "import a checkpoint first with `flaxlm import-hf` or `flaxlm import-gguf`"
+        )
     if config.rm_data.k < 2:
         raise ValueError(f"rm_data.k={config.rm_data.k}: the labeler needs K >= 2")
     if config.rm_data.num_prompts < 1 or config.rm_data.num_prompts > config.data.n_prompts:
@@ -69,27 +84,28 @@ def stage_config(
 ) -> ml_collections.ConfigDict:
     """The stage's section of the pipeline config with the links to the other stages."""
     p = data_paths(workdir)
+    policy = start_policy(config, workdir)
     c = ml_collections.ConfigDict(config[SECTION.get(stage, stage)].to_dict())  # a copy
     links: dict[str, Any] = {"seed": config.seed, "data.data_dir": str(workdir / "tfds")}
     if stage == "pretrain":
         links |= {"data.path": p["pretrain"], "data.tokenizer": p["tokenizer"]}
         links |= {"data.doc_mode": "blank_line"}
     elif stage == "sft":
-        links |= {"init_from": workdir / "pretrain", "data.path": p["sft"]}
+        links |= {"init_from": config.init_from or workdir / "pretrain", "data.path": p["sft"]}
         links |= {"eval.path": p["sft_eval"]}
     elif stage == "reward":
-        links |= {"init_from": workdir / "sft", "data.path": p["ranked"]}
+        links |= {"init_from": policy, "data.path": p["ranked"]}
         links |= {"eval.path": p["ranked_eval"], "calibration.prompts_path": p["eval_prompts"]}
         links |= {"reward.max_responses": config.rm_data.k}
         if not has_records(p["ranked_eval"]):  # every held-out group tied: nothing to score
             links |= {"eval.path": "", "eval.every_steps": 0}
     elif stage in ("ppo", "ppo_oracle", "grpo"):
-        links |= {"init_from": workdir / "sft", "reward_from": workdir / "reward"}
+        links |= {"init_from": policy, "reward_from": workdir / "reward"}
         links |= {"data.path": p["prompts"], "eval.path": p["eval_prompts"], "task": config.task}
         if stage == "ppo_oracle":
             links |= {"ppo.reward": "oracle"}
     elif stage == "dpo":
-        links |= {"init_from": workdir / "sft", "data.path": p["ranked"]}
+        links |= {"init_from": policy, "data.path": p["ranked"]}
         links |= {"eval.path": p["ranked_eval"], "task": config.task}
     with c.unlocked():
         for key, value in links.items():
@@ -171,7 +187,7 @@ def run_rm_data(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> int
     human = config.labeler.kind == "human"
     if human and (p["ranked"].parent / CANDIDATES).is_file():
         return human_rm_data_status(config, p["ranked"].parent, task)
-    policy = Policy(str(workdir / "sft"))
+    policy = Policy(str(start_policy(config, workdir)))
     sampling = ro.sampling_for(
         SamplingConfig(temperature=r.temperature), policy.config.vocab_size, policy.tokenizer
     )

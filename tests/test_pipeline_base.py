@@ -1,0 +1,156 @@
+"""The pipeline on a base model imported from Hugging Face files (`init_from`): the
+model's own byte-level BPE tokenizer and ChatML template, no tokenizer or pretrain stage;
+SFT from the import, then rm_data, the reward model, PPO, DPO, GRPO and the report; and
+the same without SFT (the reward model and RL start from the import itself)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from train import pipeline
+from train.checkpoint import read_parent
+from train.metrics import read_metrics
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = f"{ROOT / 'configs' / 'pipeline.py'}:tiny"
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+RL_STAGES = ("reward", "ppo", "dpo", "grpo")
+
+
+def write_tokenizer(directory: pathlib.Path, corpus: list[str]) -> int:
+    """A byte-level BPE tokenizer trained on the task's text, ChatML specials; its size."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([*corpus, "user\nassistant\nsystem\n"], trainer)
+    directory.mkdir(parents=True)
+    tok.save(str(directory / "tokenizer.json"))
+    config = {"bos_token": None, "eos_token": "<|endoftext|>", "chat_template": CHATML}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    return tok.get_vocab_size()
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> pathlib.Path:
+    """A random 2-layer Llama with the tokenizer above, saved by transformers and imported."""
+    transformers = pytest.importorskip("transformers")
+    from train import hf_cli
+
+    root = tmp_path_factory.mktemp("base")
+    corpus = PromptCheckingTask().pretraining_corpus(np.random.default_rng(0), 20)
+    vocab = write_tokenizer(root / "hf", corpus)
+    config = transformers.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+    )
+    transformers.LlamaForCausalLM(config).save_pretrained(root / "hf")
+    hf_cli.import_hf(root / "hf", root / "imported")
+    return root / "imported"
+
+
+WORDS = ("cat", "dog", "bee", "owl", "ant", "elk", "ram", "yak")
+WORDS += ("cod", "eel", "emu", "fox", "gnu", "hen", "jay", "koi")
+
+
+class PromptCheckingTask:
+    """A task whose oracle refuses a prompt it did not write: PPO and GRPO read each prompt
+    back from the policy's tokens through the chat template, so a misread prompt (the role
+    header or the generation prompt left in) stops the stage. Its score, the share of
+    letters "a" in the first 8 characters, differs between an untrained model's samples."""
+
+    PROMPTS = tuple(f"say {a} {b}" for a in WORDS[:8] for b in WORDS[8:])
+
+    def prompts(self, rng: np.random.Generator, n: int) -> list[str]:
+        return [self.PROMPTS[i] for i in rng.integers(0, len(self.PROMPTS), n)]
+
+    def demonstration(self, prompt: str, rng: np.random.Generator) -> str:
+        return "a " + prompt.split()[-1]
+
+    def score(self, prompt: str, response: str) -> float:
+        if prompt not in self.PROMPTS:
+            raise ValueError(f"the oracle was given {prompt!r}, not a prompt of the task")
+        return response[:8].count("a") / 8
+
+    def pretraining_corpus(self, rng: np.random.Generator, n_docs: int) -> list[str]:
+        return [" ".join(self.PROMPTS)] * n_docs
+
+
+TASK = "--config.task=tests.test_pipeline_base:PromptCheckingTask"
+
+
+def run(workdir: pathlib.Path, base: pathlib.Path, stages: str, *extra: str) -> int:
+    argv = ["--config", TINY, "--workdir", str(workdir), f"--config.init_from={base}", TASK]
+    argv += [f"--config.stages={stages}"]
+    return pipeline.main([*argv, *extra])
+
+
+def test_every_stage_runs_from_an_imported_model(tmp_path, base):
+    workdir = tmp_path / "run"
+    stages = "data,tokenizer,pretrain,sft,rm_data,reward,ppo,dpo,grpo,report"
+    assert run(workdir, base, stages) == 0
+    assert not (workdir / "tokenizer").exists() and not (workdir / "pretrain").exists()
+    fingerprint = read_parent(base).tokenizer_fingerprint
+    assert read_parent(workdir / "sft").meta["lineage"]["parent"].startswith(str(base))
+    for stage in ("sft", *RL_STAGES):
+        assert read_parent(workdir / stage).tokenizer_fingerprint == fingerprint, stage
+    for stage in RL_STAGES:
+        parent = pathlib.Path(read_parent(workdir / stage).meta["lineage"]["parent"])
+        assert parent.parent.parent == (workdir / "sft").resolve(), stage
+    for stage in ("ppo", "grpo"):  # the oracle scored every rollout (and refused none)
+        assert any("oracle_score" in r for r in read_metrics(workdir / stage)), stage
+    summary = json.loads((workdir / "summary.json").read_text())
+    for stage in ("sft", "ppo", "dpo", "grpo"):
+        assert f"{stage}_oracle_greedy" in summary, (stage, summary)
+
+
+def test_without_sft_the_stages_read_the_base_model(tmp_path, base):
+    """Links only (no training): with no SFT run, rm_data's policy, the reward model and
+    every RL stage start from the imported model; once SFT has run, from it."""
+    from configs import pipeline as pipeline_config
+    from train import pipeline_stages
+
+    config = pipeline_config.get_config("tiny")
+    config.init_from = str(base)
+    workdir = tmp_path / "run"
+    assert pipeline_stages.start_policy(config, workdir) == base
+    for stage in ("reward", "ppo", "dpo", "grpo"):
+        linked = pipeline_stages.stage_config(config, stage, workdir)
+        assert linked.init_from == str(base), stage
+    assert pipeline_stages.stage_config(config, "sft", workdir).init_from == str(base)
+    (workdir / "sft" / "checkpoints").mkdir(parents=True)
+    assert pipeline_stages.stage_config(config, "ppo", workdir).init_from == str(workdir / "sft")
+    selected = pipeline.select_stages(config, None)
+    assert "pretrain" not in selected and "tokenizer" not in selected
+    assert pipeline.plan(config, ["data", "rm_data", "reward", "ppo"], {"stages": {}}, None)
+
+
+def test_base_model_refusals(tmp_path, base, capsys):
+    workdir = tmp_path / "run"
+    argv = ["--config", TINY, "--workdir", str(workdir)]
+    assert pipeline.main([*argv, f"--config.init_from={base}", "--stages", "data,pretrain"]) == 2
+    assert "--stages pretrain with init_from" in capsys.readouterr().err
+    missing = tmp_path / "nothing"
+    assert pipeline.main([*argv, f"--config.init_from={missing}"]) == 2
+    assert f"init_from={missing}: not a flaxlm run directory" in capsys.readouterr().err
