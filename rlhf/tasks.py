@@ -56,11 +56,12 @@ def load_task(path: str, **kwargs: Any) -> PreferenceTask:
     """`"module:Class"` (e.g. `rlhf.tasks:Addition`) -> an instance built with **kwargs.
 
     The tasks here also answer to their short names (`TASKS`: "addition",
-    "next_letter", "sort", "uppercase").
+    "next_letter", "sort", "uppercase"), and so do those of `rlhf.more_tasks` and
+    `rlhf.nl_tasks` (`short_names()`).
     Raises ValueError naming what is wrong: the format, the module, the attribute, or a
     missing method of the interface.
     """
-    path = TASKS.get(path, path)
+    path = short_names().get(path, path)
     module_name, sep, attr = path.partition(":")
     if not sep or not module_name or not attr:
         raise ValueError(f"task={path!r}: expected 'module:Class', e.g. 'rlhf.tasks:Addition'")
@@ -81,6 +82,16 @@ def load_task(path: str, **kwargs: Any) -> PreferenceTask:
 
 
 _METHODS = ("prompts", "demonstration", "score", "pretraining_corpus")
+
+
+def short_names() -> dict[str, str]:
+    """Every short task name -> "module:Class": `TASKS` plus the other task modules'.
+
+    Imported here rather than at the top because those modules import this one."""
+    from rlhf.more_tasks import MORE_TASKS
+    from rlhf.nl_tasks import NL_TASKS
+
+    return TASKS | MORE_TASKS | NL_TASKS
 
 
 def _check_p(p_correct: float) -> None:
