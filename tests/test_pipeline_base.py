@@ -27,7 +27,7 @@ SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 RL_STAGES = ("reward", "ppo", "dpo", "grpo")
 
 
-def write_tokenizer(directory: pathlib.Path, corpus: list[str]) -> int:
+def write_tokenizer(directory: pathlib.Path, corpus: list[str], template: str | None) -> int:
     """A byte-level BPE tokenizer trained on the task's text, ChatML specials; its size."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -41,20 +41,20 @@ def write_tokenizer(directory: pathlib.Path, corpus: list[str]) -> int:
     tok.train_from_iterator([*corpus, "user\nassistant\nsystem\n"], trainer)
     directory.mkdir(parents=True)
     tok.save(str(directory / "tokenizer.json"))
-    config = {"bos_token": None, "eos_token": "<|endoftext|>", "chat_template": CHATML}
+    config = {"bos_token": None, "eos_token": "<|endoftext|>"}
+    if template is not None:
+        config["chat_template"] = template
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
     return tok.get_vocab_size()
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> pathlib.Path:
+def import_base(root: pathlib.Path, template: str | None) -> pathlib.Path:
     """A random 2-layer Llama with the tokenizer above, saved by transformers and imported."""
     transformers = pytest.importorskip("transformers")
     from train import hf_cli
 
-    root = tmp_path_factory.mktemp("base")
     corpus = PromptCheckingTask().pretraining_corpus(np.random.default_rng(0), 20)
-    vocab = write_tokenizer(root / "hf", corpus)
+    vocab = write_tokenizer(root / "hf", corpus, template)
     config = transformers.LlamaConfig(
         vocab_size=vocab,
         hidden_size=64,
@@ -68,6 +68,11 @@ def base(tmp_path_factory) -> pathlib.Path:
     transformers.LlamaForCausalLM(config).save_pretrained(root / "hf")
     hf_cli.import_hf(root / "hf", root / "imported")
     return root / "imported"
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> pathlib.Path:
+    return import_base(tmp_path_factory.mktemp("base"), CHATML)
 
 
 WORDS = ("cat", "dog", "bee", "owl", "ant", "elk", "ram", "yak")
@@ -141,6 +146,10 @@ def test_without_sft_the_stages_read_the_base_model(tmp_path, base):
     assert pipeline_stages.stage_config(config, "sft", workdir).init_from == str(base)
     (workdir / "sft" / "checkpoints").mkdir(parents=True)
     assert pipeline_stages.stage_config(config, "ppo", workdir).init_from == str(workdir / "sft")
+    from train.stage import INIT_FROM_KINDS, check_parent_kind
+
+    for stage in ("ppo", "dpo", "grpo"):  # an imported (instruct) model is a chat policy
+        check_parent_kind(read_parent(base), "init_from", INIT_FROM_KINDS[stage])
     selected = pipeline.select_stages(config, None)
     assert "pretrain" not in selected and "tokenizer" not in selected
     assert pipeline.plan(config, ["data", "rm_data", "reward", "ppo"], {"stages": {}}, None)
@@ -154,3 +163,35 @@ def test_base_model_refusals(tmp_path, base, capsys):
     missing = tmp_path / "nothing"
     assert pipeline.main([*argv, f"--config.init_from={missing}"]) == 2
     assert f"init_from={missing}: not a flaxlm run directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward", "dpo", "ppo"])
+def test_chat_stage_without_a_template_is_one_line(tmp_path_factory, stage, capsys):
+    """A checkpoint whose tokenizer has no chat template: every stage that starts from a
+    checkpoint (SFT, reward, DPO; PPO and GRPO share the same start) stops with one line
+    naming the tokenizer (exit 2), before reading data or training anything."""
+    from train import cli
+
+    root = tmp_path_factory.getbasetemp() / "no_template"
+    base = root / "imported" if (root / "imported").is_dir() else import_base(root, None)
+    rows = {
+        "sft": {"prompt": "say cat fox", "response": "a fox"},
+        "reward": {"prompt": "say cat fox", "responses": ["a fox", "no"], "ranking": [0, 1]},
+        "ppo": {"prompt": "say cat fox"},
+    }
+    rows["dpo"] = rows["reward"]
+    data = root / f"{stage}.jsonl"
+    data.write_text(json.dumps(rows[stage]) + "\n")
+    argv = [stage, "--config", f"{ROOT / 'configs' / stage}.py:tiny"]
+    argv += ["--workdir", str(root / f"run_{stage}"), f"--config.init_from={base}"]
+    argv += [f"--config.data.path={data}", "--config.data.name=", "--config.eval.every_steps=0"]
+    argv += [f"--config.data.data_dir={root / 'tfds'}"]
+    if stage == "reward":
+        argv += [f"--config.calibration.prompts_path={root / 'ppo.jsonl'}"]
+        (root / "ppo.jsonl").write_text(json.dumps(rows["ppo"]) + "\n")
+    if stage == "ppo":  # reward_from is read after the policy's start
+        argv += [f"--config.reward_from={base}"]
+    capsys.readouterr()  # the import's progress bars
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has no chat template" in err[0], err

@@ -122,6 +122,10 @@ def start_from_parent(
         raise StageError(str(err)) from None
     tokenizer = parent_tokenizer(config, parent)
     check_vocab(model_cfg.vocab_size, tokenizer, allow_padding=True)
+    try:  # every stage that starts from a parent trains on chats or samples them
+        tokenizer.encode_chat([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+    except ValueError as err:  # e.g. a checkpoint's tokenizer without a chat template
+        raise StageError(f"{stage}: {err}") from None
     if config.seq_len > model_cfg.max_seq_len:
         raise StageError(
             f"seq_len={config.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}"

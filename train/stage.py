@@ -8,6 +8,7 @@ Stages (pretrain, sft, reward, ...) build their model, step function and data, t
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import sys
 from collections.abc import Callable, Sequence
@@ -49,15 +50,18 @@ RAW_LM_STAGES = ("pretrain", "import-hf", "import-gguf")
 POLICY_STAGES = ("sft", "dpo", "grpo", "ppo")
 LM_STAGES = RAW_LM_STAGES + POLICY_STAGES
 # What each stage may start from (`init_from`): (in words, the parent stages). SFT and
-# reward take any LM; the RLHF stages a chat policy (it is also their frozen reference).
-# A reward model is never a policy: its parameters would load under an LM head they were
-# never trained with.
+# reward take any LM; the RLHF stages a chat policy (it is also their frozen reference):
+# one trained here, or an imported checkpoint (an instruct model; its tokenizer must have
+# a chat template, which every stage checks when it starts). flaxlm's own pretraining is
+# not a policy: it never saw a chat. A reward model is never a policy: its parameters
+# would load under an LM head they were never trained with.
+CHAT_POLICIES = (*POLICY_STAGES, "import-hf", "import-gguf")
 INIT_FROM_KINDS = {
     "sft": ("a language model", LM_STAGES),
     "reward": ("a language or reward model", (*LM_STAGES, "reward")),
-    "ppo": ("a chat policy", POLICY_STAGES),
-    "dpo": ("a chat policy", POLICY_STAGES),
-    "grpo": ("a chat policy", POLICY_STAGES),
+    "ppo": ("a chat policy", CHAT_POLICIES),
+    "dpo": ("a chat policy", CHAT_POLICIES),
+    "grpo": ("a chat policy", CHAT_POLICIES),
 }
 REWARD_FROM_KIND = ("a reward model", ("reward",))  # PPO's and GRPO's `reward_from`
 
@@ -123,6 +127,61 @@ def validate_common(config: ml_collections.ConfigDict) -> None:
         section, leaf = key.split(".")
         if config[section][leaf] < 0:
             raise StageError(f"{key}={config[section][leaf]}: must be >= 0")
+
+
+PRESET_TEXT = "tiny_shakespeare"  # train/data/builders.py: its splits are cut from one file
+
+
+def read_files(config: ml_collections.ConfigDict, section: str) -> tuple[set[str], bool]:
+    """The files `<section>` reads its records from (real paths), and whether it reads only
+    a part of them (a sliced split such as `train[:90%]`, or the preset's split of its
+    file). Empty for a catalog dataset, a download or a glob that matches nothing (the
+    build reports that one). A local path is read as open_text / open_records read it:
+    the stage's split for pretraining text, the "train" group for every other stage."""
+    from train.data import builders  # TFDS: only imported where a stage builds
+
+    d = config[section]
+    if d.path:
+        split = d.split if config.get("stage", "pretrain") == "pretrain" else "train"
+        parts = [p.strip() for p in split.split("+") if p.strip()]
+        paths = d.path.to_dict() if isinstance(d.path, ml_collections.ConfigDict) else d.path
+        try:
+            groups = dict(builders.split_paths(paths))
+        except (FileNotFoundError, ValueError, TypeError):
+            return set(), False
+        names = {p.split("[")[0] for p in parts}
+        files = {os.path.realpath(f) for n in names for f in groups.get(n, ())}
+        return files, any("[" in p for p in parts)
+    if d.name == PRESET_TEXT and config.data.local_copy:
+        return {os.path.realpath(config.data.local_copy)}, True
+    return set(), False
+
+
+def eval_overlap(config: ml_collections.ConfigDict) -> str | None:
+    """One line when the eval set is read from a file the training data also reads (the
+    eval loss then measures text the model trained on), else None.
+
+    Parts of one file cut on both sides (a sliced split on each, or two splits of the
+    preset) are taken as the intended disjoint cut; a whole file on one side and any part
+    of it on the other is an overlap. Called once per run, before the build."""
+    if not config.eval.every_steps or not (config.data.path or config.eval.path):
+        return None
+    train, train_part = read_files(config, "data")
+    held, held_part = read_files(config, "eval")
+    shared = sorted(train & held)
+    if not shared or (train_part and held_part):
+        return None
+
+    def where(section: str) -> str:
+        d = config[section]
+        if d.path:
+            return f"{section}.path={d.path}"
+        return f"{section}.name={d.name} (split {d.split}, from data.local_copy)"
+
+    return (
+        f"warning: the eval set ({where('eval')}) is read from {shared[0]}, which the "
+        f"training data ({where('data')}) also reads: eval metrics include training text"
+    )
 
 
 def check_resume_compatible(saved: dict, current: dict, keys: Sequence[str]) -> None:
@@ -234,6 +293,9 @@ def run_stage(
         # writing the workdir while another host still reads it.
         distributed.check_same_everywhere(config.to_dict())
         validate_common(config)
+        overlap = eval_overlap(config)
+        if overlap and jax.process_index() == 0:
+            print(f"flaxlm {prog}: {overlap}", file=sys.stderr)
         parts = build()
         distributed.check_same_everywhere(_host_invariant(parts["meta"]), "resolved config")
         check_workdir_model(workdir, parts["meta"].get("model"), parts["meta"].get("lora", {}))
