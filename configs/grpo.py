@@ -21,6 +21,9 @@ plus `kl.beta`·k3 KL to the reference. `seq_len` is the (left padded) prompt le
 `grpo.max_new_tokens` the response budget. Eval (`eval.every_steps`) samples one
 response per held-out prompt (`eval.path`, `eval.batch_size` of them).
 
+`health.enabled`, `health.window` (W, default 5): rollout health checks (rlhf/health.py);
+W iterations without any parameter change stop the run, other stuck signals warn once.
+
 Presets: tiny (well under a minute on 2 CPU cores), default (a starting point on
 accelerators).
 """
@@ -58,6 +61,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             "log_prob_atol": 1e-3,  # the sampler/learner health check (fp32; loosen for bf16)
         }
     )
+    # Rollout health checks (rlhf/health.py): warn or stop when W = window iterations in a
+    # row show a run that cannot learn.
+    c.health = ml_collections.ConfigDict({"enabled": True, "window": 5})
     c.optim.schedule, c.optim.weight_decay = "constant", 0.0
     if preset == "tiny":
         c.total_steps, c.batch_size, c.seq_len = 8, 8, 24

@@ -25,7 +25,9 @@ penalty), kl (k1 summed over the response vs π_ref, mean over B·G, before lear
 entropy, group_std (mean within-group std of the reward), zero_std_groups (fraction of
 groups without signal), loss, grad_norm, clip_fraction, kl_k3 / response_kl_k3 (the
 loss's KL term per token / per response), response_length, eos_rate, log_prob_gap,
-time_rollout / time_scoring / time_learning (seconds).
+update_norm (the policy's change over the iteration), time_rollout / time_scoring /
+time_learning (seconds). rlhf/health.py checks them (`health.*`): no signal in any group,
+a stuck clip_fraction or a response-length collapse warns; a zero update stops the run.
 """
 
 from __future__ import annotations
@@ -48,8 +50,8 @@ from model.config import flops_per_token
 from model.generate import SamplingConfig
 from model.tokenizer import AnyTokenizer
 from model.transformer import Transformer
+from rlhf import health, ppo
 from rlhf import kl as kl_lib
-from rlhf import ppo
 from rlhf import ppo_learner as pl
 from rlhf import ppo_math as pm
 from rlhf import ppo_reward as pr
@@ -227,7 +229,8 @@ def make_learn(
 
         (params, opt_state), metrics = jax.lax.scan(update, (state.params, state.opt_state), order)
         new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-        return new, jax.tree.map(jnp.mean, metrics)
+        metrics = jax.tree.map(jnp.mean, metrics)
+        return new, {**metrics, "update_norm": health.update_norm(state.params, params)}
 
     return learn
 
@@ -333,6 +336,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         )
     if config.kl.beta < 0:
         raise StageError(f"kl.beta={config.kl.beta}: must be >= 0")
+    health.check_config(config)
     if config.eval.every_steps and not (config.eval.path or config.eval.name):
         raise StageError("eval.every_steps > 0 needs eval.path (held-out prompts JSONL)")
     try:
@@ -404,6 +408,7 @@ def build(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str,
     step = make_grpo_step(
         config, models, frozen, calibration, sampling, tx, shardings, mesh, rules, tokenizer, task
     )
+    step = health.monitored(step, config, "grpo", tokenizer)
     reward = None
     if rm_parent is not None:
         reward = (models["reward"], frozen["reward"], calibration["gain"], calibration["bias"])

@@ -37,8 +37,8 @@ after the eos penalty), oracle_score (when `task` is set; computed from decoded 
 the host, seen by the learner only with `ppo.reward=oracle`), kl (k1 summed over the
 response, mean over B), kl_coef, entropy, policy_loss, value_loss, clip_fraction,
 approx_kl, ratio_mean, ratio_var, value_explained_variance (the rollout's values vs. GAE
-returns), response_length, eos_rate, log_prob_gap, time_rollout / time_scoring /
-time_learning (seconds).
+returns), response_length, eos_rate, log_prob_gap, update_norm (the policy's change; see
+rlhf/health.py, which checks these), time_rollout / time_scoring / time_learning (seconds).
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ from model.config import ModelConfig, flops_per_token
 from model.generate import Prompts, SamplingConfig
 from model.tokenizer import AnyTokenizer
 from model.transformer import Transformer
+from rlhf import health
 from rlhf import kl as kl_lib
 from rlhf import ppo_learner as pl
 from rlhf import ppo_reward as pr
@@ -345,6 +346,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise StageError(f"sampling: {err}") from None
     if sampling.greedy:
         raise StageError("sampling.temperature=0 (greedy): PPO needs a stochastic policy")
+    health.check_config(config)
     if not config.reward_from:
         raise StageError("reward_from is empty: PPO needs a `flaxlm reward` run")
     reward = p.get("reward", "model")
@@ -460,6 +462,7 @@ def build(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str,
         task,
         scoring,
     )
+    step = health.monitored(step, config, "ppo", tokenizer)
     evaluate = make_evaluate(
         config, models, frozen, calibration, sampling, mesh, rules, tokenizer, task
     )

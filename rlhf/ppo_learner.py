@@ -18,6 +18,7 @@ import optax
 
 from model.generate import SamplingConfig, join_completion, limit_vocab, token_log_probs
 from model.transformer import Transformer
+from rlhf import health
 from rlhf import kl as kl_lib
 from rlhf import ppo_math as pm
 from rlhf import rollout as ro
@@ -178,7 +179,8 @@ def make_learn(
     tx: optax.GradientTransformation,
     value_tx: optax.GradientTransformation,
 ) -> Any:
-    """(state, experience, key) -> (state with params/values updated, mean metrics)."""
+    """(state, experience, key) -> (state with params/values updated, mean metrics over
+    the updates, plus the policy's update_norm over the whole iteration)."""
     grad_fn = trainable_value_and_grad(
         lambda w, v, mini: ppo_loss(models, sampling, p, w, v, mini), argnums=(0, 1), has_aux=True
     )
@@ -202,6 +204,7 @@ def make_learn(
         new = state.replace(
             params=params, opt_state=opt_state, value_params=vparams, value_opt_state=vopt_state
         )
-        return new, jax.tree.map(jnp.mean, metrics)
+        metrics = jax.tree.map(jnp.mean, metrics)
+        return new, {**metrics, "update_norm": health.update_norm(state.params, params)}
 
     return learn

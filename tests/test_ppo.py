@@ -61,6 +61,7 @@ METRICS = (
     "response_length",
     "eos_rate",
     "log_prob_gap",
+    "update_norm",
     "time_rollout",
     "time_scoring",
     "time_learning",
