@@ -48,6 +48,7 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import Mesh, PartitionSpec
 
+from model import lora
 from model import sharding as sh
 from model.transformer import CACHE_AXES, init_cache
 
@@ -285,6 +286,7 @@ def _generate(
     rules: sh.Rules | None,
 ) -> GenerateOutput:
     batch, prompt_len = tokens.shape
+    model, params = lora.merged(model, params)  # adapters merged once, not per decode step
     constrain = _cache_constraint(mesh, rules)
     positions = prompt_positions(segment_ids)
     lengths = jnp.sum(segment_ids != 0, axis=-1).astype(jnp.int32)  # [B]

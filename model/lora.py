@@ -29,8 +29,9 @@ Decisions:
   exists for the step (one copy of the adapted weights), and the backward pass forms the
   full gradient dW_eff of each adapted kernel before contracting it into dA and dB. A
   fused per-layer merge inside the layer scan would avoid both; it would change the model
-  code, which this design leaves alone. Sampling with a LoRA state merges on every
-  forward call (decode steps included); exports and later stages read merged weights.
+  code, which this design leaves alone. Sampling with a LoRA state merges once per
+  `generate` call, before its decode loop (`merged`); exports and later stages read
+  merged weights.
 - Checkpoints hold base + adapters (the whole TrainState, resumable bitwise); the meta
   records `lora` (rank, alpha, targets). Reading a LoRA checkpoint's parameters into
   anything else (train/checkpoint.py `load_params`: `init_from` of a later stage,
@@ -246,6 +247,14 @@ class LoraModel:
     def apply(self, variables: dict, *args: Any, **kwargs: Any) -> Any:
         params = merge(variables["params"], self.lora.scale)
         return self.base.apply({**variables, "params": params}, *args, **kwargs)
+
+
+def merged(model: Any, params: Any) -> tuple[Any, Any]:
+    """(the base model, params with the adapters merged) for a `LoraModel`, else both as
+    given: merge once before a loop of forward calls (a decode loop) instead of in each."""
+    if isinstance(model, LoraModel):
+        return model.base, merge(params, model.lora.scale)
+    return model, params
 
 
 def wrap(model: Any, lora: LoraConfig) -> Any:

@@ -8,6 +8,7 @@ session, tests/conftest.py `rl_chain`)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import pathlib
@@ -153,6 +154,37 @@ def test_merge_reshapes_a_b_like_numpy():
     want = w + 0.5 * np.stack([a64[i].reshape(8, 6) @ b64[i] for i in range(3)]).reshape(w.shape)
     np.testing.assert_allclose(np.asarray(merged["layers"]["attn"]["o"]), want, atol=1e-6)
     assert set(merged) == {"layers"}
+
+
+def test_sampling_merges_once_and_matches_the_merged_base():
+    """generate() on a LoRA state (adapters made non-zero) gives the tokens and log-probs
+    of the base model run on numpy-merged weights; the decode loop's jaxpr holds no
+    adapter product (the merge happens once, before it)."""
+    from model.generate import SamplingConfig, _generate, generate
+
+    base, adapted, _, state, _ = tiny_states()
+    params = jax.device_get(state.params)
+    rng = np.random.default_rng(3)
+    params["lora"] = jax.tree.map(
+        lambda x: rng.normal(0, 0.05, x.shape).astype(x.dtype), params["lora"]
+    )
+    merged = lora.merge(params, SCALE)
+    tokens = rng.integers(1, 256, (2, 6)).astype(np.int32)
+    segments = np.ones_like(tokens)
+    args = dict(max_new_tokens=5, sampling=SamplingConfig(temperature=0.0), eos_id=None)
+    want = generate(base, merged, tokens, segments, jax.random.key(0), **args)
+    got = generate(adapted, params, tokens, segments, jax.random.key(0), **args)
+    np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+    np.testing.assert_allclose(np.asarray(got.log_probs), np.asarray(want.log_probs), atol=1e-5)
+
+    def dots(model, p) -> int:  # matrix products in the whole generate program
+        run = functools.partial(_generate, model=model, pad_id=0, mesh=None, rules=None, **args)
+        return str(jax.make_jaxpr(run)(p, tokens, segments, jax.random.key(0))).count("dot_general")
+
+    # One A @ B per adapted kernel in all: merged before prefill and the decode loop.
+    assert dots(adapted, params) - dots(base, merged) == len(
+        lora.target_paths(params, lora.TARGET_AXES)
+    )
 
 
 def test_only_named_targets_get_adapters_and_heads_stay_trainable():
