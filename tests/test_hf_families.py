@@ -17,16 +17,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import safetensors.torch as safetensors_torch
-import torch
-import transformers
+from conftest import require
 from flax import linen as nn
 
-from model import generate, hf, hf_files, sharding
-from model.config import ModelConfig, param_count
-from model.transformer import Transformer, unstack_layers
-from train import cli, hf_cli
-from train.checkpoint import (
+torch = require("torch")
+transformers = require("transformers")
+safetensors_torch = require("safetensors.torch")
+
+from model import generate, hf, hf_files, sharding  # noqa: E402
+from model.config import ModelConfig, param_count  # noqa: E402
+from model.transformer import Transformer, unstack_layers  # noqa: E402
+from train import cli, hf_cli  # noqa: E402
+from train.checkpoint import (  # noqa: E402
     Checkpointer,
     InitFromError,
     Parent,
@@ -34,7 +36,7 @@ from train.checkpoint import (
     load_params,
     read_parent,
 )
-from train.state import abstract_sharded_params
+from train.state import abstract_sharded_params  # noqa: E402
 
 TOLERANCE = 1e-4
 WINDOW = 5

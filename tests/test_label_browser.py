@@ -22,15 +22,14 @@ import tempfile
 import time
 
 import pytest
+from conftest import missing, require
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
-if not os.path.exists(CHROMIUM) and not os.environ.get("CI"):
-    reason = f"{CHROMIUM} is not installed (apt-get install chromium chromium-driver)"
-    pytest.skip(reason, allow_module_level=True)
-if not os.environ.get("CI"):
-    pytest.importorskip("selenium", reason="pip install selenium (the [test] extra)")
+if not os.path.exists(CHROMIUM):
+    missing(CHROMIUM, "apt-get install chromium chromium-driver")
+require("selenium", "pip install selenium (the [test] extra)")
 
 from selenium import webdriver  # noqa: E402
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402

@@ -351,17 +351,51 @@ def test_hosts_with_different_configs_stop_naming_the_key(tmp_path, data_dir):
     assert not (tmp_path / "run").exists()
 
 
-def test_compile_check_1b_on_8_fake_devices(capsys):
+def report_figure(out: str, name: str) -> float:
+    """One GiB figure of `flaxlm compile`'s memory table."""
+    return float(out.split(f"\n  {name}")[1].split()[0])
+
+
+def test_compile_check_1b_on_8_fake_devices(capsys, monkeypatch):
+    """1b on v5e-8 (the preset's grad_accum 64): the figures add up, the state is exactly
+    fp32 AdamW split over 8 devices, the verdict is "fits" by the 90% bound computed here;
+    the same report against a 4 GiB device is "does not fit", exit 1."""
+    compiled = []
+    compile_step = aot.compile_train_step
+
+    def compile_once(config):  # the second run reuses the first compile (same program)
+        if not compiled:
+            compiled.append(compile_step(config))
+        return compiled[0]
+
+    monkeypatch.setattr(aot, "compile_train_step", compile_once)
     args = ["--config", f"{CONFIG}:1b", "--fake-devices", "8", "--config.mesh.preset=v5e-8"]
     code = aot.main(args)
     out = capsys.readouterr().out
     assert "memory per device (GiB)" in out and "on 8 cpu devices" in out, out
-    peak = float(out.split("  peak")[1].split()[0])
-    params = float(out.split("  params")[1].split()[0])
+    assert "grad_accum 64" in out, out
+    fig = {k: report_figure(out, k) for k in ("params", "optimizer", "arguments", "peak")}
+    fig |= {k: report_figure(out, k) for k in ("outputs", "temporaries")}
+    aliased = float(out.split("(aliased with donated arguments: ")[1].split(")")[0])
     fp32_shard = param_count(get_preset("1b")) * 4 / 8 / 2**30  # fp32, split over 8
-    assert params == pytest.approx(fp32_shard, abs=1e-3)
-    assert peak > params
-    assert ("DOES NOT FIT" in out) == (code == 1) and "limit from mesh.preset=v5e-8" in out
+    assert fig["params"] == pytest.approx(fp32_shard, abs=1e-3)
+    assert fig["optimizer"] == pytest.approx(2 * fp32_shard, abs=2e-3)  # AdamW: mu and nu
+    assert fig["arguments"] >= fig["params"] + fig["optimizer"] - 2e-3
+    live = fig["arguments"] + fig["outputs"] - aliased + fig["temporaries"]
+    assert fig["peak"] >= live - 2e-3  # generated code only adds to it
+    budget = 0.9 * meshes.get_mesh_preset("v5e-8").hbm_gib  # --usable-fraction's default
+    assert fig["peak"] <= budget, out  # measured 5.8 GiB of a 14.4 GiB budget
+    assert code == 0 and "\nFITS: " in out and "DOES NOT FIT" not in out, out
+    assert "[limit from mesh.preset=v5e-8]" in out
+
+    limit = 4.0  # below the measured peak: the same program must not fit
+    assert fig["peak"] > 0.9 * limit
+    code = aot.main([*args, "--device-memory-gib", str(limit)])
+    out = capsys.readouterr().out
+    assert code == 1, out
+    assert f"DOES NOT FIT: {fig['peak']:.2f} GiB needed, {limit:.1f} GiB per device" in out, out
+    assert "[limit from --device-memory-gib]" in out and "\nFITS" not in out
+    assert len(compiled) == 1
 
 
 UNEVEN_SHARDS = """

@@ -7,6 +7,7 @@ import pickle
 
 import numpy as np
 import pytest
+from conftest import require
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from model.pretrained_tokenizer import PretrainedTokenizer, TokenizerFileError
@@ -118,7 +119,7 @@ def test_gemma_layout_end_of_turn_and_bos(tmp_path):
 @pytest.mark.parametrize("template", [SMOLLM_TEMPLATE, QWEN2_TEMPLATE, GEMMA_TEMPLATE])
 def test_rendering_matches_transformers(tmp_path, template):
     """transformers' apply_chat_template on the same files is the reference."""
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     directory = write_dir(tmp_path / "tok", template, bos="<bos>")
     ours = load_tokenizer(directory)
     theirs = transformers.AutoTokenizer.from_pretrained(directory)
@@ -151,7 +152,7 @@ def test_missing_template_and_bad_special_token_are_one_line(tmp_path):
 
 def test_import_hf_keeps_the_checkpoints_own_tokenizer(tmp_path):
     """import-hf copies tokenizer.json + tokenizer_config.json; chat then uses them."""
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     from train import hf_cli, sample
 
     hf_dir = write_dir(tmp_path / "hf", SMOLLM_TEMPLATE)
