@@ -1,10 +1,15 @@
 """The `flaxlm` command and the README's set-up commands."""
 
+import json
 import os
 import pathlib
 import re
 import subprocess
 import sys
+
+import pytest
+
+from train import cli
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -33,10 +38,68 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert install_and_test in ci
 
 
-def test_help_lists_the_commands():
+# Each command's `--help`, run through `flaxlm`'s dispatcher in one fresh process:
+# {name: [exit status, stdout]}.
+HELP_ALL = """
+import contextlib, io, json, sys
+from train import cli
+results = {}
+for name in cli.COMMANDS:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        try:
+            code = cli.main([name, "--help"])
+        except SystemExit as stop:
+            code = stop.code
+        except Exception as err:  # a broken entry point fails its own case only
+            code = repr(err)
+    results[name] = [code, out.getvalue()]
+sys.stdout.write(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def command_help() -> dict[str, list]:
+    env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=str(ROOT))
+    result = subprocess.run(
+        [sys.executable, "-c", HELP_ALL],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout)
+
+
+def test_help_lists_every_command():
     result = run_flaxlm("--help")
     assert result.returncode == 0
-    assert "quicktrain" in result.stdout
+    listed = re.findall(r"^  (\S+)  ", result.stdout, flags=re.M)
+    assert sorted(listed) == sorted(cli.COMMANDS)
+
+
+@pytest.mark.parametrize("name", sorted(cli.COMMANDS))
+def test_every_command_prints_its_usage(command_help, name):
+    code, out = command_help[name]
+    assert code == 0, out
+    assert out.startswith(f"usage: flaxlm {name} "), out[:200]
+
+
+def test_readme_layout_names_every_module():
+    """The README's layout section names every module of model/, train/, train/data/,
+    rlhf/ and configs/ on its directory's lines (model/hf*.py has lines of its own)."""
+    layout = (ROOT / "README.md").read_text().split("\n## Layout\n")[1].split("\n## ")[0]
+    lines: dict[str, str] = {}  # the directory a line starts with -> its text
+    for block in re.split(r"\n    (?=\S)", layout)[1:]:
+        label, _, rest = block.partition(" ")
+        folder = "model" if label == "model/hf*.py" else label.rstrip("/")
+        lines[folder] = lines.get(folder, "") + rest
+    for folder in ("model", "train", "train/data", "rlhf", "configs"):
+        named = set(re.findall(r"\b\w+\.py\b", lines[folder]))
+        files = {p.name for p in (ROOT / folder).glob("*.py") if p.name != "__init__.py"}
+        assert sorted(files - named) == [], f"{folder}/: modules missing from README's layout"
 
 
 def test_unknown_command_fails_with_usage():

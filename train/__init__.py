@@ -1,1 +1,1 @@
-"""flaxlm training: state, optimizer, losses, the train step and (later) the shared loop."""
+"""flaxlm training: state, optimizer, losses, the train step, the shared loop and the stages."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-# name -> (entry point "module:function", one-line help). Later stages add lines here.
+# name -> (entry point "module:function", one-line help). A new command is one line here.
 COMMANDS: dict[str, tuple[str, str]] = {
     "quicktrain": (
         "train.synthetic:main",

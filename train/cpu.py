@@ -16,7 +16,7 @@ import os
 
 # Eigen's multi-threading off; matmuls to Eigen rather than YNNPACK, whose own thread pool
 # would again spread each device's matmul over every core. Measured, they add 4-6 % to two
-# devices' throughput (docs/benchmarks.md, session 6).
+# devices' throughput (docs/benchmarks.md, "One all-reduce a step").
 DEVICE_FLAGS = (
     "--xla_cpu_multi_thread_eigen=false",
     "--xla_cpu_experimental_ynn_fusion_type=",
