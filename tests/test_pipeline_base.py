@@ -1,7 +1,8 @@
 """The pipeline on a base model imported from Hugging Face files (`init_from`): the
 model's own byte-level BPE tokenizer and ChatML template, no tokenizer or pretrain stage;
-SFT from the import, then rm_data, the reward model, PPO, DPO, GRPO and the report; and
-the same without SFT (the reward model and RL start from the import itself)."""
+SFT from the import, then rm_data, the reward model, PPO and GRPO (LoRA policies), DPO
+and the report; the links without SFT (the reward model and RL start from the import
+itself); and one line, exit 2, from every stage when the tokenizer has no chat template."""
 
 from __future__ import annotations
 
@@ -114,7 +115,8 @@ def run(workdir: pathlib.Path, base: pathlib.Path, stages: str, *extra: str) -> 
 def test_every_stage_runs_from_an_imported_model(tmp_path, base):
     workdir = tmp_path / "run"
     stages = "data,tokenizer,pretrain,sft,rm_data,reward,ppo,dpo,grpo,report"
-    assert run(workdir, base, stages) == 0
+    adapters = [f"--config.{s}.model.lora.rank=4" for s in ("ppo", "grpo")]  # LoRA pulses
+    assert run(workdir, base, stages, *adapters) == 0
     assert not (workdir / "tokenizer").exists() and not (workdir / "pretrain").exists()
     fingerprint = read_parent(base).tokenizer_fingerprint
     assert read_parent(workdir / "sft").meta["lineage"]["parent"].startswith(str(base))
@@ -124,7 +126,12 @@ def test_every_stage_runs_from_an_imported_model(tmp_path, base):
         parent = pathlib.Path(read_parent(workdir / stage).meta["lineage"]["parent"])
         assert parent.parent.parent == (workdir / "sft").resolve(), stage
     for stage in ("ppo", "grpo"):  # the oracle scored every rollout (and refused none)
-        assert any("oracle_score" in r for r in read_metrics(workdir / stage)), stage
+        rows = read_metrics(workdir / stage)
+        assert any("oracle_score" in r for r in rows), stage
+        # LoRA policies: the checkpoint records the adapters, and they moved.
+        assert read_parent(workdir / stage).meta["lora"]["rank"] == 4, stage
+        assert all(r["update_norm"] > 0 for r in rows if "update_norm" in r), stage
+        assert any("update_norm" in r for r in rows), stage
     summary = json.loads((workdir / "summary.json").read_text())
     for stage in ("sft", "ppo", "dpo", "grpo"):
         assert f"{stage}_oracle_greedy" in summary, (stage, summary)
