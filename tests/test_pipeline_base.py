@@ -11,6 +11,7 @@ import pathlib
 
 import numpy as np
 import pytest
+from conftest import require
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from train import pipeline
@@ -51,7 +52,7 @@ def write_tokenizer(directory: pathlib.Path, corpus: list[str], template: str | 
 
 def import_base(root: pathlib.Path, template: str | None) -> pathlib.Path:
     """A random 2-layer Llama with the tokenizer above, saved by transformers and imported."""
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     from train import hf_cli
 
     corpus = PromptCheckingTask().pretraining_corpus(np.random.default_rng(0), 20)
