@@ -38,7 +38,8 @@ NOT_RUN_PIECES = {
     "ablation_activation": "a 6-run sweep: sweeps and reports are tested in test_sweep.py",
     "--cores-as-devices": "sets XLA_FLAGS before JAX starts: tests/test_cli.py runs it afresh",
     "runs/human": "a server that runs until stopped: tests/test_label*.py run the human path",
-    "runs/smollm": "the 98 MB SmolLM2 file: import, sample and chat run in tests/test_gguf.py",
+    "runs/smollm": "the 98 MB SmolLM2 file: import, sample and chat run in tests/test_gguf.py; "
+    "every stage from an imported model in tests/test_pipeline_base.py",
 }
 
 
