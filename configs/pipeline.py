@@ -37,6 +37,12 @@ Stages (`stages`, comma separated, in this order):
   the oracle on each policy's samples, best-of-n on the SFT samples, and greedy answers
   side by side.
 
+A base model instead of pretraining: `--config.init_from=DIR`, a run directory written by
+`flaxlm import-hf` or `flaxlm import-gguf` (or any flaxlm policy). The tokenizer and
+pretrain stages are then left out (its own tokenizer and chat template serve every
+stage), SFT starts from it, and when `sft` is not among the stages, rm_data, the reward
+model, PPO, DPO, GRPO and the report's "sft" row use the base model itself.
+
 Presets: `demo` (the default: the `uppercase` task, sized for 2 CPU cores) and `tiny`
 (tests).
 """
