@@ -183,7 +183,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 
 class LabelServer(http.server.ThreadingHTTPServer):
+    # Ctrl-C must not wait for a browser's open keep-alive connections: handler threads are
+    # daemons and server_close() does not join them (every answer is already fsynced).
     daemon_threads = True
+    block_on_close = False
 
     def __init__(
         self, address: tuple[str, int], store: LabelStore, token: str, default_labeler: str

@@ -45,6 +45,17 @@ CANDIDATES = [
 ]
 
 
+def stop_server(proc: subprocess.Popen) -> None:
+    """After SIGINT the server must exit 0 (Ctrl-C); a hang is killed and reported."""
+    try:
+        code = proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        output = proc.communicate()[0].decode(errors="replace")
+        pytest.fail(f"flaxlm label ignored SIGINT for 30 s; its output:\n{output[-2000:]}")
+    assert code == 0, code
+
+
 def start_server(workdir: pathlib.Path) -> tuple[subprocess.Popen, str]:
     """`flaxlm label` in a child process; returns it and the URL it printed."""
     proc = subprocess.Popen(
@@ -188,4 +199,4 @@ def test_rank_by_keyboard_and_drag_kill_restart_undo(tmp_path, browser):
         assert "skipped" in latest.text and "shout q" in latest.text
     finally:
         proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=10)
+        stop_server(proc)
