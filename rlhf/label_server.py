@@ -29,6 +29,7 @@ import json
 import os
 import pathlib
 import secrets
+import signal
 import sys
 import urllib.parse
 from collections.abc import Sequence
@@ -262,6 +263,10 @@ def main(argv: Sequence[str]) -> int:
         print(f"flaxlm label: warning: listening on {args.host}, not only this machine")
     print(f"flaxlm label: {len(store.candidates)} prompts in {args.workdir}", flush=True)
     print(f"open http://{shown}:{port}/{token}/", flush=True)
+    # Ctrl-C and SIGTERM stop the server even when it was started with them ignored (as a
+    # shell's background job, or by a parent that ignores SIGINT: exec keeps SIG_IGN).
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.default_int_handler)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -242,3 +242,39 @@ def test_cli_errors_are_one_line(tmp_path, workdir, capsys):
         lock.close()
     assert label_server.main(["--workdir", str(workdir), "--agreement"]) == 0
     assert "no rankings to compare yet" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_server_stops_on_a_signal_its_parent_ignored(workdir, sig):
+    """Started with SIGINT and SIGTERM ignored (a shell's background job; exec keeps
+    SIG_IGN), `flaxlm label` still stops on either, exit 0, lock released."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    def ignore() -> None:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_IGN)
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "train.cli", "label", "--workdir", str(workdir), "--port", "0"],
+        cwd=root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        preexec_fn=ignore,
+    )
+    try:
+        seen = b""
+        while b"open http" not in seen:
+            chunk = os.read(proc.stdout.fileno(), 4096)
+            assert chunk, seen  # the server exited before printing its URL
+            seen += chunk
+        proc.send_signal(getattr(signal, sig))
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stdout.close()
+    label_server.lock_directory(str(workdir)).close()  # the lock was released
