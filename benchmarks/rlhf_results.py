@@ -35,7 +35,7 @@ TASK_SETTINGS = {"next_letter": ["--config.pretrain.total_steps=1200"]}
 
 
 def run_seed(task: str, seed: int, workdir: pathlib.Path, extra: list[str]) -> None:
-    command = [sys.executable, "-m", "train.cli", "pipeline"]
+    command = [sys.executable, "-m", "orchestrate.cli", "pipeline"]
     command += ["--config", f"{ROOT / 'configs' / 'pipeline.py'}:demo", "--workdir", str(workdir)]
     command += [f"--config.task={task}", f"--config.seed={seed}", f"--config.stages={STAGES}"]
     print(" ".join(command + extra), flush=True)

@@ -53,10 +53,11 @@ import importlib
 
 import ml_collections
 
+from configs import stages
+
 PRESETS = ("demo", "tiny")
-ALL_STAGES = ("data", "tokenizer", "pretrain", "sft", "rm_data", "reward", "ppo", "ppo_oracle")
-ALL_STAGES += ("dpo", "grpo", "report")
-TRAINING_STAGES = ("pretrain", "sft", "reward", "ppo", "dpo", "grpo")  # configs/<name>.py
+ALL_STAGES = stages.PIPELINE_ORDER
+TRAINING_STAGES = stages.COMMANDS  # each has its configs/<name>.py
 DEFAULT_STAGES = "data,tokenizer,pretrain,sft,rm_data,reward,ppo,report"
 
 # The chat-sized char model both presets use (prompt + response fit in 34 tokens).

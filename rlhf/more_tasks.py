@@ -23,7 +23,7 @@ import re
 
 import numpy as np
 
-from rlhf.tasks import _check_p, _corpus
+from rlhf.task_kit import check_p_correct, teacher_corpus
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 _CLOSE = {"(": ")", "[": "]", "{": "}", "<": ">"}
@@ -35,7 +35,7 @@ class _TwoModeTask:
     `right`, `mistake`, `prompts` and `score`."""
 
     def __init__(self, p_correct: float = 0.5, lines_per_doc: int = 8):
-        _check_p(p_correct)
+        check_p_correct(p_correct)
         self.p_correct, self.lines_per_doc = p_correct, lines_per_doc
 
     def demonstration(self, prompt: str, rng: np.random.Generator) -> str:
@@ -43,7 +43,7 @@ class _TwoModeTask:
         return self.right(parsed) if rng.random() < self.p_correct else self.mistake(parsed)
 
     def pretraining_corpus(self, rng: np.random.Generator, n_docs: int) -> list[str]:
-        return _corpus(self, rng, n_docs, self.lines_per_doc, " -> ")
+        return teacher_corpus(self, rng, n_docs, self.lines_per_doc, " -> ")
 
 
 def _check_lengths(min_len: int, max_len: int, least: int) -> None:

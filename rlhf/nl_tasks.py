@@ -41,7 +41,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from rlhf.nl_words import CATEGORIES, PLURALS, QUESTIONS, TOPICS
-from rlhf.tasks import _check_p
+from rlhf.task_kit import check_p_correct
 
 _STOPWORDS = frozenset({"a", "an", "the", "and", "or", "of", "is", "are", "was", "in", "on",
                         "at", "to", "it", "its", "i", "we", "you", "my", "our", "for", "as",
@@ -145,7 +145,7 @@ class _NLTask:
     teacher's two modes `right(prompt, rng)` and `mistake(prompt, rng)`."""
 
     def __init__(self, p_correct: float = 0.5, lines_per_doc: int = 4):
-        _check_p(p_correct)
+        check_p_correct(p_correct)
         self.p_correct, self.lines_per_doc = p_correct, lines_per_doc
 
     def demonstration(self, prompt: str, rng: np.random.Generator) -> str:

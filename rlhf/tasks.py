@@ -38,6 +38,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from rlhf.task_kit import check_p_correct, teacher_corpus
+
 
 @runtime_checkable
 class PreferenceTask(Protocol):
@@ -85,27 +87,12 @@ _METHODS = ("prompts", "demonstration", "score", "pretraining_corpus")
 
 
 def short_names() -> dict[str, str]:
-    """Every short task name -> "module:Class": `TASKS` plus the other task modules'.
-
-    Imported here rather than at the top because those modules import this one."""
+    """Every short task name -> "module:Class": `TASKS` plus the other task modules'
+    (imported only when a name is looked up: the English tasks' word lists are large)."""
     from rlhf.more_tasks import MORE_TASKS
     from rlhf.nl_tasks import NL_TASKS
 
     return TASKS | MORE_TASKS | NL_TASKS
-
-
-def _check_p(p_correct: float) -> None:
-    if not 0.0 <= p_correct <= 1.0:
-        raise ValueError(f"p_correct={p_correct}: must be in [0, 1]")
-
-
-def _corpus(task: Any, rng: np.random.Generator, n_docs: int, lines: int, sep: str) -> list[str]:
-    """Documents of `lines` teacher-solved problems, one "prompt<sep>answer" per line."""
-    docs = []
-    for _ in range(n_docs):
-        rows = [f"{p}{sep}{task.demonstration(p, rng)}" for p in task.prompts(rng, lines)]
-        docs.append("\n".join(rows))
-    return docs
 
 
 # ----------------------------------------------------------------------------- addition
@@ -125,7 +112,7 @@ class Addition:
     def __init__(self, digits: int = 2, p_correct: float = 0.5, lines_per_doc: int = 8):
         if digits < 1:
             raise ValueError(f"digits={digits}: must be >= 1")
-        _check_p(p_correct)
+        check_p_correct(p_correct)
         self.digits, self.p_correct, self.lines_per_doc = digits, p_correct, lines_per_doc
 
     @staticmethod
@@ -169,7 +156,7 @@ class Addition:
         return 0.5 * sum(x == y for x, y in zip(given, answer, strict=True)) / len(answer)
 
     def pretraining_corpus(self, rng: np.random.Generator, n_docs: int) -> list[str]:
-        return _corpus(self, rng, n_docs, self.lines_per_doc, "=")
+        return teacher_corpus(self, rng, n_docs, self.lines_per_doc, "=")
 
 
 # ----------------------------------------------------------------------------- sorting
@@ -198,7 +185,7 @@ class SortLetters:
             raise ValueError(f"min_len={min_len}, max_len={max_len}: need 3 <= min <= max")
         if not 2 <= alphabet <= 26:
             raise ValueError(f"alphabet={alphabet}: must be in [2, 26]")
-        _check_p(p_correct)
+        check_p_correct(p_correct)
         self.min_len, self.max_len, self.alphabet = min_len, max_len, alphabet
         self.p_correct, self.lines_per_doc = p_correct, lines_per_doc
 
@@ -238,7 +225,7 @@ class SortLetters:
         return 0.5 * ordered / (len(given) - 1)
 
     def pretraining_corpus(self, rng: np.random.Generator, n_docs: int) -> list[str]:
-        return _corpus(self, rng, n_docs, self.lines_per_doc, " -> ")
+        return teacher_corpus(self, rng, n_docs, self.lines_per_doc, " -> ")
 
 
 # ----------------------------------------------------------------------------- word tasks
@@ -256,7 +243,7 @@ class _WordTask:
     ):
         if not 2 <= min_len <= max_len:
             raise ValueError(f"min_len={min_len}, max_len={max_len}: need 2 <= min <= max")
-        _check_p(p_correct)
+        check_p_correct(p_correct)
         self.min_len, self.max_len = min_len, max_len
         self.p_correct, self.lines_per_doc = p_correct, lines_per_doc
 
@@ -277,7 +264,7 @@ class _WordTask:
         return self.right(word) if rng.random() < self.p_correct else self.mistake(word)
 
     def pretraining_corpus(self, rng: np.random.Generator, n_docs: int) -> list[str]:
-        return _corpus(self, rng, n_docs, self.lines_per_doc, " -> ")
+        return teacher_corpus(self, rng, n_docs, self.lines_per_doc, " -> ")
 
 
 class Uppercase(_WordTask):

@@ -69,7 +69,7 @@ def pytest_sessionfinish(session, exitstatus) -> None:
 def tiny_pipeline(tmp_path_factory) -> pathlib.Path:
     """One finished `flaxlm pipeline` run of configs/pipeline.py:tiny, shared by the tests
     of the pipeline, the README and the notebook (copy it before changing it)."""
-    from train import pipeline
+    from orchestrate import pipeline
 
     root = pathlib.Path(__file__).resolve().parents[1]
     workdir = tmp_path_factory.mktemp("tiny_pipeline") / "run"

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from train import cli
+from orchestrate import cli
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -22,7 +22,7 @@ def readme_commands() -> list[str]:
 def run_flaxlm(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=str(ROOT))
     return subprocess.run(
-        [sys.executable, "-m", "train.cli", *args],
+        [sys.executable, "-m", "orchestrate.cli", *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -42,7 +42,7 @@ def test_ci_runs_exactly_the_readme_test_command():
 # {name: [exit status, stdout]}.
 HELP_ALL = """
 import contextlib, io, json, sys
-from train import cli
+from orchestrate import cli
 results = {}
 for name in cli.COMMANDS:
     out = io.StringIO()
@@ -89,14 +89,15 @@ def test_every_command_prints_its_usage(command_help, name):
 
 def test_readme_layout_names_every_module():
     """The README's layout section names every module of model/, train/, train/data/,
-    rlhf/ and configs/ on its directory's lines (model/hf*.py has lines of its own)."""
+    rlhf/, orchestrate/ and configs/ on its directory's lines (model/hf*.py has lines of
+    its own)."""
     layout = (ROOT / "README.md").read_text().split("\n## Layout\n")[1].split("\n## ")[0]
     lines: dict[str, str] = {}  # the directory a line starts with -> its text
     for block in re.split(r"\n    (?=\S)", layout)[1:]:
         label, _, rest = block.partition(" ")
         folder = "model" if label == "model/hf*.py" else label.rstrip("/")
         lines[folder] = lines.get(folder, "") + rest
-    for folder in ("model", "train", "train/data", "rlhf", "configs"):
+    for folder in ("model", "train", "train/data", "rlhf", "orchestrate", "configs"):
         named = set(re.findall(r"\b\w+\.py\b", lines[folder]))
         files = {p.name for p in (ROOT / folder).glob("*.py") if p.name != "__init__.py"}
         assert sorted(files - named) == [], f"{folder}/: modules missing from README's layout"

@@ -15,9 +15,9 @@ import jax
 import numpy as np
 import pytest
 
+from orchestrate import cli
 from rlhf import dpo
 from tests.rl_chain import stage_args
-from train import cli
 from train.checkpoint import read_parent
 from train.metrics import read_metrics
 from train.stage import parse_stage_args

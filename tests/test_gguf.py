@@ -29,7 +29,7 @@ from model import hf
 from model import sharding as sh
 from model.config import ModelConfig
 from model.transformer import Transformer
-from train import cli
+from orchestrate import cli
 from train.checkpoint import load_params, read_parent
 from train.state import abstract_sharded_params
 
@@ -196,7 +196,7 @@ def test_synthetic_gguf_round_trips_to_hf_tensors(tmp_path):
 
 NO_TORCH = """
 import sys
-from train import cli
+from orchestrate import cli
 assert cli.main(["import-gguf", "--gguf", sys.argv[1], "--workdir", sys.argv[2]]) == 0
 loaded = [m for m in ("torch", "transformers") if m in sys.modules]
 assert not loaded, loaded

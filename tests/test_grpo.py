@@ -13,10 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from orchestrate import cli
 from rlhf import grpo
 from tests.rl_chain import stage_args
 from tests.test_dpo import comparable
-from train import cli
 from train.checkpoint import load_params, read_parent
 from train.metrics import read_metrics
 from train.stage import parse_stage_args

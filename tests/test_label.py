@@ -259,7 +259,16 @@ def test_server_stops_on_a_signal_its_parent_ignored(workdir, sig):
 
     root = pathlib.Path(__file__).resolve().parents[1]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "train.cli", "label", "--workdir", str(workdir), "--port", "0"],
+        [
+            sys.executable,
+            "-m",
+            "orchestrate.cli",
+            "label",
+            "--workdir",
+            str(workdir),
+            "--port",
+            "0",
+        ],
         cwd=root,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

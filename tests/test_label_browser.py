@@ -59,7 +59,16 @@ def stop_server(proc: subprocess.Popen) -> None:
 def start_server(workdir: pathlib.Path) -> tuple[subprocess.Popen, str]:
     """`flaxlm label` in a child process; returns it and the URL it printed."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "train.cli", "label", "--workdir", str(workdir), "--port", "0"],
+        [
+            sys.executable,
+            "-m",
+            "orchestrate.cli",
+            "label",
+            "--workdir",
+            str(workdir),
+            "--port",
+            "0",
+        ],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -8,9 +8,9 @@ import json
 import pathlib
 import shutil
 
+from orchestrate import pipeline, pipeline_stages
 from rlhf import label_store as ls
 from rlhf.labeler import dense_ranks
-from train import pipeline, pipeline_stages
 from train.metrics import read_metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -90,7 +90,7 @@ def launch(n, argv_of, logdir, pids=None, timeout=120, module=True) -> list[subp
         flags += ["--process-id", str(pid), "--init-timeout", str(timeout)]
         argv = argv_of(pid)
         out = open(pathlib.Path(logdir) / f"process{pid}.log", "w")  # noqa: SIM115
-        cmd = [sys.executable, "-m", "train.cli", argv[0], *flags, *argv[1:]]
+        cmd = [sys.executable, "-m", "orchestrate.cli", argv[0], *flags, *argv[1:]]
         procs.append(
             subprocess.Popen(
                 cmd if module else [sys.executable, *argv, *flags],

@@ -18,7 +18,7 @@ import time
 import pytest
 
 from configs import pipeline as pipeline_config
-from train import pipeline, pipeline_report, pipeline_stages
+from orchestrate import pipeline, pipeline_report, pipeline_stages
 from train.metrics import read_metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -32,7 +32,7 @@ def run_pipeline(workdir: pathlib.Path, *extra: str) -> int:
 
 def cli(workdir: pathlib.Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
     """The pipeline in a child process (its own JAX runtime and signal handlers)."""
-    command = [sys.executable, "-m", "train.cli", "pipeline", "--config", TINY]
+    command = [sys.executable, "-m", "orchestrate.cli", "pipeline", "--config", TINY]
     return subprocess.Popen(
         [*command, "--workdir", str(workdir), *extra],
         cwd=ROOT,

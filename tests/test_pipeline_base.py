@@ -14,7 +14,7 @@ import pytest
 from conftest import require
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from train import pipeline
+from orchestrate import pipeline
 from train.checkpoint import read_parent
 from train.metrics import read_metrics
 
@@ -142,7 +142,7 @@ def test_without_sft_the_stages_read_the_base_model(tmp_path, base):
     """Links only (no training): with no SFT run, rm_data's policy, the reward model and
     every RL stage start from the imported model; once SFT has run, from it."""
     from configs import pipeline as pipeline_config
-    from train import pipeline_stages
+    from orchestrate import pipeline_stages
 
     config = pipeline_config.get_config("tiny")
     config.init_from = str(base)
@@ -178,7 +178,7 @@ def test_chat_stage_without_a_template_is_one_line(tmp_path_factory, stage, caps
     """A checkpoint whose tokenizer has no chat template: every stage that starts from a
     checkpoint (SFT, reward, DPO; PPO and GRPO share the same start) stops with one line
     naming the tokenizer (exit 2), before reading data or training anything."""
-    from train import cli
+    from orchestrate import cli
 
     root = tmp_path_factory.getbasetemp() / "no_template"
     base = root / "imported" if (root / "imported").is_dir() else import_base(root, None)

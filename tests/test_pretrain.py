@@ -54,7 +54,7 @@ def subprocess_pretrain(workdir, data_dir, *overrides) -> subprocess.Popen:
     # one config reduce in the same order and agree bitwise.
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     return subprocess.Popen(
-        [sys.executable, "-m", "train.cli", "pretrain", *args(workdir, data_dir, *overrides)],
+        [sys.executable, "-m", "orchestrate.cli", "pretrain", *args(workdir, data_dir, *overrides)],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -255,7 +255,7 @@ def test_bad_config_is_one_line_and_writes_nothing(tmp_path, data_dir, override,
     env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS="")
     workdir = tmp_path / "run"
     result = subprocess.run(
-        [sys.executable, "-m", "train.cli", "pretrain", *args(workdir, data_dir, override)],
+        [sys.executable, "-m", "orchestrate.cli", "pretrain", *args(workdir, data_dir, override)],
         cwd=ROOT,
         env=env,
         capture_output=True,

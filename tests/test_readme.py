@@ -20,7 +20,7 @@ import shutil
 import pytest
 
 from configs import loader
-from train import cli
+from orchestrate import cli
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -307,7 +307,7 @@ def test_score_prints_calibrated_rewards_in_order(trained):
     argv = ["--workdir", str(trained["workdir"]), "--prompt", "rate: ABCD"]
     argv += [x for r in responses for x in ("--response", r)]
     result = subprocess.run(
-        [sys.executable, "-m", "train.cli", "score", *argv],
+        [sys.executable, "-m", "orchestrate.cli", "score", *argv],
         cwd=ROOT,
         env=env,
         capture_output=True,

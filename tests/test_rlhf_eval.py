@@ -22,6 +22,7 @@ from model import sharding as sh
 from model import tokenizer as tk
 from model.config import get_preset
 from model.transformer import Transformer
+from orchestrate import cli
 from rlhf import evaluate as ev
 from rlhf import kl as kl_lib
 from rlhf import ppo, tasks
@@ -30,7 +31,6 @@ from rlhf import ppo_reward as pr
 from rlhf.labeler import write_jsonl
 from tests.test_ppo import chain, ppo_args  # noqa: F401  (chain: a module-scoped fixture)
 from tests.test_ppo import stage_args as ppo_stage_args
-from train import cli
 from train.checkpoint import Checkpointer, lineage
 from train.metrics import read_metrics
 from train.reward import CALIBRATION_FILE, reward_model

@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from train import report, sweep
+from orchestrate import report, sweep
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 stats = pytest.importorskip("scipy.stats")  # in the [test] extra: the independent reference
@@ -328,7 +328,7 @@ def write_ablation(path: pathlib.Path, spec: dict) -> pathlib.Path:
 def flaxlm(*args: str, cwd: pathlib.Path = ROOT) -> subprocess.CompletedProcess:
     env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=str(ROOT))  # one CPU device per run
     return subprocess.run(
-        [sys.executable, "-m", "train.cli", *args],
+        [sys.executable, "-m", "orchestrate.cli", *args],
         cwd=cwd,
         env=env,
         capture_output=True,

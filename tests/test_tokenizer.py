@@ -10,7 +10,7 @@ import pytest
 import sentencepiece as spm
 
 from model import tokenizer as tk
-from train import cli
+from orchestrate import cli
 
 SHAKESPEARE = Path(__file__).resolve().parent.parent / ".." / "shared/data/tinyshakespeare.txt"
 VOCAB = {"bpe": 512, "unigram": 400, "char": 400}

@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from configs import loader
+from configs import loader, stages
 from configs.meshes import apply_mesh_preset
 from model import lora
 from model import sharding as sh
@@ -44,26 +44,20 @@ class StageError(ValueError):
     """Bad input to a stage: reported as one line, non-zero exit, workdir untouched."""
 
 
-# What a checkpoint holds, by the stage that wrote it (meta "stage"): a raw LM, a chat
-# policy (both have an LM head) or a reward model (a scalar head, no LM head).
-RAW_LM_STAGES = ("pretrain", "import-hf", "import-gguf")
-POLICY_STAGES = ("sft", "dpo", "grpo", "ppo")
-LM_STAGES = RAW_LM_STAGES + POLICY_STAGES
-# What each stage may start from (`init_from`): (in words, the parent stages). SFT and
-# reward take any LM; the RLHF stages a chat policy (it is also their frozen reference):
-# one trained here, or an imported checkpoint (an instruct model; its tokenizer must have
-# a chat template, which every stage checks when it starts). flaxlm's own pretraining is
-# not a policy: it never saw a chat. A reward model is never a policy: its parameters
-# would load under an LM head they were never trained with.
-CHAT_POLICIES = (*POLICY_STAGES, "import-hf", "import-gguf")
-INIT_FROM_KINDS = {
-    "sft": ("a language model", LM_STAGES),
-    "reward": ("a language or reward model", (*LM_STAGES, "reward")),
-    "ppo": ("a chat policy", CHAT_POLICIES),
-    "dpo": ("a chat policy", CHAT_POLICIES),
-    "grpo": ("a chat policy", CHAT_POLICIES),
-}
-REWARD_FROM_KIND = ("a reward model", ("reward",))  # PPO's and GRPO's `reward_from`
+# What a checkpoint holds, by the stage that wrote it (meta "stage"; configs/stages.py):
+# a raw LM (pretraining, an imported model), a chat policy (both have an LM head) or a
+# reward model (a scalar head, no LM head). SFT and reward take any LM; the RLHF stages a
+# chat policy (it is also their frozen reference): one trained here, or an imported
+# checkpoint (an instruct model; its tokenizer must have a chat template, which every
+# stage checks when it starts). flaxlm's own pretraining is not a policy: it never saw a
+# chat. A reward model is never a policy: its parameters would load under an LM head they
+# were never trained with.
+RAW_LM_STAGES = tuple(
+    w for w in stages.writers(stages.LM) if w in stages.IMPORTED or w not in stages.POLICIES
+)
+CHAT_POLICIES = stages.writers(stages.POLICY)
+INIT_FROM_KINDS = {s: stages.start_kind(s) for s in stages.COMMANDS if s != "pretrain"}
+REWARD_FROM_KIND = ("a reward model", stages.writers(stages.REWARD))  # PPO's, GRPO's reward_from
 
 
 def parent_kind(parent: Parent) -> str:

@@ -8,7 +8,7 @@ shows whether that score is real or reward hacking. frontier.png plots RM score 
 KL per seed and per arm.
 
 Reads each run's DIR/summary.json and stage metrics written by `flaxlm pipeline`
-(train/pipeline_report.py). Not run for docs/ablations.md yet: each arm is a whole
+(orchestrate/pipeline_report.py). Not run for docs/ablations.md yet: each arm is a whole
 pipeline (~10 minutes on 2 CPU cores). The earlier stages are identical across arms of a
 seed; they are recomputed per arm (the sweep does not share stage outputs).
 """

@@ -10,7 +10,7 @@ two while yielding K-choose-2 pairs; this measures what that buys in held-out pa
 accuracy against the oracle, and downstream in PPO's oracle score.
 
 Reads each run's DIR/summary.json and stage metrics written by `flaxlm pipeline`
-(train/pipeline_report.py). Not run for docs/ablations.md yet: each arm is a whole
+(orchestrate/pipeline_report.py). Not run for docs/ablations.md yet: each arm is a whole
 pipeline (~10 minutes on 2 CPU cores), so 3 arms x 3 seeds is ~1.5 hours.
 """
 

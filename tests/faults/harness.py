@@ -55,7 +55,7 @@ def cache_dir() -> pathlib.Path | None:
 
 
 def cli_argv(command: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", "train.cli", command, *args]
+    return [sys.executable, "-m", "orchestrate.cli", command, *args]
 
 
 def start(

@@ -3,7 +3,7 @@ meshes, a vocabulary that does not fit the tokenizer or the checkpoint, init_fro
 reward_from pointing at the wrong kind of stage or at nothing.
 
 Expectation: one line naming the key or path, a non-zero exit, and the workdir never
-created. Run in this process (each fails before any compile), through `train.cli.main`."""
+created. Run in this process (each fails before any compile), through `orchestrate.cli.main`."""
 
 from __future__ import annotations
 
@@ -123,7 +123,7 @@ def check_one_line(
     workdir: pathlib.Path,
     capsys,
 ) -> None:
-    from train import cli
+    from orchestrate import cli
 
     capsys.readouterr()  # drop what fixtures printed (e.g. building the chain)
     with harness.case("config", command, fault, point, EXPECT) as info:

@@ -26,7 +26,7 @@ DANGEROUS = re.compile(
 # workdir data): `--config FILE.py` and an ablation file are Python by design.
 ALLOWED_EXEC = {
     "configs/loader.py": "exec_module of the --config file (a command-line argument)",
-    "train/sweep.py": "exec_module of the --config ablation file (a command-line argument)",
+    "orchestrate/sweep.py": "exec_module of the --config ablation file (a command-line argument)",
 }
 
 

@@ -10,7 +10,7 @@ An ablation file defines `get_ablation(arg=None)` returning a plain dict:
     seeds      [0, 1, 2]
     runs       optional explicit [[arm, seed], ...] instead of arms x seeds
     baseline   the arm paired differences are taken against (default: the first)
-    metrics, curves, frontier   what `flaxlm report` shows (train/report.py)
+    metrics, curves, frontier   what `flaxlm report` shows (orchestrate/report.py)
     seed_keys  config keys set to the seed (default ["seed"])
 
 Pairing: the run of seed S sets every seed key to S in every arm. In pretraining (and every
@@ -18,7 +18,7 @@ stage) `seed` drives both the initialization and the data shuffle, so all arms o
 index start from the same init seed and read the same batches, unless an arm changes the
 data itself (data.*, batch_size, seq_len): the sweep warns about those arms.
 
-Each run is a subprocess (`python -m train.cli COMMAND ...`) in DIR/runs/ARM/seedS, with
+Each run is a subprocess (`python -m orchestrate.cli COMMAND ...`) in DIR/runs/ARM/seedS, with
 its log in run.log and its outcome in sweep_run.json: a crash is recorded and the sweep goes
 on, then exits 1 naming the failed runs. Rerunning the sweep skips finished runs (a run
 interrupted midway resumes from its checkpoint, as any stage does). SIGTERM or SIGINT to
@@ -27,7 +27,7 @@ the sweep records it as interrupted and exits 128 + signal without starting the 
 A signal to the sweep's process alone lets the current run finish first. `--shard I/N` runs
 every N-th run starting at I (runs are ordered seed-major, so early seeds complete first);
 each host writes the same sweep.json and its own runs, e.g. onto a shared filesystem.
-At the end the report (train/report.py) is written to DIR/report.md unless --no-report.
+At the end the report (orchestrate/report.py) is written to DIR/report.md unless --no-report.
 """
 
 from __future__ import annotations
@@ -47,11 +47,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from configs import loader
+from orchestrate.jsonio import read_json, write_json_atomic
+from orchestrate.sweep_files import PLAN_FILE, RUN_FILE
 from train.signals import SignalFlag
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]  # the repository (train/, configs/, ...)
-RUN_FILE = "sweep_run.json"
-PLAN_FILE = "sweep.json"
 LOG_FILE = "run.log"
 KNOWN_KEYS = {
     "command",
@@ -228,20 +228,6 @@ def shard_runs(runs: Sequence[Run], index: int, count: int) -> list[Run]:
     return [run for j, run in enumerate(runs) if j % count == index]
 
 
-def read_json(path: pathlib.Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
-def write_json_atomic(path: pathlib.Path, value: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # hosts may share the directory
-    tmp.write_text(json.dumps(value, indent=2) + "\n")
-    tmp.replace(path)
-
-
 def is_finished(directory: pathlib.Path, args: list[str]) -> bool:
     """Finished with these exact arguments; finished with others is an error, not a skip."""
     record = read_json(directory / RUN_FILE)
@@ -256,7 +242,7 @@ def is_finished(directory: pathlib.Path, args: list[str]) -> bool:
 
 
 def subprocess_runner(args: list[str], directory: pathlib.Path) -> int:
-    """Run `python -m train.cli ARGS` with fresh JAX state; output appended to run.log."""
+    """Run `python -m orchestrate.cli ARGS` with fresh JAX state; output appended to run.log."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     directory.mkdir(parents=True, exist_ok=True)
@@ -264,7 +250,7 @@ def subprocess_runner(args: list[str], directory: pathlib.Path) -> int:
         log.write(f"$ flaxlm {' '.join(args)}\n")
         log.flush()
         proc = subprocess.Popen(
-            [sys.executable, "-m", "train.cli", *args],
+            [sys.executable, "-m", "orchestrate.cli", *args],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
@@ -396,7 +382,7 @@ def main(argv: Sequence[str]) -> int:
         )
         return 128 + stop.signum
     if not args.no_report:
-        from train import report  # matplotlib and friends: only once there is something to show
+        from orchestrate import report  # matplotlib and friends: only when there is a report
 
         report.main([str(workdir)])
     if failed:

@@ -22,8 +22,6 @@ tested on several hosts.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import pathlib
 import shutil
 import sys
@@ -33,42 +31,19 @@ from typing import Any
 
 import ml_collections
 
-from configs import loader
+from configs import loader, stages
 from configs.pipeline import ALL_STAGES
+from orchestrate.jsonio import write_json_atomic
+from orchestrate.workdir import STATE_FILE, read_state
 
-# The config sections each stage depends on (besides `task` and `seed`, which all do).
-STAGE_KEYS = {
-    "data": ("data",),
-    "tokenizer": ("tokenizer",),
-    "pretrain": ("pretrain",),
-    "sft": ("sft",),
-    "rm_data": ("rm_data", "labeler"),
-    "reward": ("reward",),
-    "ppo": ("ppo",),
-    "ppo_oracle": ("ppo",),
-    "dpo": ("dpo",),
-    "grpo": ("grpo",),
-    "report": ("report",),
-}
-# What each stage reads from earlier stages.
-NEEDS = {
-    "data": (),
-    "tokenizer": ("data",),
-    "pretrain": ("data", "tokenizer"),
-    "sft": ("pretrain",),
-    "rm_data": ("sft",),
-    "reward": ("rm_data",),
-    "ppo": ("reward",),
-    "ppo_oracle": ("reward",),
-    "dpo": ("rm_data",),
-    "grpo": ("reward",),
-    "report": ("sft",),
-}
+# The config sections each stage depends on (besides `task` and `seed`, which all do), and
+# what it reads from earlier stages: configs/stages.py.
+STAGE_KEYS = {s.name: s.sections or (s.name,) for s in stages.STAGES}
+NEEDS = {s.name: s.needs for s in stages.STAGES}
 # With a base model (`init_from`) there is no tokenizer or pretraining stage, and SFT is
 # optional: the stages that read the SFT policy read the base model when SFT did not run.
 NEEDS_WITH_BASE = {"sft": ("data",), "rm_data": ("data",), "report": ("data",)}
 BASE_MAKES = ("tokenizer", "pretrain")  # what a base model brings instead
-STATE_FILE = "pipeline.json"
 
 
 class PipelineError(ValueError):
@@ -76,18 +51,6 @@ class PipelineError(ValueError):
 
 
 # ----------------------------------------------------------------------------- bookkeeping
-
-
-def write_json_atomic(path: pathlib.Path, value: Any) -> None:
-    """Write then rename, so a kill never leaves a half-written file behind."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
-def read_state(workdir: pathlib.Path) -> dict[str, Any]:
-    path = workdir / STATE_FILE
-    return json.loads(path.read_text()) if path.is_file() else {"stages": {}}
 
 
 def stage_fingerprint(config: ml_collections.ConfigDict, stage: str) -> dict[str, Any]:
@@ -221,7 +184,7 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, ml_collections.
 
 
 def main(argv: Sequence[str]) -> int:
-    from train import pipeline_stages  # jax and the stages load only once arguments parse
+    from orchestrate import pipeline_stages  # jax and the stages load only once arguments parse
 
     try:
         args, config = parse_args(argv)

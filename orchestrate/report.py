@@ -8,7 +8,7 @@ cancels. The t quantile is computed here (regularized incomplete beta + bisectio
 report needs no scipy; tests check it against scipy.
 
 Outputs: DIR/report.md (also printed), DIR/report.json (unrounded numbers) and
-DIR/plots/*.png (train/report_plots.py; without matplotlib the tables are still written).
+DIR/plots/*.png (orchestrate/report_plots.py; without matplotlib the tables are still written).
 """
 
 from __future__ import annotations
@@ -23,50 +23,16 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from train.sweep import PLAN_FILE, RUN_FILE, read_json
-
-
-@dataclasses.dataclass(frozen=True)
-class Metric:
-    """One number per run: `reduce` over the values of `key` in `file` (a .jsonl of records
-    or a .json summary; dotted keys reach into nested dicts)."""
-
-    name: str
-    label: str
-    key: str
-    file: str = "metrics.jsonl"
-    reduce: str = "last"  # last | min | max | median | tail (mean of the last 10%, >= 1)
-    positive_only: bool = False  # tokens_per_sec is 0 on the window that compiled
-
-
-REDUCTIONS = ("last", "min", "max", "median", "tail")
-METRICS = {
-    m.name: m
-    for m in (
-        Metric("final_eval_loss", "final eval loss", "eval_loss"),
-        Metric("best_eval_loss", "best eval loss", "eval_loss", reduce="min"),
-        Metric("final_loss", "final train loss", "loss"),
-        Metric("rm_accuracy", "RM pair accuracy", "eval_pair_accuracy"),
-        Metric("rm_score", "RM score", "eval_rm_score"),
-        Metric("oracle_score", "oracle score", "eval_oracle_score"),
-        Metric("kl", "KL to reference (nats)", "eval_kl"),
-        Metric(
-            "tokens_per_sec",
-            "tokens/s (median)",
-            "tokens_per_sec",
-            "metrics.jsonl",
-            "median",
-            positive_only=True,
-        ),
-        Metric("wall_s", "wall time (s)", "wall_s", RUN_FILE),
-    )
-}
-DEFAULT_METRICS = ("final_eval_loss", "best_eval_loss", "tokens_per_sec", "wall_s")
-DEFAULT_CURVES = (
-    {"key": "loss", "label": "train loss"},
-    {"key": "eval_loss", "label": "eval loss"},
+from orchestrate.jsonio import read_json, read_records
+from orchestrate.sweep_files import (
+    DEFAULT_METRICS,
+    METRICS,
+    PLAN_FILE,
+    REDUCTIONS,
+    RUN_FILE,
+    Metric,
+    series,
 )
-
 
 # ---------------------------------------------------------------- statistics (pure)
 
@@ -163,39 +129,6 @@ def resolve_metric(entry: str | dict[str, Any]) -> Metric:
     if metric.reduce not in REDUCTIONS:
         raise ValueError(f"metric {metric.name}: reduce={metric.reduce!r}; use {REDUCTIONS}")
     return metric
-
-
-def read_records(path: pathlib.Path) -> list[dict[str, Any]]:
-    """The records of a .jsonl file, or a .json summary as one record; [] if missing."""
-    if not path.is_file():
-        return []
-    if path.suffix == ".json":
-        return [json.loads(path.read_text())]
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def lookup(record: dict[str, Any], key: str) -> Any:
-    node: Any = record
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
-def series(records: Sequence[dict[str, Any]], key: str) -> list[tuple[int, float]]:
-    """(step, value) of every record holding a number (or 'nan'/'inf' text) under key."""
-    out = []
-    for record in records:
-        value = lookup(record, key)
-        if isinstance(value, str):
-            try:
-                value = float(value)  # metrics.jsonl writes non-finite numbers as text
-            except ValueError:
-                continue
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            out.append((int(record.get("step", 0)), float(value)))
-    return out
 
 
 def reduce_values(values: Sequence[float], how: str) -> float:
@@ -368,7 +301,7 @@ def write_report(
     if plots:
         if spec.get("frontier") and not set(spec["frontier"]) <= {m.name for m in metrics}:
             raise ValueError(f"frontier {spec['frontier']}: both must be among the metrics")
-        from train import report_plots  # matplotlib: imported only to plot
+        from orchestrate import report_plots  # matplotlib: imported only to plot
 
         images = report_plots.plot_all(sweep_dir / "plots", runs, values, summary, metrics, spec)
         text += "".join(f"\n![{p.stem}](plots/{p.name})\n" for p in images)

@@ -18,37 +18,35 @@ from __future__ import annotations
 import importlib
 import sys
 
-# name -> (entry point "module:function", one-line help). A new command is one line here.
+from configs import stages
+
+# name -> (entry point "module:function", one-line help). A new command is one line here;
+# a new training stage is one entry in configs/stages.py.
 COMMANDS: dict[str, tuple[str, str]] = {
+    **{s: (f"{stages.BY_NAME[s].module}:main", stages.BY_NAME[s].help) for s in stages.COMMANDS},
     "quicktrain": (
         "train.synthetic:main",
         "train a preset for a few steps on synthetic tokens and print the loss",
     ),
     "sample": ("train.sample:main_sample", "generate completions from a checkpoint"),
     "chat": ("train.sample:main_chat", "chat with a checkpoint in the terminal"),
-    "pretrain": ("train.pretrain:main", "pretrain a model on next-token prediction"),
     "tokenizer": ("train.data.tokenizer_cli:main", "train a sentencepiece tokenizer"),
     "compile": (
         "train.aot:main",
         "compile a config's train step ahead of time and report memory per device",
     ),
-    "sft": ("train.sft:main", "supervised fine-tuning on conversations (loss on responses)"),
-    "reward": ("train.reward:main", "train a reward model on ranked responses (K-wise loss)"),
     "score": ("train.reward:score_main", "print a trained reward model's reward for a response"),
     "pipeline": (
-        "train.pipeline:main",
+        "orchestrate.pipeline:main",
         "run every stage, tokenizer to RLHF and a report, in one resumable workdir",
     ),
-    "ppo": ("rlhf.ppo:main", "RLHF with PPO against a reward model, KL to the SFT policy"),
-    "dpo": ("rlhf.dpo:main", "DPO on ranked preference pairs, frozen SFT reference"),
-    "grpo": ("rlhf.grpo:main", "RLHF with GRPO: G samples per prompt, group-relative advantages"),
     "rlhf-eval": ("rlhf.evaluate_cli:main", "held-out RLHF eval: oracle, RM, KL, best-of-n"),
     "export-hf": ("train.hf_cli:export_main", "export a checkpoint as a Hugging Face Llama model"),
     "import-hf": ("train.hf_cli:import_main", "import a Hugging Face Llama model as a checkpoint"),
     "import-gguf": ("train.gguf_cli:main", "import a llama.cpp GGUF file as a checkpoint"),
     "label": ("rlhf.label_server:main", "rank sampled responses yourself on a local web page"),
-    "sweep": ("train.sweep:main", "run an ablation's arms x seeds (paired), then its report"),
-    "report": ("train.report:main", "tables with 95% CIs and plots for a sweep directory"),
+    "sweep": ("orchestrate.sweep:main", "run an ablation's arms x seeds (paired), then its report"),
+    "report": ("orchestrate.report:main", "tables with 95% CIs and plots for a sweep directory"),
 }
 
 

@@ -19,7 +19,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from train.report import DEFAULT_CURVES, Metric, read_records, series
+from orchestrate.jsonio import read_records
+from orchestrate.sweep_files import DEFAULT_CURVES, Metric, series
 
 Values = dict[str, dict[str, dict[int, float]]]  # metric -> arm -> seed -> value
 

@@ -20,11 +20,12 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from configs.stages import PIPELINE_ORDER, TRAINING
+from configs.stages import POLICIES as POLICY_STAGES
+from orchestrate.jsonio import write_json_atomic
+from orchestrate.workdir import STATE_FILE, data_paths, read_prompts, start_policy
 from rlhf.tasks import load_task
 from train.metrics import read_metrics
-from train.pipeline_stages import TRAINING, data_paths, read_prompts, start_policy
-
-POLICY_STAGES = ("sft", "ppo", "ppo_oracle", "dpo", "grpo")
 
 
 def policy_dir(
@@ -257,8 +258,6 @@ def build_summary(
 
 
 def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> int:
-    from train.pipeline import STATE_FILE, write_json_atomic
-
     metrics = stage_metrics(workdir)
     state = json.loads((workdir / STATE_FILE).read_text())
     rm_path = data_paths(workdir)["rm_summary"]
@@ -270,9 +269,10 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> int:
 
     lines = [f"# Pipeline report: task `{config.task}`, seed {config.seed}", ""]
     lines += ["## Time per stage", ""]
-    from configs.pipeline import ALL_STAGES
 
-    timings = [[s, state["stages"][s].get("seconds")] for s in ALL_STAGES if s in state["stages"]]
+    timings = [
+        [s, state["stages"][s].get("seconds")] for s in PIPELINE_ORDER if s in state["stages"]
+    ]
     total = sum(t[1] or 0.0 for t in timings)
     lines += md_table(["stage", "seconds"], [*timings, ["total (before the report)", total]])
     lines += ["", "## Key figures (from each stage's metrics.jsonl)", ""]

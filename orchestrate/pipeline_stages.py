@@ -12,41 +12,22 @@ from __future__ import annotations
 
 import json
 import pathlib
-import shutil
 import sys
 from typing import Any
 
 import ml_collections
 import numpy as np
 
+from configs import stages
+from orchestrate.workdir import (
+    data_paths,
+    fresh_tmp,
+    has_records,
+    read_prompts,
+    replace_dir,
+    start_policy,
+)
 from rlhf.tasks import load_task
-
-TRAINING = ("pretrain", "sft", "reward", "ppo", "ppo_oracle", "dpo", "grpo")
-SECTION = {"ppo_oracle": "ppo"}  # stages that run another stage's config section
-
-
-def data_paths(workdir: pathlib.Path) -> dict[str, pathlib.Path]:
-    d, rm = workdir / "data", workdir / "rm_data"
-    return {
-        "pretrain": d / "pretrain.txt",
-        "sft": d / "sft.jsonl",
-        "sft_eval": d / "sft_eval.jsonl",
-        "prompts": d / "prompts.jsonl",
-        "eval_prompts": d / "eval_prompts.jsonl",
-        "ranked": rm / "ranked.jsonl",
-        "ranked_eval": rm / "ranked_eval.jsonl",
-        "rm_summary": rm / "summary.json",
-        "tokenizer": workdir / "tokenizer",
-    }
-
-
-def start_policy(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> pathlib.Path:
-    """The policy the reward model and RL start from: DIR/sft once the SFT stage has run
-    here, else the base model (`init_from`, e.g. an imported checkpoint) as it is."""
-    sft = workdir / "sft"
-    if config.init_from and not (sft / "checkpoints").is_dir():
-        return pathlib.Path(config.init_from)
-    return sft
 
 
 def check(config: ml_collections.ConfigDict) -> None:
@@ -85,7 +66,7 @@ def stage_config(
     """The stage's section of the pipeline config with the links to the other stages."""
     p = data_paths(workdir)
     policy = start_policy(config, workdir)
-    c = ml_collections.ConfigDict(config[SECTION.get(stage, stage)].to_dict())  # a copy
+    c = ml_collections.ConfigDict(config[stages.BY_NAME[stage].section].to_dict())  # a copy
     links: dict[str, Any] = {"seed": config.seed, "data.data_dir": str(workdir / "tfds")}
     if stage == "pretrain":
         links |= {"data.path": p["pretrain"], "data.tokenizer": p["tokenizer"]}
@@ -111,25 +92,6 @@ def stage_config(
         for key, value in links.items():
             set_key(c, key, str(value) if isinstance(value, pathlib.Path) else value)
     return c
-
-
-def has_records(path: pathlib.Path) -> bool:
-    return path.is_file() and any(line.strip() for line in path.open())
-
-
-def replace_dir(tmp: pathlib.Path, final: pathlib.Path) -> None:
-    """Rename a completed temporary directory into place (replacing an older copy)."""
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-
-
-def fresh_tmp(final: pathlib.Path) -> pathlib.Path:
-    tmp = final.with_name(final.name + ".tmp")
-    if tmp.exists():  # left by an interrupted attempt
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    return tmp
 
 
 # ----------------------------------------------------------------------------- data stages
@@ -164,11 +126,6 @@ def run_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> i
     replace_dir(tmp, final)
     print(f"tokenizer: {config.tokenizer.type}, {tokenizer.vocab_size} pieces -> {final}")
     return 0
-
-
-def read_prompts(path: pathlib.Path, limit: int | None = None) -> list[str]:
-    rows = [json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()]
-    return rows[:limit] if limit else rows
 
 
 def run_rm_data(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> int:
@@ -325,22 +282,18 @@ def run_training(stage: str, config: ml_collections.ConfigDict, workdir: pathlib
 
     c = stage_config(config, stage, workdir)
     stage_dir = workdir / stage
-    if stage == "reward":
-        from train import reward
-
-        return reward.run(c, stage_dir)
-    module = {"pretrain": "train.pretrain", "sft": "train.sft", "ppo_oracle": "rlhf.ppo"}.get(
-        stage, f"rlhf.{stage}"
-    )
-    build = importlib.import_module(module).build
+    module = importlib.import_module(stages.BY_NAME[stage].module)
+    if stage == "reward":  # its run adds the reward model's calibration after training
+        return module.run(c, stage_dir)
+    build = module.build
     return run_stage(stage, stage_dir, c, lambda: build(c, stage_dir))
 
 
 def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path) -> int:
-    if stage in TRAINING:
+    if stage in stages.TRAINING:
         return run_training(stage, config, workdir)
     if stage == "report":
-        from train import pipeline_report
+        from orchestrate import pipeline_report
 
         return pipeline_report.run(config, workdir)
     runner = {"data": run_data, "tokenizer": run_tokenizer, "rm_data": run_rm_data}[stage]
