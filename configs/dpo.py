@@ -27,43 +27,27 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs.base import base_config
+from configs.rl_base import PRESETS, check_preset, rl_base_config
 
-PRESETS = ("tiny", "default")
+__all__ = ["PRESETS", "get_config"]
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    preset = arg or "tiny"
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose from {PRESETS}")
-    c = base_config()
-    c.stage = "dpo"
-    c.task = ""  # optional oracle for eval metrics only
+    preset = check_preset(arg)
+    # Shared keys: task, sampling, dpo.max_new_tokens and its presets, the constant lr
+    # (configs/rl_base.py). No rollouts while training: no reward_from, health or kl.
+    c = rl_base_config("dpo", preset, rollouts=False)
     c.eval.split = "validation"  # named datasets only; a local eval.path is its own split
-    c.sampling = ml_collections.ConfigDict({"temperature": 1.0, "top_k": 0, "top_p": 1.0})
-    c.dpo = ml_collections.ConfigDict(
-        {
-            "beta": 0.1,
-            "label_smoothing": 0.0,
-            "max_responses": 0,
-            "ref_batch_size": 0,
-            "max_new_tokens": 16,
-        }
-    )
-    c.optim.schedule, c.optim.weight_decay = "constant", 0.0
+    c.dpo.update({"beta": 0.1, "label_smoothing": 0.0, "max_responses": 0, "ref_batch_size": 0})
     if preset == "tiny":
         c.total_steps, c.batch_size, c.seq_len = 8, 16, 48
-        c.dpo.max_new_tokens = 8
         # Measured (16 steps, tests/test_dpo.py): held-out accuracy 0.77 at 3e-4, 0.79 at
         # 1e-3, but 1e-3 drops the sampled answers' oracle score (0.039 -> 0.013, 3e-4: 0.068).
-        c.optim.lr, c.optim.warmup_steps = 3e-4, 0
-        c.log.every_steps = 1
+        c.optim.lr = 3e-4
     else:
         # Rafailov et al.: batch 64, lr 5e-7 (RMSprop there) after 150 warmup steps.
         c.total_steps, c.batch_size, c.seq_len = 2000, 64, 1024
-        c.dpo.max_new_tokens = 256
         c.optim.lr, c.optim.warmup_steps = 5e-7, 150
-        c.mesh.data, c.mesh.fsdp = 1, -1
         c.log.every_steps, c.eval.every_steps, c.eval.max_batches = 10, 200, 50
         c.checkpoint.every_steps = 500
     return c

@@ -32,51 +32,27 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs.base import base_config
+from configs.rl_base import PRESETS, check_preset, rl_base_config
 
-PRESETS = ("tiny", "default")
+__all__ = ["PRESETS", "get_config"]
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    preset = arg or "tiny"
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose from {PRESETS}")
-    c = base_config()
-    c.stage = "grpo"
-    c.reward_from = ""  # a `flaxlm reward` workdir or checkpoint (grpo.reward=model)
-    c.task = ""  # the hidden oracle: metrics, or the reward with grpo.reward=oracle
-    c.sampling = ml_collections.ConfigDict({"temperature": 1.0, "top_k": 0, "top_p": 1.0})
+    preset = check_preset(arg)
+    # Shared keys: reward_from, task, sampling, health, the grpo.* rollout keys, and the
+    # presets' max_new_tokens, mesh, logging and log_prob_atol (configs/rl_base.py).
+    c = rl_base_config("grpo", preset, rollouts=True)
     # DeepSeekMath's β = 0.04 on k3 per token; 0 drops the KL term.
     c.kl = ml_collections.ConfigDict({"beta": 0.04})
-    c.grpo = ml_collections.ConfigDict(
-        {
-            "group_size": 4,
-            "reward": "model",
-            "scale_by_std": True,
-            "max_new_tokens": 16,
-            "epochs": 1,
-            "minibatches": 1,
-            "clip_eps": 0.2,
-            "missing_eos_penalty": 1.0,
-            "log_prob_atol": 1e-3,  # the sampler/learner health check (fp32; loosen for bf16)
-        }
-    )
-    # Rollout health checks (rlhf/health.py): warn or stop when W = window iterations in a
-    # row show a run that cannot learn.
-    c.health = ml_collections.ConfigDict({"enabled": True, "window": 5})
-    c.optim.schedule, c.optim.weight_decay = "constant", 0.0
+    c.grpo.update({"group_size": 4, "scale_by_std": True})
     if preset == "tiny":
         c.total_steps, c.batch_size, c.seq_len = 8, 8, 24
-        c.grpo.max_new_tokens, c.grpo.epochs, c.grpo.minibatches = 8, 2, 2
-        c.optim.lr, c.optim.warmup_steps = 1e-4, 0
+        c.grpo.epochs, c.grpo.minibatches = 2, 2
+        c.optim.lr = 1e-4
         c.eval.batch_size = 32
-        c.log.every_steps = 1
     else:
         # DeepSeekMath: 64 samples per prompt, lr 1e-6, one update per batch.
         c.total_steps, c.batch_size, c.seq_len = 1000, 16, 512
-        c.grpo.group_size, c.grpo.max_new_tokens = 16, 256
+        c.grpo.group_size = 16
         c.optim.lr, c.optim.warmup_steps = 1e-6, 10
-        c.mesh.data, c.mesh.fsdp = 1, -1
-        c.log.every_steps, c.checkpoint.every_steps = 1, 100
-        c.grpo.log_prob_atol = 5e-2  # bf16 compute: cached decode and full forward round apart
     return c

@@ -31,56 +31,37 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs.base import base_config
+from configs.rl_base import PRESETS, check_preset, rl_base_config
 
-PRESETS = ("tiny", "default")
+__all__ = ["PRESETS", "get_config"]
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    preset = arg or "tiny"
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose from {PRESETS}")
-    c = base_config()
-    c.stage = "ppo"
-    c.reward_from = ""  # a `flaxlm reward` workdir or checkpoint
-    c.task = ""  # optional oracle: metrics, or the reward with ppo.reward=oracle
-    c.sampling = ml_collections.ConfigDict({"temperature": 1.0, "top_k": 0, "top_p": 1.0})
+    preset = check_preset(arg)
+    # Shared keys: reward_from, task, sampling, health, the ppo.* rollout keys, and the
+    # presets' max_new_tokens, mesh, logging and log_prob_atol (configs/rl_base.py).
+    c = rl_base_config("ppo", preset, rollouts=True)
     c.kl = ml_collections.ConfigDict(
         {"beta": 0.05, "target": 0.0, "horizon": 10_000.0, "estimator": "k1"}
     )
-    c.ppo = ml_collections.ConfigDict(
+    c.ppo.update(
         {
-            "reward": "model",  # model | oracle: what scores the last response token
-            "max_new_tokens": 16,
             "epochs": 4,
             "minibatches": 2,
-            "clip_eps": 0.2,
             "value_clip_eps": 0.2,
             "vf_coef": 0.1,
             "ent_coef": 0.0,
             "gamma": 1.0,
             "lam": 0.95,
             "whiten_advantages": True,
-            "missing_eos_penalty": 1.0,
             "value_lr": 1e-4,
-            "log_prob_atol": 1e-3,  # the sampler/learner health check (fp32; loosen for bf16)
         }
     )
-    # Rollout health checks (rlhf/health.py): warn or stop when W = window iterations in a
-    # row show a run that cannot learn.
-    c.health = ml_collections.ConfigDict({"enabled": True, "window": 5})
-    c.optim.schedule, c.optim.weight_decay = "constant", 0.0
     if preset == "tiny":
         c.total_steps, c.batch_size, c.seq_len = 8, 16, 24
-        c.ppo.max_new_tokens = 8
-        c.optim.lr, c.optim.warmup_steps, c.ppo.value_lr = 1e-4, 0, 1e-3
-        c.log.every_steps = 1
+        c.optim.lr, c.ppo.value_lr = 1e-4, 1e-3
     else:
         c.total_steps, c.batch_size, c.seq_len = 1000, 64, 512
-        c.ppo.max_new_tokens = 256
         c.optim.lr, c.optim.warmup_steps, c.ppo.value_lr = 1e-6, 10, 1e-5
         c.kl.target = 6.0
-        c.mesh.data, c.mesh.fsdp = 1, -1
-        c.log.every_steps, c.checkpoint.every_steps = 1, 100
-        c.ppo.log_prob_atol = 5e-2  # bf16 compute: cached decode and full forward round apart
     return c
