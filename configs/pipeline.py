@@ -78,6 +78,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     preset = arg or "demo"
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {PRESETS}")
+    c = _pipeline_keys()
+    for name in TRAINING_STAGES:
+        c[name] = importlib.import_module(f"configs.{name}").get_config("tiny")
+    _stage_defaults(c)
+    _early_stages(c.pretrain, c.sft, c.reward)
+    _rl_stages(c.ppo, c.dpo, c.grpo)
+    (_demo if preset == "demo" else _tiny)(c)
+    return c
+
+
+def _pipeline_keys() -> ml_collections.ConfigDict:
+    """The pipeline's own keys (the demo's sizes); the stage sections come after."""
     c = ml_collections.ConfigDict()
     c.stage = "pipeline"
     c.task = "uppercase"
@@ -96,63 +108,75 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         {"kind": "simulated", "random_rate": 0.5, "score_noise": 0.0}  # kind: or "human"
     )
     c.report = ml_collections.ConfigDict({"num_samples": 8, "eval_samples": 16})
+    return c
 
-    for name in TRAINING_STAGES:
-        c[name] = importlib.import_module(f"configs.{name}").get_config("tiny")
-    _stage_defaults(c)
 
-    pt = c.pretrain
+def _early_stages(
+    pt: ml_collections.ConfigDict, sft: ml_collections.ConfigDict, reward: ml_collections.ConfigDict
+) -> None:
+    """Pretrain, SFT and reward sized for the char model, in both presets."""
     pt.data.doc_mode = "blank_line"
     for key, value in CHAR_MODEL.items():
         pt.model[key] = value
     pt.seq_len, pt.batch_size = 64, 16
     pt.optim.lr, pt.optim.warmup_steps = 3e-3, 20
     pt.eval.every_steps = 0
-    c.sft.seq_len, c.sft.batch_size = 32, 32
-    c.sft.optim.lr, c.sft.optim.warmup_steps = 1e-3, 10
-    c.sft.eval.num_samples = 0
-    c.reward.seq_len, c.reward.batch_size = 32, 16
-    c.reward.optim.lr = 1e-3
-    c.reward.eval.max_batches = 0  # the whole held-out set
-    c.reward.calibration.max_new_tokens = 10
-    c.ppo.seq_len, c.ppo.ppo.max_new_tokens = 24, 10
-    c.ppo.batch_size = 32
+    sft.seq_len, sft.batch_size = 32, 32
+    sft.optim.lr, sft.optim.warmup_steps = 1e-3, 10
+    sft.eval.num_samples = 0
+    reward.seq_len, reward.batch_size = 32, 16
+    reward.optim.lr = 1e-3
+    reward.eval.max_batches = 0  # the whole held-out set
+    reward.calibration.max_new_tokens = 10
+
+
+def _rl_stages(
+    ppo: ml_collections.ConfigDict, dpo: ml_collections.ConfigDict, grpo: ml_collections.ConfigDict
+) -> None:
+    """PPO, DPO and GRPO sized for the char model, in both presets."""
+    ppo.seq_len, ppo.ppo.max_new_tokens = 24, 10
+    ppo.batch_size = 32
     # β = 0.05 let seed 0 drift to KL 10 nats on longer answers the reward model never saw
     # (held-out oracle 0.31); at 0.2 seed 1 still drifted (KL 3, oracle 0.94 at iteration
     # 10 -> 0.63 at 40) into letters its reward model never saw wrong. At 0.4 the drift
     # costs more than the reward it buys, while the real gain (KL < 1 nat) still pays.
-    c.ppo.kl.beta = 0.4
-    c.ppo.eval.every_steps, c.ppo.log.every_steps = 10, 1
-    c.dpo.seq_len, c.dpo.batch_size, c.dpo.dpo.max_new_tokens = 32, 32, 10
-    c.dpo.optim.lr, c.dpo.optim.warmup_steps = 1e-4, 0
-    c.grpo.seq_len, c.grpo.grpo.max_new_tokens, c.grpo.batch_size = 24, 10, 8  # 8 x G rows
-    c.grpo.eval.every_steps, c.grpo.log.every_steps = 10, 1
+    ppo.kl.beta = 0.4
+    ppo.eval.every_steps, ppo.log.every_steps = 10, 1
+    dpo.seq_len, dpo.batch_size, dpo.dpo.max_new_tokens = 32, 32, 10
+    dpo.optim.lr, dpo.optim.warmup_steps = 1e-4, 0
+    grpo.seq_len, grpo.grpo.max_new_tokens, grpo.batch_size = 24, 10, 8  # 8 x G rows
+    grpo.eval.every_steps, grpo.log.every_steps = 10, 1
     # DeepSeekMath's k3 β = 0.04 let uppercase seed 0 drift to KL 26 nats (oracle 0.03); at
     # 0.2 the same run held KL at 0.4 nats and reached oracle 0.93.
-    c.grpo.kl.beta = 0.2
-    if preset == "demo":
-        pt.total_steps = 600
-        # 600 SFT steps, not 200: at 200, uppercase seed 4 (and next_letter seed 0) sat near
-        # 2.8 nats/token for 80 steps on the chat template, ended at eval loss 0.55
-        # (other seeds 0.10-0.15) and scored 0.105 with the oracle; at 600 it reached 0.18
-        # and 0.683, and PPO then met the target (docs/rlhf.md).
-        c.sft.total_steps, c.sft.eval.every_steps = 600, 100
-        # One epoch of the 2000 ranked groups (16 per step), as InstructGPT trains its reward
-        # model: with 512 groups and ~5 epochs the held-out accuracy against the oracle fell
-        # after the second epoch (seed 1: 0.90 -> 0.80), overfitting the labeler's noise.
-        c.reward.total_steps, c.reward.eval.every_steps = 125, 25
-        c.ppo.total_steps = 40
-        c.dpo.total_steps, c.dpo.eval.every_steps = 100, 50
-        c.grpo.total_steps = 40
-    else:  # tiny: every stage runs for a few steps (tests)
-        c.data.n_docs, c.data.n_sft, c.data.n_prompts, c.data.n_eval = 60, 200, 200, 16
-        c.rm_data.num_prompts, c.rm_data.batch_size = 32, 32
-        c.report.num_samples, c.report.eval_samples = 4, 2
-        pt.total_steps, pt.checkpoint.every_steps = 20, 10
-        for name in ("sft", "reward", "dpo", "grpo"):
-            c[name].total_steps, c[name].checkpoint.every_steps = 10, 5
-            c[name].eval.every_steps = 10
-        c.ppo.total_steps, c.ppo.checkpoint.every_steps, c.ppo.eval.every_steps = 4, 2, 2
-        c.ppo.batch_size = 16
-        c.reward.calibration.num_samples = 16
-    return c
+    grpo.kl.beta = 0.2
+
+
+def _demo(c: ml_collections.ConfigDict) -> None:
+    """The demo's step counts (2 CPU cores)."""
+    c.pretrain.total_steps = 600
+    # 600 SFT steps, not 200: at 200, uppercase seed 4 (and next_letter seed 0) sat near
+    # 2.8 nats/token for 80 steps on the chat template, ended at eval loss 0.55
+    # (other seeds 0.10-0.15) and scored 0.105 with the oracle; at 600 it reached 0.18
+    # and 0.683, and PPO then met the target (docs/rlhf.md).
+    c.sft.total_steps, c.sft.eval.every_steps = 600, 100
+    # One epoch of the 2000 ranked groups (16 per step), as InstructGPT trains its reward
+    # model: with 512 groups and ~5 epochs the held-out accuracy against the oracle fell
+    # after the second epoch (seed 1: 0.90 -> 0.80), overfitting the labeler's noise.
+    c.reward.total_steps, c.reward.eval.every_steps = 125, 25
+    c.ppo.total_steps = 40
+    c.dpo.total_steps, c.dpo.eval.every_steps = 100, 50
+    c.grpo.total_steps = 40
+
+
+def _tiny(c: ml_collections.ConfigDict) -> None:
+    """Every stage runs for a few steps (tests)."""
+    c.data.n_docs, c.data.n_sft, c.data.n_prompts, c.data.n_eval = 60, 200, 200, 16
+    c.rm_data.num_prompts, c.rm_data.batch_size = 32, 32
+    c.report.num_samples, c.report.eval_samples = 4, 2
+    c.pretrain.total_steps, c.pretrain.checkpoint.every_steps = 20, 10
+    for name in ("sft", "reward", "dpo", "grpo"):
+        c[name].total_steps, c[name].checkpoint.every_steps = 10, 5
+        c[name].eval.every_steps = 10
+    c.ppo.total_steps, c.ppo.checkpoint.every_steps, c.ppo.eval.every_steps = 4, 2, 2
+    c.ppo.batch_size = 16
+    c.reward.calibration.num_samples = 16
