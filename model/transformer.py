@@ -160,31 +160,33 @@ class Transformer(nn.Module):
         deterministic: bool = True,
     ) -> TransformerOutput:
         cfg = self.config
-        dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         batch, length = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
         if segment_ids is None:
             segment_ids = jnp.ones((batch, length), jnp.int32)
-
-        q_slots = jnp.broadcast_to(jnp.arange(length), (batch, length))
-        if cache is None:
-            kv_segments, kv_slots = segment_ids, jnp.arange(length)
-            layer_cache = None
-        else:
+        if cache is not None:
             cache_index = jnp.asarray(cache_index, jnp.int32)
-            kv_segments = jax.lax.dynamic_update_slice(
-                cache["segment_ids"], segment_ids.astype(jnp.int32), (0, cache_index)
-            )
-            q_slots, kv_slots = q_slots + cache_index, jnp.arange(kv_segments.shape[1])
-            layer_cache = {"k": cache["k"], "v": cache["v"]}
-        # Global and (with sliding-window layers) local masks, the same in prefill and decode.
-        mask_args = (segment_ids, kv_segments, q_slots, kv_slots)
-        masks = (
-            attention_mask(*mask_args),
-            attention_mask(*mask_args, window=cfg.sliding_window) if cfg.sliding_window else None,
-        )
+        masks, kv_segments = _call_masks(cfg, segment_ids, cache, cache_index)
+        layer_cache = None if cache is None else {"k": cache["k"], "v": cache["v"]}
 
+        # Parameters are created in a fixed order (embedding, layers, heads): linen draws
+        # each one's init key from a per-module counter, so the order fixes the values.
+        x, embedding = self._embed(tokens, positions)
+        x, layer_cache = self._layers(x, layer_cache, positions, masks, cache_index, deterministic)
+        hidden = make_norm(cfg, "final_norm")(x)
+        logits = self._lm_head(hidden, embedding) if self.lm_head else None
+        scalars = self._scalar_head(hidden) if self.scalar_head else None
+
+        new_cache = None
+        if cache is not None:
+            new_cache = {"k": layer_cache["k"], "v": layer_cache["v"], "segment_ids": kv_segments}
+        return TransformerOutput(logits, scalars, hidden, new_cache)
+
+    def _embed(self, tokens: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(x [B, T, D] in the compute dtype, the embedding table [V, D])."""
+        cfg = self.config
+        dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         embedding = self.param(
             "embedding",
             param_init(cfg.d_model**-0.5, (sh.VOCAB, sh.EMBED)),
@@ -207,7 +209,19 @@ class Transformer(nn.Module):
             )
             x = x + jnp.take(table, positions, axis=0, mode="clip").astype(dtype)
         x = nn.with_logical_constraint(x, (sh.ACT_BATCH, sh.ACT_LENGTH, sh.ACT_EMBED))
+        return x, embedding
 
+    def _layers(
+        self,
+        x: jax.Array,
+        layer_cache: dict | None,
+        positions: jax.Array,
+        masks: tuple[jax.Array, jax.Array | None],
+        cache_index: jax.Array | None,
+        deterministic: bool,
+    ) -> tuple[jax.Array, dict | None]:
+        """The blocks: one scanned `layers` module, or `layers_0` … `layers_{L-1}`."""
+        cfg = self.config
         block = _block_class(cfg)
         carry = (x, layer_cache)
         if cfg.scan_layers:
@@ -228,42 +242,71 @@ class Transformer(nn.Module):
                 carry, _ = block(cfg, deterministic, name=f"layers_{i}")(
                     carry, positions, masks, cache_index, i
                 )
-        x, layer_cache = carry
+        return carry
 
-        hidden = make_norm(cfg, "final_norm")(x)
-        logits = scalars = None
-        if self.lm_head:
-            if cfg.tie_embeddings:
-                head = embedding.T
-            else:
-                head = self.param(
-                    "lm_head",
-                    param_init(cfg.d_model**-0.5, (sh.EMBED, sh.VOCAB)),
-                    (cfg.d_model, cfg.vocab_size),
-                    pdtype,
-                )
-            logits = project("BTD,DV->BTV", hidden, head.astype(dtype), jnp.float32)
-            if cfg.final_logit_softcap:
-                cap = cfg.final_logit_softcap
-                logits = jnp.tanh(logits / cap) * cap
-            logits = nn.with_logical_constraint(logits, (sh.ACT_BATCH, sh.ACT_LENGTH, sh.ACT_VOCAB))
-        if self.scalar_head:
-            # Small init (std 1/sqrt(D+1)) so initial rewards/values are O(1).
-            w = self.param(
-                "scalar_head",
-                param_init((cfg.d_model + 1) ** -0.5, (sh.EMBED,)),
-                (cfg.d_model,),
+    def _lm_head(self, hidden: jax.Array, embedding: jax.Array) -> jax.Array:
+        """Next-token logits [B, T, V] fp32 (tied to the embedding, or an `lm_head` [D, V])."""
+        cfg = self.config
+        dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        if cfg.tie_embeddings:
+            head = embedding.T
+        else:
+            head = self.param(
+                "lm_head",
+                param_init(cfg.d_model**-0.5, (sh.EMBED, sh.VOCAB)),
+                (cfg.d_model, cfg.vocab_size),
                 pdtype,
             )
-            b = self.param(
-                "scalar_bias", nn.with_logical_partitioning(nn.initializers.zeros, ()), (), pdtype
-            )
-            scalars = jnp.einsum("BTD,D->BT", hidden.astype(jnp.float32), w.astype(jnp.float32)) + b
+        logits = project("BTD,DV->BTV", hidden, head.astype(dtype), jnp.float32)
+        if cfg.final_logit_softcap:
+            cap = cfg.final_logit_softcap
+            logits = jnp.tanh(logits / cap) * cap
+        return nn.with_logical_constraint(logits, (sh.ACT_BATCH, sh.ACT_LENGTH, sh.ACT_VOCAB))
 
-        new_cache = None
-        if cache is not None:
-            new_cache = {"k": layer_cache["k"], "v": layer_cache["v"], "segment_ids": kv_segments}
-        return TransformerOutput(logits, scalars, hidden, new_cache)
+    def _scalar_head(self, hidden: jax.Array) -> jax.Array:
+        """One fp32 scalar per token [B, T] (reward or value)."""
+        cfg = self.config
+        pdtype = jnp.dtype(cfg.param_dtype)
+        # Small init (std 1/sqrt(D+1)) so initial rewards/values are O(1).
+        w = self.param(
+            "scalar_head",
+            param_init((cfg.d_model + 1) ** -0.5, (sh.EMBED,)),
+            (cfg.d_model,),
+            pdtype,
+        )
+        b = self.param(
+            "scalar_bias", nn.with_logical_partitioning(nn.initializers.zeros, ()), (), pdtype
+        )
+        return jnp.einsum("BTD,D->BT", hidden.astype(jnp.float32), w.astype(jnp.float32)) + b
+
+
+def _call_masks(
+    cfg: ModelConfig,
+    segment_ids: jax.Array,
+    cache: dict | None,
+    cache_index: jax.Array | None,
+) -> tuple[tuple[jax.Array, jax.Array | None], jax.Array]:
+    """((global mask, local mask or None), key segment ids [B, S]) for one call.
+
+    Without a cache the keys are this call's tokens; with one they are the whole buffer,
+    this call's segment ids written at `cache_index`. The masks are [B, T, S], the same in
+    prefill and decode; the local one exists only with sliding-window layers.
+    """
+    batch, length = segment_ids.shape
+    q_slots = jnp.broadcast_to(jnp.arange(length), (batch, length))
+    if cache is None:
+        kv_segments, kv_slots = segment_ids, jnp.arange(length)
+    else:
+        kv_segments = jax.lax.dynamic_update_slice(
+            cache["segment_ids"], segment_ids.astype(jnp.int32), (0, cache_index)
+        )
+        q_slots, kv_slots = q_slots + cache_index, jnp.arange(kv_segments.shape[1])
+    mask_args = (segment_ids, kv_segments, q_slots, kv_slots)
+    masks = (
+        attention_mask(*mask_args),
+        attention_mask(*mask_args, window=cfg.sliding_window) if cfg.sliding_window else None,
+    )
+    return masks, kv_segments
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: Any = None) -> dict:

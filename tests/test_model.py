@@ -169,6 +169,47 @@ def test_scalar_head_small_init_and_shape():
     assert out.logits is None and out.scalars.shape == (3, 5)
 
 
+# Checkpoints and the HF/GGUF converters address parameters by these paths: a refactor of
+# the model must leave them, their shapes and their logical axes exactly as they are.
+PARAM_TREE = {
+    "['embedding']": ((256, 64), ("vocab", "embed")),
+    "['final_norm']['bias']": ((64,), ("norm",)),
+    "['final_norm']['scale']": ((64,), ("norm",)),
+    "['layers']['attn']['k']": ((2, 64, 2, 16), ("layers", "embed", "kv_heads", "head_dim")),
+    "['layers']['attn']['o']": ((2, 4, 16, 64), ("layers", "heads", "head_dim", "embed")),
+    "['layers']['attn']['q']": ((2, 64, 4, 16), ("layers", "embed", "heads", "head_dim")),
+    "['layers']['attn']['v']": ((2, 64, 2, 16), ("layers", "embed", "kv_heads", "head_dim")),
+    "['layers']['attn_norm']['bias']": ((2, 64), ("layers", "norm")),
+    "['layers']['attn_norm']['scale']": ((2, 64), ("layers", "norm")),
+    "['layers']['mlp']['down']": ((2, 128, 64), ("layers", "mlp", "embed")),
+    "['layers']['mlp']['gate']": ((2, 64, 128), ("layers", "embed", "mlp")),
+    "['layers']['mlp']['up']": ((2, 64, 128), ("layers", "embed", "mlp")),
+    "['layers']['mlp_norm']['bias']": ((2, 64), ("layers", "norm")),
+    "['layers']['mlp_norm']['scale']": ((2, 64), ("layers", "norm")),
+    "['lm_head']": ((64, 256), ("embed", "vocab")),
+    "['position_embedding']": ((128, 64), ("position", "embed")),
+    "['scalar_bias']": ((), ()),
+    "['scalar_head']": ((64,), ("embed",)),
+}
+
+
+def test_param_tree_paths_shapes_and_axes_are_fixed():
+    cfg = TINY.replace(position="learned", tie_embeddings=False, norm="layernorm")
+    model = Transformer(cfg, lm_head=True, scalar_head=True)
+    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))
+    leaves = jax.tree_util.tree_flatten_with_path(
+        boxed["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned)
+    )[0]
+    tree = {
+        jax.tree_util.keystr(path): (tuple(leaf.value.shape), tuple(leaf.names))
+        for path, leaf in leaves
+    }
+    assert tree == PARAM_TREE
+    unscanned = Transformer(TINY.replace(scan_layers=False))
+    shapes = jax.eval_shape(lambda: unscanned.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))
+    assert sorted(nn.unbox(shapes)["params"]) == ["embedding", "final_norm", "layers_0", "layers_1"]
+
+
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_param_count_matches_initialized_model(name):
     cfg = PRESETS[name]
