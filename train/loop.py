@@ -78,6 +78,105 @@ def format_eval(metrics: dict[str, Any]) -> str:
     return numbers + texts
 
 
+class _Run:
+    """The loop's bookkeeping between steps: device metrics not yet fetched, the tokens/s
+    window, the last saved step and the progress bar."""
+
+    def __init__(
+        self,
+        start: int,
+        settings: LoopSettings,
+        batches: Iterator,
+        checkpointer: Checkpointer,
+        meta: dict,
+        writer: MetricWriter,
+    ) -> None:
+        self.start, self.s = start, settings
+        self.batches, self.checkpointer, self.meta, self.writer = (
+            batches,
+            checkpointer,
+            meta,
+            writer,
+        )
+        self.bar = tqdm(
+            total=settings.total_steps,
+            initial=start,
+            desc=settings.desc,
+            dynamic_ncols=True,
+            disable=jax.process_index() != 0,
+            mininterval=1.0,
+        )
+        self.pending: list[tuple[int, dict]] = []  # device metrics not yet fetched
+        self.sync_each_step = cpu.sync_every_step()
+        self.last_saved = start
+        self.window_start, self.window_steps = time.perf_counter(), 0
+
+    def record(self, step: int, metrics: dict) -> None:
+        """Queue a step's device metrics (fetched at the next flush) and count it."""
+        self.pending.append((step, metrics))
+        self.window_steps += 1
+        if step == self.start + 1:  # the first step compiles: keep it out of tokens/s
+            jax.block_until_ready(metrics)
+            self.window_start, self.window_steps = time.perf_counter(), 0
+        elif self.sync_each_step:
+            jax.block_until_ready(metrics)
+        self.bar.update(1)
+
+    def flush(self, step: int) -> dict[str, float]:
+        """Fetch pending metrics, check them all, log the latest."""
+        s = self.s
+        host = [(i, {k: float(v) for k, v in jax.device_get(m).items()}) for i, m in self.pending]
+        self.pending.clear()
+        for i, m in host:
+            if not _finite(m) and s.nonfinite == "stop":
+                raise NonFiniteLossError(
+                    f"non-finite loss or gradient at step {i} "
+                    f"(loss={m.get('loss')}, grad_norm={m.get('grad_norm')}); "
+                    "no checkpoint was written after it"
+                )
+        elapsed = time.perf_counter() - self.window_start
+        latest = dict(host[-1][1])
+        latest["tokens_per_sec"] = self.window_steps * s.tokens_per_step / max(elapsed, 1e-9)
+        if s.flops_per_token and s.peak_flops_per_device:
+            latest["mfu"] = mfu(
+                latest["tokens_per_sec"], s.flops_per_token, s.peak_flops_per_device
+            )
+        self.writer.write(step, latest)
+        self.bar.set_postfix(
+            loss=f"{latest['loss']:.4f}",
+            tok_s=f"{latest['tokens_per_sec']:,.0f}",
+            mfu=f"{latest.get('mfu', 0.0):.1%}",
+            refresh=False,
+        )
+        self.window_start, self.window_steps = time.perf_counter(), 0
+        return latest
+
+    def evaluate(
+        self, step: int, state: Any, eval_fn: Callable[[Any], dict[str, float]] | None
+    ) -> dict[str, float] | None:
+        """Run `eval_fn` when due; its numeric metrics (for keep_best), else None."""
+        s = self.s
+        due = s.eval_every and (step % s.eval_every == 0 or step == s.total_steps)
+        if eval_fn is None or not due:
+            return None
+        if self.pending:
+            self.flush(step)
+        eval_metrics = eval_fn(state)
+        self.writer.write(step, eval_metrics)
+        self.bar.write(f"step {step}: " + format_eval(eval_metrics))
+        return {k: v for k, v in eval_metrics.items() if isinstance(v, (int, float))}
+
+    def save(self, step: int, state: Any, metrics: dict | None = None) -> None:
+        if self.pending:
+            self.flush(step)  # never checkpoint a state whose loss was not checked
+        self.checkpointer.save(step, state, self.batches.get_state(), self.meta, metrics)
+        self.last_saved = step
+
+    def save_unless_saved(self, step: int, state: Any) -> None:
+        if self.last_saved != step:
+            self.save(step, state)
+
+
 def train_loop(
     state: Any,
     train_step: Callable[[Any, Any], tuple[Any, dict]],
@@ -94,106 +193,35 @@ def train_loop(
     Raises Preempted (after saving) on SIGTERM/SIGINT and NonFiniteLossError (without saving)
     when a loss or gradient norm is NaN/inf.
     """
-    start = int(state.step)
     s = settings
-    bar = tqdm(
-        total=s.total_steps,
-        initial=start,
-        desc=s.desc,
-        dynamic_ncols=True,
-        disable=jax.process_index() != 0,
-        mininterval=1.0,
-    )
-    pending: list[tuple[int, dict]] = []  # device metrics not yet fetched
-    sync_each_step = cpu.sync_every_step()
-    last_saved = start
-    window_start, window_steps = time.perf_counter(), 0
-
-    def flush(step: int) -> dict[str, float]:
-        """Fetch pending metrics, check them all, log the latest."""
-        nonlocal window_start, window_steps
-        host = [(i, {k: float(v) for k, v in jax.device_get(m).items()}) for i, m in pending]
-        pending.clear()
-        for i, m in host:
-            if not _finite(m) and s.nonfinite == "stop":
-                raise NonFiniteLossError(
-                    f"non-finite loss or gradient at step {i} "
-                    f"(loss={m.get('loss')}, grad_norm={m.get('grad_norm')}); "
-                    "no checkpoint was written after it"
-                )
-        elapsed = time.perf_counter() - window_start
-        latest = dict(host[-1][1])
-        latest["tokens_per_sec"] = window_steps * s.tokens_per_step / max(elapsed, 1e-9)
-        if s.flops_per_token and s.peak_flops_per_device:
-            latest["mfu"] = mfu(
-                latest["tokens_per_sec"], s.flops_per_token, s.peak_flops_per_device
-            )
-        writer.write(step, latest)
-        bar.set_postfix(
-            loss=f"{latest['loss']:.4f}",
-            tok_s=f"{latest['tokens_per_sec']:,.0f}",
-            mfu=f"{latest.get('mfu', 0.0):.1%}",
-            refresh=False,
-        )
-        window_start, window_steps = time.perf_counter(), 0
-        return latest
-
-    def save(step: int, metrics: dict | None = None) -> None:
-        nonlocal last_saved
-        if pending:
-            flush(step)  # never checkpoint a state whose loss was not checked
-        checkpointer.save(step, state, batches.get_state(), meta, metrics)
-        last_saved = step
-
+    run = _Run(int(state.step), s, batches, checkpointer, meta, writer)
     with _SignalFlag() as signals:
         try:
-            for step in range(start + 1, s.total_steps + 1):
+            for step in range(run.start + 1, s.total_steps + 1):
                 state, metrics = train_step(state, to_device(next(batches)))
-                pending.append((step, metrics))
-                window_steps += 1
-                if step == start + 1:  # the first step compiles: keep it out of tokens/s
-                    jax.block_until_ready(metrics)
-                    window_start, window_steps = time.perf_counter(), 0
-                elif sync_each_step:
-                    jax.block_until_ready(metrics)
-                bar.update(1)
+                run.record(step, metrics)
                 if step % s.log_every == 0 or step == s.total_steps:
-                    flush(step)
-                eval_metrics = None
-                if (
-                    eval_fn is not None
-                    and s.eval_every
-                    and (step % s.eval_every == 0 or step == s.total_steps)
-                ):
-                    if pending:
-                        flush(step)
-                    eval_metrics = eval_fn(state)
-                    writer.write(step, eval_metrics)
-                    bar.write(f"step {step}: " + format_eval(eval_metrics))
-                    eval_metrics = {
-                        k: v for k, v in eval_metrics.items() if isinstance(v, (int, float))
-                    }
+                    run.flush(step)
+                eval_metrics = run.evaluate(step, state, eval_fn)
                 if (s.checkpoint_every and step % s.checkpoint_every == 0) or step == s.total_steps:
-                    save(step, eval_metrics)
+                    run.save(step, state, eval_metrics)
                 if step == s.stop_at_step:
-                    if last_saved != step:
-                        save(step)
-                    bar.write(
+                    run.save_unless_saved(step, state)
+                    run.bar.write(
                         f"stopped at step {step} (stop_at_step); rerun to continue", file=sys.stderr
                     )
                     break
                 signum = signals.agreed()
                 if signum:
-                    if last_saved != step:
-                        save(step)
+                    run.save_unless_saved(step, state)
                     checkpointer.wait()
-                    bar.write(
+                    run.bar.write(
                         f"{signal.Signals(signum).name} at step {step}: checkpoint "
                         "saved; rerun the same command to resume",
                         file=sys.stderr,
                     )
                     raise Preempted(signum, step)
         finally:
-            bar.close()
+            run.bar.close()
             checkpointer.wait()
     return state
