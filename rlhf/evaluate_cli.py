@@ -20,6 +20,7 @@ rlhf/labeler.py writes them. --max-new-tokens defaults to the first PPO-style po
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import sys
@@ -38,7 +39,7 @@ from model.tokenizer import AnyTokenizer, load_tokenizer
 from model.transformer import Transformer
 from rlhf import evaluate as ev
 from rlhf import rollout as ro
-from rlhf.ppo import load_reward_parent
+from rlhf.policy_stage import load_reward_parent
 from rlhf.tasks import load_task
 from train.checkpoint import InitFromError, Parent, check_tokenizer, load_params, read_parent
 from train.reward import reward_model
@@ -92,74 +93,155 @@ def policy_row(name: str, path: str, samples: ev.Samples, rm: np.ndarray, oracle
     return row | ev.response_stats(samples)
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    mesh = sh.make_mesh(-1, args.fsdp, 1)
-    rules = sh.get_rules("fsdp")
-    sft_parent = read_parent(args.sft)
+@dataclasses.dataclass(frozen=True)
+class References:
+    """The runs every policy is measured against: the SFT policy (its tokenizer is the
+    evaluation's) and the calibrated reward model."""
+
+    tokenizer: AnyTokenizer
+    sft_model: Transformer
+    sft_params: Any
+    rm: Transformer
+    rm_cfg: ModelConfig
+    rm_params: Any
+    calibration: dict
+
+
+def load_references(sft: str, reward: str, mesh: jax.sharding.Mesh, rules: sh.Rules) -> References:
+    sft_parent = read_parent(sft)
     if sft_parent.tokenizer_dir is None:
         raise InitFromError(f"{sft_parent.checkpoint} records no tokenizer")
     tokenizer = load_tokenizer(sft_parent.tokenizer_dir)
-    _, sft_model, sft_params = load_policy(args.sft, tokenizer, mesh, rules)
+    _, sft_model, sft_params = load_policy(sft, tokenizer, mesh, rules)
     rm_parent, rm_cfg, calibration = load_reward_parent(
-        ml_collections.ConfigDict({"reward_from": args.reward}), tokenizer
+        ml_collections.ConfigDict({"reward_from": reward}), tokenizer
     )
     rm = reward_model(rm_cfg)
     rm_params = load_params(rm_parent, abstract_sharded_params(rm, mesh, rules))
-    task = load_task(args.task) if args.task else None
-    prompts = read_prompts(args.prompts)[: args.max_prompts or None]
-    policies = [load_policy(p, tokenizer, mesh, rules) for p in args.policy]
-    max_new = args.max_new_tokens or default_max_new_tokens(
-        [p for p, _, _ in policies], calibration
-    )
-    prompt_len = max(
-        len(tokenizer.encode_chat([{"role": "user", "content": p}], True)[0]) for p in prompts
-    )
-    for name, cfg in [("SFT", sft_model.config), ("reward model", rm_cfg)] + [
-        (p, m.config) for p, (_, m, _) in zip(args.policy, policies, strict=True)
-    ]:
+    return References(tokenizer, sft_model, sft_params, rm, rm_cfg, rm_params, calibration)
+
+
+def check_lengths(prompt_len: int, max_new: int, configs: list[tuple[str, ModelConfig]]) -> None:
+    """Refuse a prompt + response budget longer than any model's max_seq_len."""
+    for name, cfg in configs:
         if prompt_len + max_new > cfg.max_seq_len:
             raise ValueError(
                 f"prompt length {prompt_len} + max_new_tokens {max_new} exceeds the "
                 f"max_seq_len={cfg.max_seq_len} of {name}"
             )
-    sampling = ro.sampling_for(
-        SamplingConfig(args.temperature, 0, 1.0), sft_model.config.vocab_size, tokenizer
-    )
-    key = jax.random.key(args.seed)
 
-    def sample(model: Transformer, params: Any) -> ev.Samples:
+
+@dataclasses.dataclass(frozen=True)
+class Scorer:
+    """Samples a policy on the held-out prompts (the same key for every policy) and scores
+    the samples with the reward model and, when there is a task, its oracle."""
+
+    refs: References
+    task: Any
+    prompts: list[str]
+    n: int
+    key: jax.Array
+    prompt_len: int
+    max_new: int
+    sampling: SamplingConfig
+    mesh: jax.sharding.Mesh
+    rules: sh.Rules
+    batch_size: int
+
+    def sample(self, model: Transformer, params: Any) -> ev.Samples:
         return ev.policy_samples(
             model,
             params,
-            tokenizer,
-            prompts,
-            args.n,
-            key,
-            prompt_len=prompt_len,
-            max_new_tokens=max_new,
-            sampling=sampling,
-            mesh=mesh,
-            rules=rules,
-            batch_size=args.batch_size,
+            self.refs.tokenizer,
+            self.prompts,
+            self.n,
+            self.key,
+            prompt_len=self.prompt_len,
+            max_new_tokens=self.max_new,
+            sampling=self.sampling,
+            mesh=self.mesh,
+            rules=self.rules,
+            batch_size=self.batch_size,
         )
 
-    def scores(samples: ev.Samples) -> tuple[np.ndarray, Any]:
-        rm_values = ev.rm_scores(rm, rm_params, calibration, samples, mesh, rules)
-        oracle = None if task is None else ev.oracle_scores(task, prompts, samples.responses)
+    def scores(self, samples: ev.Samples) -> tuple[np.ndarray, Any]:
+        refs = self.refs
+        rm_values = ev.rm_scores(
+            refs.rm, refs.rm_params, refs.calibration, samples, self.mesh, self.rules
+        )
+        oracle = (
+            None
+            if self.task is None
+            else ev.oracle_scores(self.task, self.prompts, samples.responses)
+        )
         return rm_values, oracle
 
-    sft_samples = sample(sft_model, sft_params)
-    sft_rm, sft_oracle = scores(sft_samples)
-    rows = [policy_row("sft", args.sft, sft_samples, sft_rm, sft_oracle) | {"kl_to_sft": 0.0}]
+
+def policy_rows(
+    scorer: Scorer, sft: str, policy_paths: Sequence[str], policies: list[tuple]
+) -> tuple[list[dict], np.ndarray, Any]:
+    """(one row per policy, SFT first; the SFT samples' RM and oracle scores)."""
+    refs = scorer.refs
+    sft_samples = scorer.sample(refs.sft_model, refs.sft_params)
+    sft_rm, sft_oracle = scorer.scores(sft_samples)
+    rows = [policy_row("sft", sft, sft_samples, sft_rm, sft_oracle) | {"kl_to_sft": 0.0}]
     names = {"sft"}
-    for path, (_, model, params) in zip(args.policy, policies, strict=True):
+    for path, (_, model, params) in zip(policy_paths, policies, strict=True):
         name = pathlib.Path(path).resolve().name
         name = name if name not in names else f"{name}_{len(names)}"
         names.add(name)
-        samples = sample(model, params)
-        rm_values, oracle = scores(samples)
-        kl = ev.sequence_kl(model, params, sft_model, sft_params, samples, sampling, mesh, rules)
+        samples = scorer.sample(model, params)
+        rm_values, oracle = scorer.scores(samples)
+        kl = ev.sequence_kl(
+            model,
+            params,
+            refs.sft_model,
+            refs.sft_params,
+            samples,
+            scorer.sampling,
+            scorer.mesh,
+            scorer.rules,
+        )
         rows.append(policy_row(name, path, samples, rm_values, oracle) | {"kl_to_sft": kl})
+    return rows, sft_rm, sft_oracle
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    mesh = sh.make_mesh(-1, args.fsdp, 1)
+    rules = sh.get_rules("fsdp")
+    refs = load_references(args.sft, args.reward, mesh, rules)
+    task = load_task(args.task) if args.task else None
+    prompts = read_prompts(args.prompts)[: args.max_prompts or None]
+    policies = [load_policy(p, refs.tokenizer, mesh, rules) for p in args.policy]
+    max_new = args.max_new_tokens or default_max_new_tokens(
+        [p for p, _, _ in policies], refs.calibration
+    )
+    prompt_len = max(
+        len(refs.tokenizer.encode_chat([{"role": "user", "content": p}], True)[0]) for p in prompts
+    )
+    check_lengths(
+        prompt_len,
+        max_new,
+        [("SFT", refs.sft_model.config), ("reward model", refs.rm_cfg)]
+        + [(p, m.config) for p, (_, m, _) in zip(args.policy, policies, strict=True)],
+    )
+    sampling = ro.sampling_for(
+        SamplingConfig(args.temperature, 0, 1.0), refs.sft_model.config.vocab_size, refs.tokenizer
+    )
+    scorer = Scorer(
+        refs=refs,
+        task=task,
+        prompts=prompts,
+        n=args.n,
+        key=jax.random.key(args.seed),
+        prompt_len=prompt_len,
+        max_new=max_new,
+        sampling=sampling,
+        mesh=mesh,
+        rules=rules,
+        batch_size=args.batch_size,
+    )
+    rows, sft_rm, sft_oracle = policy_rows(scorer, args.sft, args.policy, policies)
     result: dict[str, Any] = {
         "prompts": args.prompts,
         "num_prompts": len(prompts),
