@@ -34,7 +34,7 @@ Decisions:
   merged weights.
 - Checkpoints hold base + adapters (the whole TrainState, resumable bitwise); the meta
   records `lora` (rank, alpha, targets). Reading a LoRA checkpoint's parameters into
-  anything else (train/checkpoint.py `load_params`: `init_from` of a later stage,
+  anything else (train/parent.py `load_params`: `init_from` of a later stage,
   reference and reward models, `flaxlm sample/chat`, `export-hf`) merges the adapters
   into the base first; a later LoRA stage then starts fresh adapters on the merged base.
 """

@@ -53,9 +53,9 @@ from rlhf import rollout as ro
 from rlhf.dpo_math import dpo_loss, preference_pairs, sequence_log_probs
 from rlhf.tasks import load_task
 from train import distributed
-from train.checkpoint import load_params
 from train.data import pipelines
 from train.optim import accumulate_gradients, apply_gradients, trainable_value_and_grad
+from train.parent import load_params
 from train.sft import (
     batch_multiple,
     data_options,

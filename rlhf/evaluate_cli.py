@@ -41,7 +41,7 @@ from rlhf import evaluate as ev
 from rlhf import rollout as ro
 from rlhf.policy_stage import load_reward_parent
 from rlhf.tasks import load_task
-from train.checkpoint import InitFromError, Parent, check_tokenizer, load_params, read_parent
+from train.parent import InitFromError, Parent, check_tokenizer, load_params, read_parent
 from train.reward import reward_model
 from train.state import abstract_sharded_params
 

@@ -58,9 +58,9 @@ from rlhf import ppo_reward as pr
 from rlhf import rollout as ro
 from rlhf.grpo_math import group_advantages, grpo_loss
 from rlhf.tasks import load_task
-from train.checkpoint import load_params
 from train.data import pipelines
 from train.optim import apply_gradients, trainable_value_and_grad
+from train.parent import load_params
 from train.reward import reward_model
 from train.sft import (
     batch_multiple,

@@ -69,8 +69,8 @@ from rlhf import ppo_reward as pr
 from rlhf import rollout as ro
 from rlhf.ppo_reward import oracle_score, prompt_texts  # noqa: F401  (public here too)
 from rlhf.tasks import load_task
-from train.checkpoint import check_tokenizer, load_params, read_parent
 from train.data import pipelines
+from train.parent import check_tokenizer, load_params, read_parent
 from train.reward import load_calibration, reward_model
 from train.sft import (
     data_options,

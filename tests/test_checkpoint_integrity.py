@@ -1,5 +1,5 @@
-"""Checkpoint integrity manifests and one-line save errors (train/checkpoint.py), on a
-tiny array tree: no model, no CLI."""
+"""Checkpoint integrity manifests and one-line save errors (train/integrity.py,
+train/checkpoint.py), on a tiny array tree: no model, no CLI."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 
 from train import checkpoint as ck
+from train.integrity import MANIFEST, integrity_problem, write_manifest
+from train.parent import InitFromError, Parent, load_params
 
 
 def flip_byte(path: pathlib.Path) -> None:
@@ -61,16 +63,16 @@ def step_dir(tmp_path: pathlib.Path) -> pathlib.Path:
     (step / "state" / "d" / "abc").write_bytes(bytes(range(256)) * 40)
     (step / "meta").mkdir()
     (step / "meta" / "metadata").write_text('{"stage": "test"}')
-    ck.write_manifest(step)
+    write_manifest(step)
     return step
 
 
 def test_manifest_lists_every_file_but_itself(step_dir):
-    files = json.loads((step_dir / ck.MANIFEST).read_text())["files"]
+    files = json.loads((step_dir / MANIFEST).read_text())["files"]
     assert sorted(files) == ["meta/metadata", "state/d/abc"]
     assert files["state/d/abc"]["size"] == 10240
-    assert ck.integrity_problem(step_dir) is None
-    assert not (step_dir / (ck.MANIFEST + ".tmp")).exists()
+    assert integrity_problem(step_dir) is None
+    assert not (step_dir / (MANIFEST + ".tmp")).exists()
 
 
 @pytest.mark.parametrize(
@@ -84,20 +86,20 @@ def test_manifest_lists_every_file_but_itself(step_dir):
 )
 def test_manifest_names_the_damaged_file(step_dir, damage, expected):
     damage(step_dir / "state" / "d" / "abc")
-    assert expected in ck.integrity_problem(step_dir)
+    assert expected in integrity_problem(step_dir)
 
 
 def test_unreadable_manifest_is_damage_and_missing_one_is_not(step_dir):
-    (step_dir / ck.MANIFEST).write_text('{"files": ')
-    assert "integrity.json is unreadable" in ck.integrity_problem(step_dir)
-    (step_dir / ck.MANIFEST).unlink()
+    (step_dir / MANIFEST).write_text('{"files": ')
+    assert "integrity.json is unreadable" in integrity_problem(step_dir)
+    (step_dir / MANIFEST).unlink()
     with pytest.raises(FileNotFoundError):
-        ck.integrity_problem(step_dir)
+        integrity_problem(step_dir)
 
 
 def test_files_added_after_the_manifest_are_ignored(step_dir):
     (step_dir / "extra.txt").write_text("not listed")
-    assert ck.integrity_problem(step_dir) is None
+    assert integrity_problem(step_dir) is None
 
 
 # ----------------------------------------------------------------------------- Checkpointer
@@ -106,19 +108,19 @@ def test_files_added_after_the_manifest_are_ignored(step_dir):
 def test_every_finalized_save_gets_a_manifest_and_restore_is_unchanged(tmp_path):
     checkpointer = saved_run(tmp_path)
     for step in (1, 2):
-        assert ck.integrity_problem(tmp_path / "checkpoints" / str(step)) is None
+        assert integrity_problem(tmp_path / "checkpoints" / str(step)) is None
     step, state, data, meta = checkpointer.restore(abstract(state_at(0)))
     checkpointer.close()
     assert (step, data, meta) == (2, {"i": 2}, {"stage": "test"})
     np.testing.assert_array_equal(np.asarray(state["w"]), np.asarray(state_at(2)["w"]))
     # Restoring writes nothing into the step: its manifest still matches.
-    assert ck.integrity_problem(tmp_path / "checkpoints" / "2") is None
+    assert integrity_problem(tmp_path / "checkpoints" / "2") is None
 
 
 def test_synchronous_saves_get_a_manifest_too(tmp_path):
     checkpointer = ck.Checkpointer(tmp_path, async_save=False)
     checkpointer.save(5, state_at(5), None, {"stage": "test"})
-    assert ck.integrity_problem(tmp_path / "checkpoints" / "5") is None
+    assert integrity_problem(tmp_path / "checkpoints" / "5") is None
     checkpointer.close()
 
 
@@ -147,8 +149,8 @@ def test_explicit_step_that_is_damaged_raises_and_stays(tmp_path):
 def test_step_without_manifest_restores_with_a_warning(tmp_path, capsys):
     """An older checkpoint, or kill -9 between Orbax's finalization and the manifest."""
     saved_run(tmp_path).close()
-    (tmp_path / "checkpoints" / "2" / ck.MANIFEST).unlink()
-    (tmp_path / "checkpoints" / "2" / (ck.MANIFEST + ".tmp")).write_text('{"fil')  # cut short
+    (tmp_path / "checkpoints" / "2" / MANIFEST).unlink()
+    (tmp_path / "checkpoints" / "2" / (MANIFEST + ".tmp")).write_text('{"fil')  # cut short
     checkpointer = ck.Checkpointer(tmp_path)
     step, _, _, _ = checkpointer.restore(abstract(state_at(0)))
     checkpointer.close()
@@ -161,9 +163,9 @@ def test_step_without_manifest_restores_with_a_warning(tmp_path, capsys):
 def test_init_from_a_damaged_checkpoint_is_refused(tmp_path):
     saved_run(tmp_path).close()
     flip_byte(array_files(tmp_path / "checkpoints" / "2")[0])
-    parent = ck.Parent(tmp_path / "checkpoints" / "2", 2, {"model": {"d_model": 1}})
-    with pytest.raises(ck.InitFromError, match=r"checkpoints/2 is damaged \(state/"):
-        ck.load_params(parent, {})
+    parent = Parent(tmp_path / "checkpoints" / "2", 2, {"model": {"d_model": 1}})
+    with pytest.raises(InitFromError, match=r"checkpoints/2 is damaged \(state/"):
+        load_params(parent, {})
 
 
 # ----------------------------------------------------------------------------- save errors
@@ -248,7 +250,7 @@ def test_norm_position_and_learned_table_length_are_shape_fields():
     """A child of a parent, or a resumed run, may not change norm, position, or (with a
     learned position table) max_seq_len; a meta from before norm/position existed reads
     as rmsnorm + rope. Numerics such as dropout still may change."""
-    from train.checkpoint import InitFromError, Parent, child_model_dict
+    from train.parent import child_model_dict
     from train.stage import StageError, check_model_shape
 
     old_meta = {"vocab_size": 64, "d_model": 32, "max_seq_len": 64, "dropout_rate": 0.0}

@@ -18,8 +18,8 @@ import pytest
 from orchestrate import cli
 from rlhf import dpo
 from tests.rl_chain import stage_args
-from train.checkpoint import read_parent
 from train.metrics import read_metrics
+from train.parent import read_parent
 from train.stage import parse_stage_args
 
 STEPS = 16  # the in-process run; the CLI run stops at 2 and 4 of the same config

@@ -30,7 +30,7 @@ from model import sharding as sh
 from model.config import ModelConfig
 from model.transformer import Transformer
 from orchestrate import cli
-from train.checkpoint import load_params, read_parent
+from train.parent import load_params, read_parent
 from train.state import abstract_sharded_params
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

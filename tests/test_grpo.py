@@ -17,8 +17,8 @@ from orchestrate import cli
 from rlhf import grpo
 from tests.rl_chain import stage_args
 from tests.test_dpo import comparable
-from train.checkpoint import load_params, read_parent
 from train.metrics import read_metrics
+from train.parent import load_params, read_parent
 from train.stage import parse_stage_args
 from train.state import abstract_sharded_params
 

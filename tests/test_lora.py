@@ -27,9 +27,9 @@ from model.transformer import Transformer
 from rlhf import dpo
 from tests.rl_chain import stage_args
 from train import hf_cli, reward, sft
-from train.checkpoint import load_params, read_parent
 from train.metrics import read_metrics
 from train.optim import make_optimizer, trainable_value_and_grad
+from train.parent import load_params, read_parent
 from train.state import abstract_sharded_params, create_train_state
 from train.step import make_train_step
 

@@ -66,7 +66,7 @@ def test_every_stage_writes_its_outputs(finished: pathlib.Path):
 
 
 def test_lineage_links_each_stage_to_the_previous(finished: pathlib.Path):
-    from train.checkpoint import read_parent
+    from train.parent import read_parent
 
     for stage, parent in (("sft", "pretrain"), ("reward", "sft"), ("ppo", "sft")):
         lineage = read_parent(finished / stage).meta["lineage"]

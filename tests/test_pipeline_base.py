@@ -15,8 +15,8 @@ from conftest import require
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from orchestrate import pipeline
-from train.checkpoint import read_parent
 from train.metrics import read_metrics
+from train.parent import read_parent
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = f"{ROOT / 'configs' / 'pipeline.py'}:tiny"

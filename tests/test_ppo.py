@@ -18,8 +18,8 @@ from rlhf import kl as kl_lib
 from rlhf import ppo
 from rlhf import rollout as ro
 from tests.rl_chain import stage_args
-from train.checkpoint import load_params, read_parent
 from train.metrics import read_metrics
+from train.parent import load_params, read_parent
 from train.stage import parse_stage_args
 from train.state import abstract_sharded_params
 

@@ -26,9 +26,9 @@ from model.config import get_preset
 from tests.test_sft import write_parent
 from train import reward
 from train import reward_losses as rl
-from train.checkpoint import read_parent
 from train.data import pipelines
 from train.metrics import read_metrics
+from train.parent import read_parent
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "reward.py")

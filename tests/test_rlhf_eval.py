@@ -31,8 +31,9 @@ from rlhf import ppo_reward as pr
 from rlhf.labeler import write_jsonl
 from tests.test_ppo import chain, ppo_args  # noqa: F401  (chain: a module-scoped fixture)
 from tests.test_ppo import stage_args as ppo_stage_args
-from train.checkpoint import Checkpointer, lineage
+from train.checkpoint import Checkpointer
 from train.metrics import read_metrics
+from train.parent import lineage
 from train.reward import CALIBRATION_FILE, reward_model
 from train.stage import parse_stage_args
 from train.state import init_params_fn

@@ -18,10 +18,11 @@ from model import tokenizer as tk
 from model.config import get_preset
 from model.transformer import Transformer
 from train import sft
-from train.checkpoint import Checkpointer, InitFromError, lineage, load_params, read_parent
+from train.checkpoint import Checkpointer
 from train.data import pipelines
 from train.metrics import read_metrics
 from train.optim import make_optimizer
+from train.parent import InitFromError, lineage, load_params, read_parent
 from train.state import create_train_state
 from train.step import lm_loss_fn
 

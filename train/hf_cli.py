@@ -51,13 +51,9 @@ from model.tokenizer import (
 )
 from model.tokenizer import load_tokenizer as load_any_tokenizer
 from model.transformer import Transformer
-from train.checkpoint import (
-    Checkpointer,
-    lineage,
-    load_params,
-    read_parent,
-    write_json,
-)
+from train.checkpoint import Checkpointer
+from train.integrity import write_json
+from train.parent import lineage, load_params, read_parent
 from train.stage import TOKENIZER_DIR
 from train.state import abstract_sharded_params
 

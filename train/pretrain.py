@@ -28,9 +28,9 @@ from model.tokenizer import (
 )
 from model.transformer import Transformer
 from train import distributed, losses
-from train.checkpoint import lineage
 from train.data import builders, pipelines
 from train.optim import optimizer_from_config
+from train.parent import lineage
 from train.stage import TOKENIZER_DIR, StageError, loop_settings, stage_main, stage_parts
 from train.state import create_train_state
 from train.step import jit_train_step, make_train_step

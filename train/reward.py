@@ -47,16 +47,11 @@ from model.tokenizer import AnyTokenizer, load_tokenizer
 from model.transformer import Transformer
 from train import distributed
 from train import reward_losses as rl
-from train.checkpoint import (
-    Parent,
-    check_tokenizer,
-    load_params,
-    read_parent,
-    write_json,
-)
 from train.data import builders, pipelines
+from train.integrity import write_json
 from train.metrics import MetricWriter
 from train.optim import accumulate_gradients, apply_gradients, trainable_value_and_grad
+from train.parent import Parent, check_tokenizer, load_params, read_parent
 from train.sft import (
     batch_multiple,
     data_options,

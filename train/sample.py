@@ -27,7 +27,7 @@ from model import sharding as sh
 from model.config import ModelConfig
 from model.tokenizer import AnyTokenizer, load_tokenizer
 from model.transformer import Transformer, init_cache
-from train.checkpoint import InitFromError, Parent, load_params, read_parent
+from train.parent import InitFromError, Parent, load_params, read_parent
 from train.stage import RAW_LM_STAGES
 from train.state import abstract_sharded_params
 

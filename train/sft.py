@@ -41,9 +41,9 @@ from model.generate import SamplingConfig, generate, left_pad
 from model.tokenizer import AnyTokenizer, check_vocab, load_tokenizer
 from model.transformer import Transformer
 from train import distributed, losses
-from train.checkpoint import Parent, check_tokenizer, child_model_dict, load_params, read_parent
 from train.data import builders, pipelines
 from train.optim import optimizer_from_config
+from train.parent import Parent, check_tokenizer, child_model_dict, load_params, read_parent
 from train.stage import (
     INIT_FROM_KINDS,
     StageError,

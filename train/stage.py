@@ -22,19 +22,11 @@ from configs.meshes import apply_mesh_preset
 from model import lora
 from model import sharding as sh
 from train import distributed
-from train.checkpoint import (
-    Checkpointer,
-    CheckpointSaveError,
-    InitFromError,
-    Parent,
-    abstract_with_shardings,
-    read_parent,
-    shape_keys,
-    with_shape_defaults,
-    write_json,
-)
+from train.checkpoint import Checkpointer, CheckpointSaveError, abstract_with_shardings
+from train.integrity import write_json
 from train.loop import LoopSettings, NonFiniteLossError, Preempted, train_loop
 from train.metrics import MetricWriter
+from train.parent import InitFromError, Parent, read_parent, shape_keys, with_shape_defaults
 
 NONFINITE_POLICIES = ("stop", "skip")
 TOKENIZER_DIR = "tokenizer"  # every stage's workdir keeps its tokenizer here

@@ -13,7 +13,7 @@ import pytest
 
 from tests.faults import harness
 from tests.faults.conftest import stage_args
-from train.checkpoint import write_manifest
+from train.integrity import write_manifest
 
 PACKAGES = ("model", "train", "rlhf", "configs")
 # Constructs that turn data into code or objects.
