@@ -14,7 +14,7 @@ import pytest
 
 from model import sharding as sh
 from model import tokenizer as tk
-from train.data import builders
+from train.data import builders, fit
 from train.data import pipelines as pl
 
 SHAKESPEARE = Path(__file__).resolve().parent.parent / ".." / "shared/data/tinyshakespeare.txt"
@@ -196,19 +196,18 @@ def test_ranked_batch_format_and_pairs(tok):
     assert pairs[0].sum() == 1
 
 
-def test_long_prompts_lose_their_oldest_tokens_not_the_response(tok):
+def test_long_prompts_are_refused_not_cut(tok):
+    """train/data/fit.py: no token of a record is dropped (tests/test_fit_policy.py)."""
     record = {
         "roles": ["user"],
         "contents": ["word " * 60],
         "responses": ["short answer", "other"],
         "ranks": [0, 1],
     }
-    out = pl.tokenize_ranked(record, tok, seq_len=24, max_responses=2)
-    assert out["tokens"][0, 0] == tk.BOS_ID and out["segment_ids"][0].sum() == 24
-    kept = out["tokens"][0][out["completion_mask"][0] == 1]
-    assert kept.tolist() == [*tok.encode("short answer"), tk.END_ID]
-    prompt = pl.tokenize_prompt({"roles": ["user"], "contents": ["word " * 60]}, tok, 16)
-    assert prompt["tokens"][0] == tk.BOS_ID and prompt["tokens"][-1] == tk.ASSISTANT_ID
+    with pytest.raises(fit.RecordTooLongError, match="longer than seq_len=24"):
+        pl.tokenize_ranked(record, tok, seq_len=24, max_responses=2)
+    with pytest.raises(fit.RecordTooLongError, match="longer than seq_len=16"):
+        pl.tokenize_prompt({"roles": ["user"], "contents": ["word " * 60]}, tok, 16)
 
 
 def test_prompt_batches_are_left_padded(tok):
@@ -237,7 +236,7 @@ def test_global_batch_on_the_mesh(tok, mesh_shape):
     rules = sh.get_rules("fsdp_tp")
     assert pl.process_shard(mesh, rules) == (0, 1)  # one process holds every row
     local = take(pl.pretrain_dataset(numbered_docs(20), tok, 8, 32, OPTS), 1)[0]
-    ranked = take(pl.ranked_dataset(ranked_records(8), tok, 8, 16, 2, OPTS), 1)[0]
+    ranked = take(pl.ranked_dataset(ranked_records(8), tok, 8, 32, 2, OPTS), 1)[0]
     for batch in (local, ranked):
         global_batch = pl.make_global_batch(batch, mesh, rules)
         for key, value in global_batch.items():

@@ -279,27 +279,30 @@ def score_texts(
 ) -> np.ndarray:
     """Raw rewards [N] of (prompt messages, response text) pairs, in batches.
 
-    Each pair goes through the training layout (chat template, left-cut to seq_len) as a
-    one-response ranked row; batches are padded to a multiple of the batch split.
+    Each pair goes through the training layout (chat template) as a one-response ranked
+    row, never cut (train/data/fit.py): rows are seq_len long, or as long as the longest
+    pair up to the model's max_seq_len (right padding leaves the reward unchanged);
+    longer raises. Batches are padded to a multiple of the batch split.
     """
     forward = jax.jit(functools.partial(rl.compute_rewards, model))
     multiple = batch_multiple(mesh, rules)
+    records = [
+        {
+            "roles": [m["role"] for m in prompt],
+            "contents": [m["content"] for m in prompt],
+            "responses": [response],
+            "ranks": [0],
+        }
+        for prompt, response in items
+    ]
+    longest = max((pipelines.record_length(r, tokenizer, "ranked") for r in records), default=0)
+    seq_len = max(seq_len, min(longest, model.config.max_seq_len))
     out = []
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
         rows = [
-            pipelines.tokenize_ranked(
-                {
-                    "roles": [m["role"] for m in prompt],
-                    "contents": [m["content"] for m in prompt],
-                    "responses": [response],
-                    "ranks": [0],
-                },
-                tokenizer,
-                seq_len,
-                1,
-            )
-            for prompt, response in chunk
+            pipelines.tokenize_ranked(r, tokenizer, seq_len, 1)
+            for r in records[start : start + batch_size]
         ]
         rows += [rows[-1]] * (-len(rows) % multiple)
         batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}

@@ -204,17 +204,16 @@ def sample_responses(
 ) -> list[str]:
     """Sample one assistant reply per prompt (a list of messages) -> decoded texts.
 
-    Prompts are cut from the left to fit max_seq_len - max_new_tokens and the batch is
-    padded with copies to a multiple of the batch split. Generation stops at `<|end|>`
-    or eos, which are not part of the returned text. Ids of the padded vocabulary rows
-    (>= the tokenizer's size; `generate` does not mask them) decode to nothing.
+    A prompt longer than max_seq_len - max_new_tokens loses whole oldest exchanges, never
+    its system turn nor its last user turn (ValueError when those alone do not fit;
+    train/data/fit.py); the batch is padded with copies to a multiple of the batch split.
+    Generation stops at `<|end|>` or eos, which are not part of the returned text. Ids of
+    the padded vocabulary rows (>= the tokenizer's size; `generate` does not mask them)
+    decode to nothing.
     """
     limit = model.config.max_seq_len - max_new_tokens
-    rows = []
-    for messages in prompts:
-        ids, mask = tokenizer.encode_chat(messages, add_generation_prompt=True)
-        ids, _ = pipelines.fit_left(ids, mask, limit)
-        rows.append(ids.tolist())
+    what = f"max_seq_len - max_new_tokens ({model.config.max_seq_len} - {max_new_tokens})"
+    rows = [pipelines.generation_prompt(tokenizer, m, limit, what).tolist() for m in prompts]
     multiple = batch_multiple(mesh, rules)
     padded = rows + [rows[-1]] * (-len(rows) % multiple)
     batch = left_pad(padded, tokenizer.pad_id)

@@ -265,6 +265,61 @@ def process_zero_first(make: Callable[[], T]) -> T:
     return first if jax.process_index() == 0 else make()
 
 
+def _content_key(record: Mapping[str, Any]) -> str:
+    """A record's content as stored and as parsed alike (bytes or str, arrays or lists)."""
+
+    def text(x: Any) -> str:
+        return x.decode("utf-8") if isinstance(x, bytes) else str(x)
+
+    parts = [[text(x) for x in record.get(k, ())] for k in ("roles", "contents", "responses")]
+    return json.dumps([*parts, [int(r) for r in record.get("ranks", ())]])
+
+
+class RecordSource:
+    """The records of one prepared split (random access, like the ArrayRecordDataSource it
+    wraps) plus what the pipelines' length check needs: the bad-record policy it was
+    prepared under (`bad_records`), a `label` and `locate` (records -> `file:line`)."""
+
+    def __init__(self, records: Any, kind: str, paths: Sequence[str], bad_records: str):
+        self.records, self.kind, self.paths = records, kind, tuple(paths)
+        self.bad_records = bad_records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.records[i]
+
+    def __getitems__(self, indices: Sequence[int]) -> Sequence[dict[str, Any]]:
+        return self.records.__getitems__(indices)
+
+    @property
+    def label(self) -> str:
+        more = f" (+{len(self.paths) - 1} more files)" if len(self.paths) > 1 else ""
+        return (self.paths[0] + more) if self.paths else "data"
+
+    def locate(self, indices: Sequence[int]) -> dict[int, str]:
+        """`file:line` of the records at `indices`, found by content in the source files
+        (preparation stores records in TFDS's shuffled order, not the files'); one pass
+        over the files, stopping once all are found. Records not found are left out."""
+        found: dict[int, str] = {}
+        if self.kind == "text":  # documents are stored in pieces: not matched
+            return found
+        wanted: dict[str, list[int]] = {}
+        for i in indices:
+            wanted.setdefault(_content_key(self.records[i]), []).append(i)
+        for path in self.paths:
+            for line, record in rec.jsonl_records(path, self.kind):
+                if isinstance(record, rec.BadRecordError):
+                    continue
+                waiting = wanted.get(_content_key(record))
+                if waiting:
+                    found[waiting.pop(0)] = f"{path}:{line}"
+                    if len(found) == len(indices):
+                        return found
+        return found
+
+
 @dataclasses.dataclass
 class Prepared:
     """A prepared builder and the bad-record summary of its preparation."""
@@ -272,9 +327,12 @@ class Prepared:
     builder: tfds.core.DatasetBuilder
     bad_records: dict[str, Any]
 
-    def source(self, split: str = "train") -> Sequence[dict[str, Any]]:
-        """Random-access records of one split (ArrayRecordDataSource)."""
-        return self.builder.as_data_source(split=split)
+    def source(self, split: str = "train") -> RecordSource:
+        """Random-access records of one split (an ArrayRecordDataSource, wrapped)."""
+        config = self.builder.builder_config
+        paths = dict(config.splits).get(split, ())
+        records = self.builder.as_data_source(split=split)
+        return RecordSource(records, self.builder.KIND, paths, config.bad_records)
 
 
 def prepare(

@@ -23,11 +23,14 @@ Batch formats (B = local batch, T = seq_len, K = max_responses):
   first prompt token, 0 on pads).
 Rows that only pad the last batch of a finite run are all zeros (masks 0).
 
-Truncation: pretraining never drops tokens (packing splits long documents; text over
-records.MAX_DOC_CHARS characters already arrives as several documents). SFT keeps
-the first T + 1 tokens of a conversation. Ranked and prompt sequences longer than T drop
-the oldest prompt tokens after bos (never response tokens); a response that alone
-exceeds the row is cut at its end. Responses beyond K are dropped (first K kept).
+Length: pretraining never drops tokens (packing splits long documents; text over
+records.MAX_DOC_CHARS characters already arrives as several documents). Chat examples
+are never cut (train/data/fit.py): `sft_dataset`, `ranked_dataset` and `prompts_dataset`
+measure every record once (`fitting_records`) and leave out those longer than T
+(counted, one warning line) or stop naming the record, by the source's `bad_records`
+policy. An SFT conversation fits when its first T + 1 tokens are all of it; a ranked
+record when each of its first K responses fits with the prompt; a prompt when it fits
+with its `<|assistant|>` marker. Responses beyond K are dropped (first K kept).
 
 Sharding: each process reads only records index::count of the source (from
 `process_shard`, which follows the mesh), then shuffles its share per epoch by `seed`.
@@ -38,7 +41,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import grain
@@ -49,6 +53,7 @@ from jax.sharding import Mesh
 
 from model import sharding as sh
 from model.tokenizer import AnyTokenizer
+from train.data import fit
 from train.data.packing import PackIterDataset, assemble_row, concat_documents, shift_document
 
 PACKING = ("first_fit", "concat_split", "none")
@@ -95,16 +100,82 @@ def conversation(record: Mapping[str, Any]) -> list[dict[str, str]]:
     return [{"role": _text(r), "content": _text(c)} for r, c in zip(roles, contents, strict=True)]
 
 
-def fit_left(ids: np.ndarray, mask: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """Fit [L] ids/mask into seq_len: drop the oldest tokens after bos that precede the
-    first mask=1 token; if still too long, cut the end."""
-    excess = ids.size - seq_len
-    if excess <= 0:
-        return ids, mask
-    first = int(np.argmax(mask > 0)) if mask.any() else ids.size
-    drop = min(excess, max(first - 1, 0))
-    keep = np.r_[0, drop + 1 : ids.size]
-    return ids[keep][:seq_len], mask[keep][:seq_len]
+def _ranked_rows(
+    record: Mapping[str, Any], tokenizer: AnyTokenizer, max_responses: int
+) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+    """(ids, mask, rank) of each of the first `max_responses` responses (0 = all) after
+    the prompt, through the chat template."""
+    prompt = conversation(record)
+    for k, (response, rank) in enumerate(zip(record["responses"], record["ranks"], strict=True)):
+        if k == max_responses > 0:
+            return
+        turn = {"role": "assistant", "content": _text(response)}
+        yield (*tokenizer.encode_chat([*prompt, turn]), rank)
+
+
+def record_length(
+    record: Mapping[str, Any], tokenizer: AnyTokenizer, kind: str, max_responses: int = 0
+) -> int:
+    """The row positions a chat record takes, whole (train/data/fit.py): an SFT
+    conversation's tokens minus one (inputs and targets are shifted), a prompt's tokens
+    with the `<|assistant|>` marker, the longest of a ranked record's first
+    `max_responses` (0 = all) prompt + response rows."""
+    if kind == "sft":
+        return tokenizer.encode_chat(conversation(record))[0].size - 1
+    if kind == "prompts":
+        return tokenizer.encode_chat(conversation(record), add_generation_prompt=True)[0].size
+    if kind == "ranked":
+        return max(ids.size for ids, _, _ in _ranked_rows(record, tokenizer, max_responses))
+    raise ValueError(f"record kind {kind!r}: choose from ('sft', 'ranked', 'prompts')")
+
+
+def _read_all(source: Sequence[Any], chunk: int = 1024) -> Iterator[Any]:
+    """Every record of `source` in order, read in batches where the source can."""
+    for start in range(0, len(source), chunk):
+        indices = list(range(start, min(start + chunk, len(source))))
+        if hasattr(source, "__getitems__"):
+            yield from source.__getitems__(indices)
+        else:
+            yield from (source[i] for i in indices)
+
+
+def fitting_records(
+    source: Sequence[Any],
+    tokenizer: AnyTokenizer,
+    kind: str,
+    seq_len: int,
+    max_responses: int = 0,
+) -> Sequence[Any]:
+    """`source` without its records longer than seq_len (`record_length`), under its
+    bad-record policy (`source.bad_records`, "skip" for a plain list): skipped ones are
+    counted in one warning line on stderr; "fail" raises naming the first one
+    (`file:line` where `source.locate` knows it). No record fitting raises. Every record
+    is tokenized once, here, when the pipeline is built."""
+    lengths = [record_length(r, tokenizer, kind, max_responses) for r in _read_all(source)]
+    verdict = fit.check_lengths(
+        lengths,
+        seq_len,
+        getattr(source, "bad_records", "skip"),
+        getattr(source, "label", "data"),
+        getattr(source, "locate", None),
+    )
+    if verdict.warning and jax.process_index() == 0:
+        print(verdict.warning, file=sys.stderr)
+    return fit.KeptRecords(source, verdict.kept) if verdict.skipped else source
+
+
+def generation_prompt(
+    tokenizer: AnyTokenizer, messages: Sequence[Mapping[str, str]], limit: int, what: str
+) -> np.ndarray:
+    """[L] ids of a chat prompt ending with `<|assistant|>`, L <= limit: whole oldest
+    exchanges dropped when it is longer (fit.drop_oldest_turns, ValueError naming `what`
+    when the last user turn alone does not fit)."""
+
+    def length(turns: Sequence[Mapping[str, str]]) -> int:
+        return tokenizer.encode_chat(turns, add_generation_prompt=True)[0].size
+
+    kept = fit.drop_oldest_turns(messages, length, limit, what)
+    return tokenizer.encode_chat(kept, add_generation_prompt=True)[0]
 
 
 def tokenize_text(record: Mapping[str, Any], tokenizer: AnyTokenizer, text_key: str) -> dict:
@@ -118,15 +189,18 @@ def tokenize_chunk(records: Sequence[Mapping[str, Any]], doc_fn: Any) -> dict:
 
 
 def tokenize_sft(record: Mapping[str, Any], tokenizer: AnyTokenizer, seq_len: int) -> dict:
-    """One conversation -> shifted pairs, loss on assistant tokens; first T + 1 tokens kept."""
+    """One conversation -> shifted pairs, loss on assistant tokens. A conversation longer
+    than T + 1 tokens raises fit.RecordTooLongError (the datasets leave those out first)."""
     ids, mask = tokenizer.encode_chat(conversation(record))
-    return shift_document(ids[: seq_len + 1], mask[: seq_len + 1])
+    fit.require_fit(ids.size - 1, seq_len)
+    return shift_document(ids, mask)
 
 
 def tokenize_ranked(
     record: Mapping[str, Any], tokenizer: AnyTokenizer, seq_len: int, max_responses: int
 ) -> dict[str, np.ndarray]:
-    """One prompt with K responses -> the [K_max, T] arrays of the ranked batch format."""
+    """One prompt with K responses -> the [K_max, T] arrays of the ranked batch format.
+    A prompt + response row longer than T raises fit.RecordTooLongError."""
     K, T = max_responses, seq_len
     out = {
         "tokens": np.zeros((K, T), np.int32),
@@ -136,12 +210,8 @@ def tokenize_ranked(
         "response_mask": np.zeros(K, np.float32),
         "ranks": np.full(K, -1, np.int32),
     }
-    prompt = conversation(record)
-    for k, (response, rank) in enumerate(zip(record["responses"], record["ranks"], strict=True)):
-        if k == K:
-            break
-        turn = {"role": "assistant", "content": _text(response)}
-        ids, mask = fit_left(*tokenizer.encode_chat([*prompt, turn]), T)
+    for k, (ids, mask, rank) in enumerate(_ranked_rows(record, tokenizer, K)):
+        fit.require_fit(ids.size, T)
         n = ids.size
         out["tokens"][k, :n] = ids
         out["segment_ids"][k, :n] = 1
@@ -155,9 +225,10 @@ def tokenize_ranked(
 def tokenize_prompt(
     record: Mapping[str, Any], tokenizer: AnyTokenizer, seq_len: int
 ) -> dict[str, np.ndarray]:
-    """One prompt -> left-padded [T] tokens ending with the assistant marker."""
-    ids, mask = tokenizer.encode_chat(conversation(record), add_generation_prompt=True)
-    ids, _ = fit_left(ids, mask, seq_len)
+    """One prompt -> left-padded [T] tokens ending with the assistant marker; a longer
+    prompt raises fit.RecordTooLongError."""
+    ids, _ = tokenizer.encode_chat(conversation(record), add_generation_prompt=True)
+    fit.require_fit(ids.size, seq_len)
     n, pad = ids.size, seq_len - ids.size
     out = {k: np.zeros(seq_len, np.int32) for k in ("tokens", "segment_ids", "positions")}
     out["tokens"][pad:] = ids
@@ -307,6 +378,7 @@ def sft_dataset(
 ) -> grain.IterDataset:
     """SFT batches [B, T]: chat template, loss on assistant tokens; packed or one per row."""
     _check_packing(packing)
+    source = fitting_records(source, tokenizer, "sft", seq_len)
     doc_fn = functools.partial(tokenize_sft, tokenizer=tokenizer, seq_len=seq_len)
     if packing == "none":
         ds = _records(source, options).map(doc_fn)
@@ -327,6 +399,7 @@ def ranked_dataset(
     options: DataOptions = DataOptions(),
 ) -> grain.IterDataset:
     """Ranked-response batches [B, K_max, T] (reward model, DPO with K = 2)."""
+    source = fitting_records(source, tokenizer, "ranked", seq_len, max_responses)
     tokenize = functools.partial(
         tokenize_ranked, tokenizer=tokenizer, seq_len=seq_len, max_responses=max_responses
     )
@@ -344,6 +417,7 @@ def prompts_dataset(
     options: DataOptions = DataOptions(),
 ) -> grain.IterDataset:
     """Left-padded prompt batches [B, T] for RL rollouts."""
+    source = fitting_records(source, tokenizer, "prompts", seq_len)
     tokenize = functools.partial(tokenize_prompt, tokenizer=tokenizer, seq_len=seq_len)
     ds = _records(source, options).map(tokenize)
     stamp = {"stage": "prompts", "seq_len": seq_len}
