@@ -268,74 +268,13 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> int:
     plots = {s: plot_stage(s, rows, out) for s, rows in metrics.items()}
 
     lines = [f"# Pipeline report: task `{config.task}`, seed {config.seed}", ""]
-    lines += ["## Time per stage", ""]
-
-    timings = [
-        [s, state["stages"][s].get("seconds")] for s in PIPELINE_ORDER if s in state["stages"]
-    ]
-    total = sum(t[1] or 0.0 for t in timings)
-    lines += md_table(["stage", "seconds"], [*timings, ["total (before the report)", total]])
-    lines += ["", "## Key figures (from each stage's metrics.jsonl)", ""]
-    rows = []
-    for stage, figures in KEY_FIGURES.items():
-        for label, key in figures:
-            value = last(metrics.get(stage, []), key)
-            if value is not None:
-                rows.append([stage, label, f"`{key}`", value])
-    lines += md_table(["stage", "figure", "key", "value"], rows)
-    if rm_summary:
-        lines += ["", "## Reward-model data (rm_data/summary.json)", ""]
-        lines += md_table(
-            ["file", "groups", "all-tied groups dropped", "labeler–oracle agreement", "pairs"],
-            [
-                [name, s["groups"], s["dropped_all_tied"], s["labeler_agreement"], s["pairs"]]
-                for name, s in rm_summary.items()
-            ],
-        )
-    lines += ["", f"## Policies on the {len(prompts)} held-out prompts", ""]
-    n = config.report.eval_samples
-    lines += [
-        f"Oracle and reward-model scores are means over {n} samples per prompt at T=1 (the same",
-        "key for every policy); KL to SFT in nats per response; RM accuracy is the reward",
-        "model's pairwise accuracy against the oracle on that policy's own samples.",
-        "",
-    ]
-    columns = ("oracle_sampled", "heldout_rm_score", "kl_to_sft", "rm_accuracy")
-    columns += ("oracle_greedy", "exact_greedy")
-    lines += md_table(
-        [
-            "policy",
-            "oracle",
-            "RM score",
-            "KL to SFT",
-            "RM accuracy",
-            "greedy oracle",
-            "greedy right",
-        ],
-        [[s, *(p.get(c) for c in columns)] for s, p in policies.items()],
-    )
-    if best:
-        lines += [
-            "",
-            f"Best-of-{best['n']} on the SFT samples, picked by the reward model: oracle score "
-            f"{fmt(best['rm_chosen_oracle_score'])} (picked by the oracle itself: "
-            f"{fmt(best['oracle_chosen_oracle_score'])}), analytic KL to SFT {fmt(best['kl'])} "
-            "nats (log n − (n−1)/n).",
-        ]
+    lines += timing_section(state)
+    lines += key_figures_section(metrics)
+    lines += rm_data_section(rm_summary)
+    lines += policies_section(policies, best, len(prompts), config.report.eval_samples)
     lines += ["", "## Curves", ""]
     lines += [f"![{s}](report/{p.name})" for s, p in plots.items() if p is not None]
-    task = load_task(config.task)
-    n = min(config.report.num_samples, len(prompts))  # side-by-side rows
-    lines += ["", f"## Greedy answers to the first {n} held-out prompts (oracle score)", ""]
-    names = list(greedy)
-    lines += md_table(
-        ["prompt", *names],
-        [
-            [f"`{prompts[i]}`"]
-            + [f"`{greedy[s][i]}` ({task.score(prompts[i], greedy[s][i]):.2f})" for s in names]
-            for i in range(n)
-        ],
-    )
+    lines += greedy_section(load_task(config.task), prompts, greedy, config.report.num_samples)
     summary = build_summary(metrics, policies, rm_summary, best)
     write_json_atomic(workdir / "summary.json", summary)
     (workdir / "metrics.jsonl").write_text(json.dumps({"step": 0, **summary}) + "\n")
@@ -345,3 +284,83 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> int:
         if stage in policies:
             print(f"  {stage}: held-out oracle score {policies[stage]['oracle_sampled']:.3f}")
     return 0
+
+
+def timing_section(state: dict) -> list[str]:
+    """Seconds per finished stage (DIR/pipeline state), in pipeline order, and their sum."""
+    lines = ["## Time per stage", ""]
+    timings = [
+        [s, state["stages"][s].get("seconds")] for s in PIPELINE_ORDER if s in state["stages"]
+    ]
+    total = sum(t[1] or 0.0 for t in timings)
+    return lines + md_table(["stage", "seconds"], [*timings, ["total (before the report)", total]])
+
+
+def key_figures_section(metrics: dict[str, list[dict]]) -> list[str]:
+    lines = ["", "## Key figures (from each stage's metrics.jsonl)", ""]
+    rows = []
+    for stage, figures in KEY_FIGURES.items():
+        for label, key in figures:
+            value = last(metrics.get(stage, []), key)
+            if value is not None:
+                rows.append([stage, label, f"`{key}`", value])
+    return lines + md_table(["stage", "figure", "key", "value"], rows)
+
+
+def rm_data_section(rm_summary: dict) -> list[str]:
+    """rm_data's per-file counts; nothing when rm_data did not run."""
+    if not rm_summary:
+        return []
+    lines = ["", "## Reward-model data (rm_data/summary.json)", ""]
+    return lines + md_table(
+        ["file", "groups", "all-tied groups dropped", "labeler–oracle agreement", "pairs"],
+        [
+            [name, s["groups"], s["dropped_all_tied"], s["labeler_agreement"], s["pairs"]]
+            for name, s in rm_summary.items()
+        ],
+    )
+
+
+def policies_section(
+    policies: dict[str, dict], best: dict | None, num_prompts: int, eval_samples: int
+) -> list[str]:
+    """The held-out table of every policy, and best-of-n when a reward model ran."""
+    lines = ["", f"## Policies on the {num_prompts} held-out prompts", ""]
+    n = eval_samples
+    lines += [
+        f"Oracle and reward-model scores are means over {n} samples per prompt at T=1 (the same",
+        "key for every policy); KL to SFT in nats per response; RM accuracy is the reward",
+        "model's pairwise accuracy against the oracle on that policy's own samples.",
+        "",
+    ]
+    columns = ("oracle_sampled", "heldout_rm_score", "kl_to_sft", "rm_accuracy")
+    columns += ("oracle_greedy", "exact_greedy")
+    header = ["policy", "oracle", "RM score", "KL to SFT", "RM accuracy"]
+    header += ["greedy oracle", "greedy right"]
+    lines += md_table(header, [[s, *(p.get(c) for c in columns)] for s, p in policies.items()])
+    if best:
+        lines += [
+            "",
+            f"Best-of-{best['n']} on the SFT samples, picked by the reward model: oracle score "
+            f"{fmt(best['rm_chosen_oracle_score'])} (picked by the oracle itself: "
+            f"{fmt(best['oracle_chosen_oracle_score'])}), analytic KL to SFT {fmt(best['kl'])} "
+            "nats (log n − (n−1)/n).",
+        ]
+    return lines
+
+
+def greedy_section(
+    task: Any, prompts: list[str], greedy: dict[str, list[str]], num_samples: int
+) -> list[str]:
+    """Side by side, each policy's greedy answer to the first held-out prompts."""
+    n = min(num_samples, len(prompts))
+    lines = ["", f"## Greedy answers to the first {n} held-out prompts (oracle score)", ""]
+    names = list(greedy)
+    return lines + md_table(
+        ["prompt", *names],
+        [
+            [f"`{prompts[i]}`"]
+            + [f"`{greedy[s][i]}` ({task.score(prompts[i], greedy[s][i]):.2f})" for s in names]
+            for i in range(n)
+        ],
+    )
