@@ -67,6 +67,8 @@ def base_config() -> ml_collections.ConfigDict:
             "local_copy": "",
             "text_key": "text",
             "doc_mode": "blank_line",
+            # skip | fail: what a bad line, or a chat record longer than seq_len (never cut:
+            # train/data/fit.py), does; skip counts it, fail stops naming file:line.
             "bad_records": "skip",
             "packing": "first_fit",
             "tokenizer": "",
