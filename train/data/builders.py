@@ -18,6 +18,9 @@ Decisions:
 - Text documents longer than `records.MAX_DOC_CHARS` are stored as consecutive pieces,
   each a document of its own, so no record (and no read-ahead) grows with a huge line.
 - In configs, `data.path` (local file, glob, or {split: glob}) wins over `data.name`.
+- `Prepared.source` is a `RecordSource`: the records plus their bad-record policy and
+  files, so the pipelines' length check (train/data/fit.py) applies the same policy and
+  names an over-long record's `file:line`.
 """
 
 from __future__ import annotations
