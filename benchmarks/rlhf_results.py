@@ -24,9 +24,11 @@ import sys
 
 import numpy as np
 
+from configs import stages
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STAGES = "data,tokenizer,pretrain,sft,rm_data,reward,ppo,ppo_oracle,dpo,grpo,report"
-POLICIES = ("sft", "ppo", "ppo_oracle", "dpo", "grpo")
+POLICIES = stages.POLICIES  # the report's policy rows
 # Where a task needs more than the demo's 600 pretraining steps. next_letter, seed 0, at
 # 600 pretraining and 200 SFT steps: SFT eval loss 0.63 nats/token (the teacher's floor is
 # about 0.12) and a reward model at 0.54 held-out accuracy; at 1200 and 600: 0.23 and 0.87.

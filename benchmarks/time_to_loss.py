@@ -42,11 +42,9 @@ def main(argv: list[str]) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="ttl_"))
     parts = pretrain.build(config, workdir)
     config.eval.every_steps = args.eval_every
-    eval_fn = pretrain.make_eval_fn(
-        parts["model"], config, parts["tokenizer"], parts["mesh"], parts["rules"]
-    )
-    state, step_fn, batches = parts["state"], parts["train_step"], parts["batches"]
-    to_device = parts["to_device"]
+    eval_fn = pretrain.make_eval_fn(parts.model, config, parts.tokenizer, parts.mesh, parts.rules)
+    state, step_fn, batches = parts.state, parts.train_step, parts.batches
+    to_device = parts.to_device
     trained, compile_s = 0.0, None
     sync = cpu.sync_every_step()  # several CPU devices: a deep queue can hang XLA
     print(

@@ -23,7 +23,7 @@ Metrics per step (metrics.jsonl): loss, reward_accuracy, reward_margin, chosen_r
 rejected_reward, logps_chosen, logps_rejected (rlhf/dpo_math.py `dpo_loss`), grad_norm,
 lr; eval over the held-out ranked file (`eval.path`): the eval_ versions and eval_pairs;
 with `task` also eval_oracle_score, eval_kl, eval_response_length, eval_eos_rate of one
-response sampled per held-out prompt (rlhf/grpo.py `make_policy_evaluate`).
+response sampled per held-out prompt (rlhf/policy_stage.py `make_policy_evaluate`).
 """
 
 from __future__ import annotations
@@ -45,13 +45,11 @@ import optax
 from model import lora
 from model import sharding as sh
 from model.config import flops_per_token
-from model.generate import SamplingConfig, limit_vocab, token_log_probs
+from model.generate import limit_vocab, token_log_probs
 from model.tokenizer import AnyTokenizer
 from model.transformer import Transformer
-from rlhf import grpo
-from rlhf import rollout as ro
+from rlhf import policy_stage as ps
 from rlhf.dpo_math import dpo_loss, preference_pairs, sequence_log_probs
-from rlhf.tasks import load_task
 from train import distributed
 from train.data import pipelines
 from train.optim import accumulate_gradients, apply_gradients, trainable_value_and_grad
@@ -65,7 +63,7 @@ from train.sft import (
     start_from_parent,
     to_host,
 )
-from train.stage import StageError, loop_settings, stage_main, stage_parts
+from train.stage import StageError, StageParts, begin_build, stage_main, stage_parts
 from train.state import TrainState, abstract_sharded_params, step_rng
 from train.step import jit_train_step, keep_if_finite
 
@@ -272,13 +270,7 @@ def make_sample_eval(
 ) -> Any:
     """state -> eval_{oracle_score, kl, response_length, eos_rate}: one response sampled
     per held-out prompt (the first eval.batch_size, default batch_size, cycled), fixed key."""
-    size = config.eval.batch_size or config.batch_size
-    rows = [
-        pipelines.tokenize_prompt(records[i % len(records)], tokenizer, config.seq_len)
-        for i in range(size)
-    ]
-    sharding = sh.batch_sharding(mesh, rules)
-    batch = {k: jax.device_put(np.stack([r[k] for r in rows]), sharding) for k in rows[0]}
+    batch = ps.eval_prompt_batch(config, records, tokenizer, mesh, rules)
     key = jax.random.key(config.seed + 1)
     return lambda state: {f"eval_{k}": v for k, v in evaluate(state.params, batch, key).items()}
 
@@ -287,7 +279,7 @@ def make_sample_eval(
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-    d, s = config.dpo, config.sampling
+    d = config.dpo
     if not d.beta > 0:
         raise StageError(f"dpo.beta={d.beta}: must be > 0")
     if not 0.0 <= d.label_smoothing < 0.5:
@@ -296,45 +288,30 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise StageError(f"dpo.max_responses={d.max_responses}: 0 (all) or >= 2")
     if d.ref_batch_size < 0 or d.max_new_tokens < 1:
         raise StageError("dpo.ref_batch_size must be >= 0 and dpo.max_new_tokens >= 1")
-    if config.eval.every_steps and not (config.eval.path or config.eval.name):
-        raise StageError("eval.every_steps > 0 needs eval.path (held-out ranked JSONL)")
-    try:
-        SamplingConfig(s.temperature, s.top_k, s.top_p)
-    except ValueError as err:
-        raise StageError(f"sampling: {err}") from None
+    ps.check_eval_source(config, "held-out ranked JSONL")
+    ps.sampling_settings(config)
 
 
-def build(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, Any]:
+def build(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> StageParts:
     del workdir
-    validate(config)
-    mesh = sh.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-    rules = sh.get_rules(config.mesh.strategy)
+    mesh, rules = begin_build(config, validate)
     parent, tokenizer, model_cfg = start_from_parent(config, "dpo")  # refuses non-policies
-    d, s = config.dpo, config.sampling
-    task = load_task(config.task) if config.task else None
-    sampling = ro.sampling_for(
-        SamplingConfig(s.temperature, s.top_k, s.top_p), model_cfg.vocab_size, tokenizer
-    )
-    if task is not None and config.seq_len + d.max_new_tokens > model_cfg.max_seq_len:
-        raise StageError(
-            f"seq_len + dpo.max_new_tokens = {config.seq_len + d.max_new_tokens} exceeds "
-            f"the policy's max_seq_len={model_cfg.max_seq_len}"
+    d, T = config.dpo, config.seq_len
+    task = ps.task_of(config)
+    sampling = ps.rollout_sampling(config, model_cfg, tokenizer)
+    if task is not None:
+        ps.check_fits(
+            config.seq_len + d.max_new_tokens,
+            "seq_len + dpo.max_new_tokens",
+            [("policy", model_cfg)],
         )
-    ref_batch = d.ref_batch_size or config.batch_size
-    if ref_batch % batch_multiple(mesh, rules):
-        raise StageError(
-            f"dpo.ref_batch_size={ref_batch}: must be a multiple of the "
-            f"{batch_multiple(mesh, rules)} ways the batch is split over devices"
+    splits = {"train": "data", "eval": "eval"} if config.eval.every_steps else {"train": "data"}
+    sources = {
+        split: pipelines.fitting_records(
+            open_records(config, section, "ranked"), tokenizer, "ranked", T, d.max_responses
         )
-    sources = {"train": open_records(config, "data", "ranked")}
-    if config.eval.every_steps:
-        sources["eval"] = open_records(config, "eval", "ranked")
-    pairs = {}
-    for split, records in sources.items():
-        index = pair_index(records, d.max_responses)
-        if len(index) == 0:
-            raise StageError(f"{split} data: no preference pairs (every ranking is a tie)")
-        pairs[split] = PairSource(records, index, tokenizer, config.seq_len)
+        for split, section in splits.items()
+    }
     model = lora.wrap(Transformer(model_cfg), lora.from_config(config))
     tx, lr_fn = make_tx(config)
     state, shardings = init_state_from(parent, model, tx, mesh, rules, config.seed)
@@ -343,36 +320,23 @@ def build(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str,
     ref_params = state.params
     if task is not None and config.eval.every_steps:
         ref_params = load_params(parent, abstract_sharded_params(model, mesh, rules))
-    start = time.perf_counter()
-    forward = jax.jit(functools.partial(pair_log_probs, model, vocab_limit=sampling.vocab_limit))
-    for source in pairs.values():
-        source.ref_logps = reference_log_probs(forward, ref_params, source, ref_batch, mesh, rules)
-    print(
-        f"dpo: reference log-probs of {sum(len(p) for p in pairs.values())} pairs "
-        f"in {time.perf_counter() - start:.1f} s",
-        file=sys.stderr,
-    )
+    pairs = reference_pairs(config, sources, model, ref_params, tokenizer, sampling, mesh, rules)
     options = data_options(config, mesh, rules, train=True)
-    batches = iter(
-        pairs_dataset(
-            pairs["train"],
-            pipelines.local_batch_size(config.batch_size, options.shard_count),
-            options,
-        )
-    )
-    eval_fn = None
-    if config.eval.every_steps:
+    local = pipelines.local_batch_size(config.batch_size, options.shard_count)
+
+    def make_eval() -> Any:
         sample_eval = None
         if task is not None:
-            evaluate = grpo.make_policy_evaluate(
+            evaluate = ps.make_policy_evaluate(
                 model, ref_params, sampling, d.max_new_tokens, mesh, rules, tokenizer, task
             )
             sample_eval = make_sample_eval(
                 config, evaluate, sources["eval"], tokenizer, mesh, rules
             )
-        eval_fn = make_eval_fn(
+        return make_eval_fn(
             model, config, pairs["eval"], sampling.vocab_limit, mesh, rules, sample_eval
         )
+
     step = make_dpo_step(
         model,
         tx,
@@ -382,13 +346,7 @@ def build(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str,
         config.grad_accum_steps,
         skip_nonfinite=config.nonfinite == "skip",
     )
-    settings = loop_settings(
-        config,
-        "dpo",
-        config.batch_size * 2 * config.seq_len,
-        flops_per_token(model_cfg, config.seq_len),
-    )
-    parts = stage_parts(
+    return stage_parts(
         stage="dpo",
         config=config,
         model_cfg=model_cfg,
@@ -398,13 +356,49 @@ def build(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str,
         state=state,
         shardings=shardings,
         train_step=jit_train_step(step, shardings, mesh, rules),
-        batches=batches,
-        settings=settings,
-        eval_fn=eval_fn,
+        batches=iter(pairs_dataset(pairs["train"], local, options)),
+        work_per_step=(config.batch_size * 2 * T, flops_per_token(model_cfg, T)),
+        make_eval=make_eval,
         mesh=mesh,
         rules=rules,
+        extras={"pairs": pairs, "vocab_limit": sampling.vocab_limit},
     )
-    return {**parts, "pairs": pairs, "vocab_limit": sampling.vocab_limit}
+
+
+def reference_pairs(
+    config: ml_collections.ConfigDict,
+    sources: dict[str, Any],
+    model: Transformer,
+    ref_params: Params,
+    tokenizer: AnyTokenizer,
+    sampling: Any,
+    mesh: jax.sharding.Mesh,
+    rules: sh.Rules,
+) -> dict[str, PairSource]:
+    """Each split's preference pairs with the frozen reference's log-probs, computed once."""
+    d = config.dpo
+    ref_batch = d.ref_batch_size or config.batch_size
+    if ref_batch % batch_multiple(mesh, rules):
+        raise StageError(
+            f"dpo.ref_batch_size={ref_batch}: must be a multiple of the "
+            f"{batch_multiple(mesh, rules)} ways the batch is split over devices"
+        )
+    pairs = {}
+    for split, records in sources.items():
+        index = pair_index(records, d.max_responses)
+        if len(index) == 0:
+            raise StageError(f"{split} data: no preference pairs (every ranking is a tie)")
+        pairs[split] = PairSource(records, index, tokenizer, config.seq_len)
+    start = time.perf_counter()
+    forward = jax.jit(functools.partial(pair_log_probs, model, vocab_limit=sampling.vocab_limit))
+    for source in pairs.values():
+        source.ref_logps = reference_log_probs(forward, ref_params, source, ref_batch, mesh, rules)
+    print(
+        f"dpo: reference log-probs of {sum(len(p) for p in pairs.values())} pairs "
+        f"in {time.perf_counter() - start:.1f} s",
+        file=sys.stderr,
+    )
+    return pairs
 
 
 def main(argv: Sequence[str]) -> int:

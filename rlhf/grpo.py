@@ -50,85 +50,29 @@ from model.config import flops_per_token
 from model.generate import SamplingConfig
 from model.tokenizer import AnyTokenizer
 from model.transformer import Transformer
-from rlhf import health, ppo
+from rlhf import health
 from rlhf import kl as kl_lib
+from rlhf import policy_stage as ps
 from rlhf import ppo_learner as pl
 from rlhf import ppo_math as pm
 from rlhf import ppo_reward as pr
 from rlhf import rollout as ro
 from rlhf.grpo_math import group_advantages, grpo_loss
-from rlhf.tasks import load_task
-from train.data import pipelines
 from train.optim import apply_gradients, trainable_value_and_grad
 from train.parent import load_params
 from train.reward import reward_model
 from train.sft import (
     batch_multiple,
-    data_options,
     init_state_from,
     make_tx,
-    open_records,
     start_from_parent,
 )
-from train.stage import StageError, loop_settings, stage_main, stage_parts
+from train.stage import StageError, StageParts, begin_build, stage_main, stage_parts
 from train.state import TrainState, abstract_sharded_params
 
 Params = Any
 REWARDS = pr.REWARD_SOURCES  # "model" | "oracle"
 PROMPT_KEYS = ("tokens", "segment_ids", "positions")  # a prompts batch, [B, P] each
-
-
-def make_policy_evaluate(
-    policy: Transformer,
-    ref_params: Params,
-    sampling: SamplingConfig,
-    max_new_tokens: int,
-    mesh: jax.sharding.Mesh,
-    rules: sh.Rules,
-    tokenizer: AnyTokenizer,
-    task: Any = None,
-    reward: tuple[Transformer, Params, float, float] | None = None,
-) -> Any:
-    """(policy params, prompt batch [B, P], key) -> {kl, response_length, eos_rate
-    [, rm_score][, oracle_score]}: one sampled response per prompt, no learning.
-
-    `reward` = (reward model, its params, gain, bias) adds the calibrated rm_score.
-    """
-    rm_model, rm_params, gain, bias = reward if reward is not None else (None, None, 1.0, 0.0)
-
-    @jax.jit
-    def measure(params: Params, ref: Params, rm: Params, rollout: ro.Rollout) -> dict:
-        lp = pl.masked_log_probs(pl.response_logits(policy, params, rollout, sampling), rollout)
-        ref_lp = pl.masked_log_probs(pl.response_logits(policy, ref, rollout, sampling), rollout)
-        out = {
-            "kl": jnp.mean(kl_lib.sequence_kl(kl_lib.kl_k1(lp, ref_lp), rollout.mask)),
-            "response_length": jnp.mean(jnp.sum(rollout.mask, axis=-1).astype(jnp.float32)),
-            "eos_rate": jnp.mean(rollout.ended.astype(jnp.float32)),
-        }
-        if rm is not None:
-            out["rm_score"] = gain * jnp.mean(pl.last_token_scores(rm_model, rm, rollout)) + bias
-        return out
-
-    def evaluate(params: Params, batch: dict[str, jax.Array], key: jax.Array) -> dict:
-        with sh.sharding_context(mesh, rules):
-            rollout = ppo.sample_rollout(
-                {"policy": policy},
-                params,
-                batch,
-                key,
-                max_new_tokens,
-                sampling,
-                mesh,
-                rules,
-                tokenizer,
-            )
-            metrics = measure(params, ref_params, rm_params, rollout)
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if task is not None:
-            metrics["oracle_score"] = pr.oracle_score(task, tokenizer, rollout)
-        return metrics
-
-    return evaluate
 
 
 # ----------------------------------------------------------------------------- one iteration
@@ -270,7 +214,7 @@ def make_grpo_step(
         t0 = time.perf_counter()
         with sh.sharding_context(mesh, rules):
             groups = {k: jnp.repeat(batch[k], g.group_size, axis=0) for k in PROMPT_KEYS}
-            rollout = ppo.sample_rollout(
+            rollout = ps.sample_rollout(
                 models,
                 state.params,
                 groups,
@@ -313,7 +257,7 @@ def make_grpo_step(
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-    g, s = config.grpo, config.sampling
+    g = config.grpo
     keys = ("epochs", "minibatches", "max_new_tokens", "clip_eps", "log_prob_atol")
     loader.check_positive(config, *(f"grpo.{k}" for k in keys))
     if g.group_size < 2:
@@ -337,30 +281,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.kl.beta < 0:
         raise StageError(f"kl.beta={config.kl.beta}: must be >= 0")
     health.check_config(config)
-    if config.eval.every_steps and not (config.eval.path or config.eval.name):
-        raise StageError("eval.every_steps > 0 needs eval.path (held-out prompts JSONL)")
-    try:
-        sampling = SamplingConfig(s.temperature, s.top_k, s.top_p)
-    except ValueError as err:
-        raise StageError(f"sampling: {err}") from None
-    if sampling.greedy:
-        raise StageError("sampling.temperature=0 (greedy): GRPO needs a stochastic policy")
+    ps.check_eval_source(config, "held-out prompts JSONL")
+    ps.sampling_settings(config, stochastic="GRPO")
 
 
-def updates_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """`config` for `make_tx` with the schedule counted in optimizer updates."""
-    c = ml_collections.ConfigDict(config.to_dict())
-    per_iteration = config.grpo.epochs * config.grpo.minibatches
-    c.total_steps *= per_iteration
-    c.optim.warmup_steps *= per_iteration
-    return c
-
-
-def build(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, Any]:
+def build(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> StageParts:
     del workdir
-    validate(config)
-    mesh = sh.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-    rules = sh.get_rules(config.mesh.strategy)
+    mesh, rules = begin_build(config, validate)
     parent, tokenizer, model_cfg = start_from_parent(config, "grpo")  # refuses non-policies
     g = config.grpo
     models = {"policy": lora.wrap(Transformer(model_cfg), lora.from_config(config))}
@@ -368,51 +295,32 @@ def build(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str,
     configs = [("policy", model_cfg)]
     rm_parent, calibration = None, None
     if config.reward_from:
-        rm_parent, rm_cfg, calibration = ppo.load_reward_parent(config, tokenizer)
+        rm_parent, rm_cfg, calibration = ps.load_reward_parent(config, tokenizer)
         models["reward"] = reward_model(rm_cfg)
         configs.append(("reward model", rm_cfg))
-    for name, cfg in configs:
-        if total_len > cfg.max_seq_len:
-            raise StageError(
-                f"seq_len + grpo.max_new_tokens = {total_len} exceeds the {name}'s "
-                f"max_seq_len={cfg.max_seq_len}"
-            )
-    task = load_task(config.task) if config.task else None
-    s = config.sampling
-    sampling = ro.sampling_for(
-        SamplingConfig(s.temperature, s.top_k, s.top_p), model_cfg.vocab_size, tokenizer
-    )
+    ps.check_fits(total_len, "seq_len + grpo.max_new_tokens", configs)
+    task = ps.task_of(config)
+    sampling = ps.rollout_sampling(config, model_cfg, tokenizer)
     rollouts = config.batch_size * g.group_size
     if rollouts % batch_multiple(mesh, rules):
         raise StageError(
             f"batch_size x grpo.group_size = {rollouts} rollouts must be a multiple of the "
             f"{batch_multiple(mesh, rules)} ways the batch is split over devices"
         )
-    source = open_records(config, "data", "prompts")
-    options = data_options(config, mesh, rules, train=True)
-    batches = iter(
-        pipelines.prompts_dataset(
-            source,
-            tokenizer,
-            pipelines.local_batch_size(config.batch_size, options.shard_count),
-            config.seq_len,
-            options,
-        )
-    )
-    tx, _ = make_tx(updates_config(config))
+    tx, _ = make_tx(ps.updates_config(config, "grpo"))
     state, shardings = init_state_from(parent, models["policy"], tx, mesh, rules, config.seed)
     abstract = {k: abstract_sharded_params(m, mesh, rules) for k, m in models.items()}
     frozen = {"ref": load_params(parent, abstract["policy"])}
+    lineage = parent.lineage("grpo")
+    reward = None
     if rm_parent is not None:
         frozen["reward"] = load_params(rm_parent, abstract["reward"])
+        reward = (models["reward"], frozen["reward"], calibration["gain"], calibration["bias"])
+        lineage["reward_model"] = str(rm_parent.checkpoint)
     step = make_grpo_step(
         config, models, frozen, calibration, sampling, tx, shardings, mesh, rules, tokenizer, task
     )
-    step = health.monitored(step, config, "grpo", tokenizer)
-    reward = None
-    if rm_parent is not None:
-        reward = (models["reward"], frozen["reward"], calibration["gain"], calibration["bias"])
-    evaluate = make_policy_evaluate(
+    evaluate = ps.make_policy_evaluate(
         models["policy"],
         frozen["ref"],
         sampling,
@@ -423,18 +331,7 @@ def build(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str,
         task,
         reward,
     )
-    eval_fn = None
-    if config.eval.every_steps:
-        eval_fn = ppo.make_eval_fn(
-            config, lambda st, b, k: evaluate(st.params, b, k), tokenizer, mesh, rules
-        )
-    settings = loop_settings(
-        config, "grpo", rollouts * total_len, flops_per_token(model_cfg, total_len)
-    )
-    lineage = parent.lineage("grpo")
-    if rm_parent is not None:
-        lineage["reward_model"] = str(rm_parent.checkpoint)
-    parts = stage_parts(
+    return stage_parts(
         stage="grpo",
         config=config,
         model_cfg=model_cfg,
@@ -443,14 +340,16 @@ def build(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str,
         model=models["policy"],
         state=state,
         shardings=shardings,
-        train_step=step,
-        batches=batches,
-        settings=settings,
-        eval_fn=eval_fn,
+        train_step=health.monitored(step, config, "grpo", tokenizer),
+        batches=ps.prompt_batches(config, tokenizer, mesh, rules),
+        work_per_step=(rollouts * total_len, flops_per_token(model_cfg, total_len)),
+        make_eval=lambda: ps.make_eval_fn(
+            config, lambda st, b, k: evaluate(st.params, b, k), tokenizer, mesh, rules
+        ),
         mesh=mesh,
         rules=rules,
+        extras={"models": models, "frozen": frozen, "evaluate": evaluate},
     )
-    return {**parts, "models": models, "frozen": frozen, "evaluate": evaluate}
 
 
 def main(argv: Sequence[str]) -> int:

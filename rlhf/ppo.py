@@ -51,42 +51,31 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from flax import struct
 
 from configs import loader
 from model import lora
 from model import sharding as sh
-from model.config import ModelConfig, flops_per_token
-from model.generate import Prompts, SamplingConfig
+from model.config import flops_per_token
+from model.generate import SamplingConfig
 from model.tokenizer import AnyTokenizer
 from model.transformer import Transformer
 from rlhf import health
 from rlhf import kl as kl_lib
+from rlhf import policy_stage as ps
 from rlhf import ppo_learner as pl
 from rlhf import ppo_reward as pr
 from rlhf import rollout as ro
 from rlhf.ppo_reward import oracle_score, prompt_texts  # noqa: F401  (public here too)
-from rlhf.tasks import load_task
-from train.data import pipelines
-from train.parent import check_tokenizer, load_params, read_parent
-from train.reward import load_calibration, reward_model
+from train.parent import load_params
+from train.reward import reward_model
 from train.sft import (
-    data_options,
     init_state_from,
     make_tx,
-    open_records,
     start_from_parent,
 )
-from train.stage import (
-    REWARD_FROM_KIND,
-    StageError,
-    check_parent_kind,
-    loop_settings,
-    stage_main,
-    stage_parts,
-)
+from train.stage import StageError, StageParts, begin_build, stage_main, stage_parts
 from train.state import abstract_sharded_params
 
 Params = Any
@@ -105,34 +94,6 @@ class PPOState(struct.PyTreeNode):
 
 
 # ----------------------------------------------------------------------------- one iteration
-
-
-def sample_rollout(
-    models: dict[str, Transformer],
-    params: Params,
-    batch: dict[str, jax.Array],
-    key: jax.Array,
-    max_new_tokens: int,
-    sampling: SamplingConfig,
-    mesh: jax.sharding.Mesh,
-    rules: sh.Rules,
-    tokenizer: AnyTokenizer,
-) -> ro.Rollout:
-    """One response per row of a prompt batch (`tokens`, `segment_ids`, `positions` [B, P]),
-    ending at the tokenizer's end of turn."""
-    prompts = Prompts(batch["tokens"], batch["segment_ids"], batch["positions"])
-    return ro.sample(
-        models["policy"],
-        params,
-        prompts,
-        key,
-        max_new_tokens=max_new_tokens,
-        sampling=sampling,
-        mesh=mesh,
-        rules=rules,
-        stop_id=tokenizer.end_of_turn_id,
-        pad_id=tokenizer.pad_id,
-    )
 
 
 def make_evaluate(
@@ -157,7 +118,7 @@ def make_evaluate(
 
     def evaluate(state: PPOState, batch: dict[str, jax.Array], key: jax.Array) -> dict:
         with sh.sharding_context(mesh, rules):
-            rollout = sample_rollout(
+            rollout = ps.sample_rollout(
                 models,
                 state.params,
                 batch,
@@ -263,7 +224,7 @@ def make_ppo_step(
         beta = state.kl_coef
         t0 = time.perf_counter()
         with sh.sharding_context(mesh, rules):
-            rollout = sample_rollout(
+            rollout = ps.sample_rollout(
                 models,
                 state.params,
                 batch,
@@ -295,35 +256,8 @@ def make_ppo_step(
 # ----------------------------------------------------------------------------- the stage
 
 
-def make_eval_fn(
-    config: ml_collections.ConfigDict,
-    evaluate: Any,
-    tokenizer: AnyTokenizer,
-    mesh: jax.sharding.Mesh,
-    rules: sh.Rules,
-) -> Any:
-    """state -> eval_* metrics of `evaluate` on the first `eval.batch_size` (default
-    `batch_size`) held-out prompts (`eval.path`), cycled to fill the batch, fixed key."""
-    source = open_records(config, "eval", "prompts")
-    if len(source) == 0:
-        raise StageError("eval: the held-out prompt set is empty")
-    size = config.eval.batch_size or config.batch_size
-    rows = [
-        pipelines.tokenize_prompt(source[i % len(source)], tokenizer, config.seq_len)
-        for i in range(size)
-    ]
-    sharding = sh.batch_sharding(mesh, rules)
-    batch = {k: jax.device_put(np.stack([r[k] for r in rows]), sharding) for k in rows[0]}
-    key = jax.random.key(config.seed + 1)
-
-    def eval_fn(state: PPOState) -> dict[str, float]:
-        return {f"eval_{k}": v for k, v in evaluate(state, batch, key).items()}
-
-    return eval_fn
-
-
 def validate(config: ml_collections.ConfigDict) -> None:
-    p, k, s = config.ppo, config.kl, config.sampling
+    p, k = config.ppo, config.kl
     loader.check_positive(
         config, "ppo.epochs", "ppo.minibatches", "ppo.max_new_tokens", "ppo.clip_eps"
     )
@@ -340,12 +274,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise StageError(f"kl.estimator={k.estimator!r}: choose from {kl_lib.ESTIMATORS}")
     if k.beta < 0 or k.target < 0 or (k.target and (k.beta <= 0 or k.horizon <= 0)):
         raise StageError("kl.beta, kl.target must be >= 0; adaptive KL needs beta, horizon > 0")
-    try:
-        sampling = SamplingConfig(s.temperature, s.top_k, s.top_p)
-    except ValueError as err:
-        raise StageError(f"sampling: {err}") from None
-    if sampling.greedy:
-        raise StageError("sampling.temperature=0 (greedy): PPO needs a stochastic policy")
+    ps.sampling_settings(config, stochastic="PPO")
     health.check_config(config)
     if not config.reward_from:
         raise StageError("reward_from is empty: PPO needs a `flaxlm reward` run")
@@ -356,70 +285,67 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise StageError("ppo.reward=oracle needs task (e.g. --config.task=addition)")
 
 
-def updates_config(config: ml_collections.ConfigDict, lr: float) -> ml_collections.ConfigDict:
-    """`config` for train/sft.py `make_tx` with the schedule counted in optimizer updates
-    (epochs x minibatches per iteration) and learning rate `lr`."""
-    c = ml_collections.ConfigDict(config.to_dict())
-    per_iteration = config.ppo.epochs * config.ppo.minibatches
-    c.total_steps *= per_iteration
-    c.optim.warmup_steps *= per_iteration
-    c.optim.lr = lr
-    return c
-
-
-def load_reward_parent(config: ml_collections.ConfigDict, tokenizer: AnyTokenizer) -> tuple:
-    """(parent, model config, calibration) of `reward_from`; refuses non-reward or
-    uncalibrated checkpoints and another tokenizer."""
-    rm_parent = read_parent(config.reward_from)
-    check_parent_kind(rm_parent, "reward_from", REWARD_FROM_KIND)
-    check_tokenizer(rm_parent, tokenizer.fingerprint, "the policy's tokenizer")
-    calibration = load_calibration(rm_parent.workdir)
-    if calibration is None or calibration.get("step") != rm_parent.step:
-        raise StageError(
-            f"reward_from={rm_parent.workdir} has no calibration for step {rm_parent.step}; "
-            "rerun `flaxlm reward` with calibration.num_samples > 0"
-        )
-    return rm_parent, ModelConfig(**rm_parent.model), calibration
-
-
-def build(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, Any]:
+def build(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> StageParts:
     del workdir
-    validate(config)
-    mesh = sh.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-    rules = sh.get_rules(config.mesh.strategy)
+    mesh, rules = begin_build(config, validate)
     parent, tokenizer, model_cfg = start_from_parent(config, "ppo")
-    rm_parent, rm_cfg, calibration = load_reward_parent(config, tokenizer)
+    rm_parent, rm_cfg, calibration = ps.load_reward_parent(config, tokenizer)
     total_len = config.seq_len + config.ppo.max_new_tokens
-    for name, cfg in (("policy", model_cfg), ("reward model", rm_cfg)):
-        if total_len > cfg.max_seq_len:
-            raise StageError(
-                f"seq_len + ppo.max_new_tokens = {total_len} exceeds the {name}'s "
-                f"max_seq_len={cfg.max_seq_len}"
-            )
-    task = load_task(config.task) if config.task else None
-    s = config.sampling
-    sampling = ro.sampling_for(
-        SamplingConfig(s.temperature, s.top_k, s.top_p), model_cfg.vocab_size, tokenizer
+    ps.check_fits(
+        total_len, "seq_len + ppo.max_new_tokens", [("policy", model_cfg), ("reward model", rm_cfg)]
     )
-    source = open_records(config, "data", "prompts")
-    options = data_options(config, mesh, rules, train=True)
-    batches = iter(
-        pipelines.prompts_dataset(
-            source,
-            tokenizer,
-            pipelines.local_batch_size(config.batch_size, options.shard_count),
-            config.seq_len,
-            options,
-        )
-    )
+    task = ps.task_of(config)
+    sampling = ps.rollout_sampling(config, model_cfg, tokenizer)
     adapters = lora.from_config(config)  # LoRA on the policy and the value model alike
     models = {
         "policy": lora.wrap(Transformer(model_cfg), adapters),
         "value": lora.wrap(reward_model(rm_cfg), adapters),
     }
     models["reward"] = models["value"]
-    tx, _ = make_tx(updates_config(config, config.optim.lr))
-    value_tx, _ = make_tx(updates_config(config, config.ppo.value_lr))
+    state, shardings, txs = init_ppo_state(config, models, parent, rm_parent, mesh, rules)
+    frozen = {
+        "ref": load_params(parent, abstract_sharded_params(models["policy"], mesh, rules)),
+        "reward": load_params(rm_parent, abstract_sharded_params(models["reward"], mesh, rules)),
+    }
+    shared = (config, models, frozen, calibration, sampling)
+    scoring = make_scoring(*shared, mesh, rules, tokenizer, task)
+    step = make_ppo_step(*shared, txs, shardings, mesh, rules, tokenizer, task, scoring)
+    evaluate = make_evaluate(*shared, mesh, rules, tokenizer, task)
+    # For tests and tools: "scoring" is (state, rollout, β) -> (scored, Experience, metrics,
+    # last-token scores [B]), the step's scoring half; "sampling" the rollouts' settings.
+    extras = {"models": models, "frozen": frozen, "evaluate": evaluate, "scoring": scoring}
+    return stage_parts(
+        stage="ppo",
+        config=config,
+        model_cfg=model_cfg,
+        tokenizer=tokenizer,
+        lineage={**parent.lineage("ppo"), "reward_model": str(rm_parent.checkpoint)},
+        model=models["policy"],
+        state=state,
+        shardings=shardings,
+        train_step=health.monitored(step, config, "ppo", tokenizer),
+        batches=ps.prompt_batches(config, tokenizer, mesh, rules),
+        work_per_step=(config.batch_size * total_len, flops_per_token(model_cfg, total_len)),
+        make_eval=lambda: ps.make_eval_fn(config, evaluate, tokenizer, mesh, rules),
+        mesh=mesh,
+        rules=rules,
+        extra_meta={"value_model": rm_cfg.to_dict()},
+        extras={**extras, "sampling": sampling, "task": task, "calibration": calibration},
+    )
+
+
+def init_ppo_state(
+    config: ml_collections.ConfigDict,
+    models: dict[str, Any],
+    parent: Any,
+    rm_parent: Any,
+    mesh: jax.sharding.Mesh,
+    rules: sh.Rules,
+) -> tuple[PPOState, PPOState, tuple[Any, Any]]:
+    """(state, its shardings, (policy tx, value tx)): the policy from `parent`, the value
+    model from the reward model `rm_parent`, β at kl.beta."""
+    tx, _ = make_tx(ps.updates_config(config, "ppo", config.optim.lr))
+    value_tx, _ = make_tx(ps.updates_config(config, "ppo", config.ppo.value_lr))
     policy, policy_sh = init_state_from(parent, models["policy"], tx, mesh, rules, config.seed)
     value, value_sh = init_state_from(rm_parent, models["value"], value_tx, mesh, rules, 0)
     replicated = sh.replicated(mesh)
@@ -441,58 +367,7 @@ def build(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str,
         kl_coef=replicated,
         rng=replicated,
     )
-    frozen = {
-        "ref": load_params(parent, abstract_sharded_params(models["policy"], mesh, rules)),
-        "reward": load_params(rm_parent, abstract_sharded_params(models["reward"], mesh, rules)),
-    }
-    scoring = make_scoring(
-        config, models, frozen, calibration, sampling, mesh, rules, tokenizer, task
-    )
-    step = make_ppo_step(
-        config,
-        models,
-        frozen,
-        calibration,
-        sampling,
-        (tx, value_tx),
-        shardings,
-        mesh,
-        rules,
-        tokenizer,
-        task,
-        scoring,
-    )
-    step = health.monitored(step, config, "ppo", tokenizer)
-    evaluate = make_evaluate(
-        config, models, frozen, calibration, sampling, mesh, rules, tokenizer, task
-    )
-    eval_fn = None
-    if config.eval.every_steps:
-        eval_fn = make_eval_fn(config, evaluate, tokenizer, mesh, rules)
-    settings = loop_settings(
-        config, "ppo", config.batch_size * total_len, flops_per_token(model_cfg, total_len)
-    )
-    parts = stage_parts(
-        stage="ppo",
-        config=config,
-        model_cfg=model_cfg,
-        tokenizer=tokenizer,
-        lineage={**parent.lineage("ppo"), "reward_model": str(rm_parent.checkpoint)},
-        model=models["policy"],
-        state=state,
-        shardings=shardings,
-        train_step=step,
-        batches=batches,
-        settings=settings,
-        eval_fn=eval_fn,
-        mesh=mesh,
-        rules=rules,
-        extra_meta={"value_model": rm_cfg.to_dict()},
-    )
-    # For tests and tools: "scoring" is (state, rollout, β) -> (scored, Experience, metrics,
-    # last-token scores [B]), the step's scoring half; "sampling" the rollouts' settings.
-    extra = {"models": models, "frozen": frozen, "evaluate": evaluate, "scoring": scoring}
-    return {**parts, **extra, "sampling": sampling, "task": task}
+    return state, shardings, (tx, value_tx)
 
 
 def main(argv: Sequence[str]) -> int:

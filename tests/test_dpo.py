@@ -79,14 +79,14 @@ def runs(chain, tmp_path_factory) -> dict:
     workdir = tmp_path_factory.mktemp("dpo_runs")
     _, config = parse_stage_args("dpo", dpo_args(chain, workdir, *eval_args(chain)))
     parts = dpo.build(config, workdir)
-    start = parts["state"]
-    out = {"parts": parts, "config": config, "before": parts["eval_fn"](start)}
+    start = parts.state
+    out = {"parts": parts, "config": config, "before": parts.eval_fn(start)}
     out["start"] = jax.device_get(start.params)
     state, logged = start, []
     for _ in range(STEPS):
-        state, metrics = parts["train_step"](state, parts["to_device"](next(parts["batches"])))
+        state, metrics = parts.train_step(state, parts.to_device(next(parts.batches)))
         logged.append({k: float(v) for k, v in metrics.items()})
-    out |= {"logged": logged, "after": parts["eval_fn"](state)}
+    out |= {"logged": logged, "after": parts.eval_fn(state)}
     print(
         f"held-out DPO: loss {out['before']['eval_loss']:.3f} -> {out['after']['eval_loss']:.3f}"
         f", reward accuracy {out['after']['eval_reward_accuracy']:.3f}, oracle "
@@ -139,9 +139,9 @@ def plain_log_prob(forward, tokenizer, prompt: list[dict], response: str, T: int
 
 def test_reference_log_probs_match_a_plain_forward(runs):
     parts, config = runs["parts"], runs["config"]
-    source, tokenizer = parts["pairs"]["train"], parts["tokenizer"]
+    source, tokenizer = parts.extras["pairs"]["train"], parts.tokenizer
     params = runs["start"]  # the SFT weights: the reference
-    jitted = jax.jit(lambda p, tokens: parts["model"].apply({"params": p}, tokens).logits)
+    jitted = jax.jit(lambda p, tokens: parts.model.apply({"params": p}, tokens).logits)
     forward = functools.partial(jitted, params)
     for m in (0, 1, len(source) // 2, len(source) - 1):
         i, chosen, rejected = (int(x) for x in source.pairs[m])
@@ -166,7 +166,7 @@ def test_first_step_loss_is_log2(runs):
     assert first["chosen_reward"] == pytest.approx(0.0, abs=1e-4)
     before = runs["before"]
     assert before["eval_loss"] == pytest.approx(math.log(2.0), abs=1e-5)
-    assert before["eval_pairs"] == len(runs["parts"]["pairs"]["eval"])
+    assert before["eval_pairs"] == len(runs["parts"].extras["pairs"]["eval"])
     for key in ("eval_oracle_score", "eval_kl", "eval_response_length", "eval_eos_rate"):
         assert math.isfinite(before[key]) and math.isfinite(runs["after"][key]), key
     assert before["eval_kl"] == pytest.approx(0.0, abs=1e-5)

@@ -75,12 +75,12 @@ def runs(chain, tmp_path_factory) -> dict:
     # Eval settings only measure: the steps are those of the CLI run without them.
     _, config = parse_stage_args("grpo", grpo_args(chain, workdir, "--config.eval.every_steps=4"))
     parts = grpo.build(config, workdir)
-    evaluate = lambda params: parts["eval_fn"](parts["state"].replace(params=params))  # noqa: E731
-    start = parts["state"]
+    evaluate = lambda params: parts.eval_fn(parts.state.replace(params=params))  # noqa: E731
+    start = parts.state
     out = {"parts": parts, "start": jax.device_get(start.params), "sft": evaluate(start.params)}
     state, logged = jax.tree.map(jnp.copy, start), []
     for _ in range(STEPS):
-        state, metrics = parts["train_step"](state, parts["to_device"](next(parts["batches"])))
+        state, metrics = parts.train_step(state, parts.to_device(next(parts.batches)))
         logged.append({k: float(v) for k, v in metrics.items()})
     out |= {"logged": logged, "grpo": evaluate(state.params)}
     out["params"] = jax.device_get(state.params)
@@ -119,9 +119,9 @@ def test_reference_never_changes(chain, runs):
     parts = runs["parts"]
     sft_params = load_params(
         read_parent(chain["sft"]),
-        abstract_sharded_params(parts["models"]["policy"], parts["mesh"], parts["rules"]),
+        abstract_sharded_params(parts.extras["models"]["policy"], parts.mesh, parts.rules),
     )
-    ref = jax.device_get(parts["frozen"]["ref"])
+    ref = jax.device_get(parts.extras["frozen"]["ref"])
     for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(jax.device_get(sft_params)), strict=True):
         np.testing.assert_array_equal(a, b)
     moved = zip(jax.tree.leaves(runs["params"]), jax.tree.leaves(runs["start"]), strict=True)

@@ -28,7 +28,8 @@ from model import tokenizer as tk  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
 from model.hf_tokenizer import write_hf_tokenizer  # noqa: E402
 from model.transformer import Transformer  # noqa: E402
-from orchestrate import cli, hf_cli, sft  # noqa: E402
+from orchestrate import cli  # noqa: E402
+from train import hf_cli, sft  # noqa: E402
 from train.checkpoint import Checkpointer  # noqa: E402
 from train.parent import lineage, load_params, read_parent  # noqa: E402
 from train.state import abstract_sharded_params  # noqa: E402

@@ -27,7 +27,8 @@ safetensors_torch = require("safetensors.torch")
 from model import generate, hf, hf_files, sharding  # noqa: E402
 from model.config import ModelConfig, param_count  # noqa: E402
 from model.transformer import Transformer, unstack_layers  # noqa: E402
-from orchestrate import cli, hf_cli  # noqa: E402
+from orchestrate import cli  # noqa: E402
+from train import hf_cli  # noqa: E402
 from train.checkpoint import Checkpointer  # noqa: E402
 from train.parent import (  # noqa: E402
     InitFromError,

@@ -134,11 +134,11 @@ def virtual_build(config, workdir, shards: int):
             num_workers=config.data.num_workers,
         )  # fmt: skip
         dataset = pipelines.pretrain_dataset(
-            source, parts["tokenizer"], config.batch_size // shards, config.seq_len, options,
+            source, parts.tokenizer, config.batch_size // shards, config.seq_len, options,
             config.data.packing, text_key=config.data.text_key,
         )  # fmt: skip
         iterators.append(iter(dataset))
-    parts["batches"] = distributed.GlobalDataIterator(iterators)
+    parts.batches = distributed.GlobalDataIterator(iterators)
     return parts
 
 
@@ -479,10 +479,10 @@ def virtual_ppo_build(config, workdir, shards: int):
     for index in range(shards):
         shard = dataclasses.replace(options, shard_index=index, shard_count=shards)
         dataset = pipelines.prompts_dataset(
-            source, parts["tokenizer"], config.batch_size // shards, config.seq_len, shard
+            source, parts.tokenizer, config.batch_size // shards, config.seq_len, shard
         )
         iterators.append(iter(dataset))
-    parts["batches"] = distributed.GlobalDataIterator(iterators)
+    parts.batches = distributed.GlobalDataIterator(iterators)
     return parts
 
 

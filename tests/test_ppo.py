@@ -118,20 +118,20 @@ def runs(chain, tmp_path_factory) -> dict:
     parts = ppo.build(config, workdir)
     with open(chain["paths"]["eval_prompts"], encoding="utf-8") as f:
         prompts = [json.loads(line)["prompt"] for line in f]
-    rows = ro.encode_prompts(parts["tokenizer"], (prompts * 2)[:64], config.seq_len)
-    batch_sharding = sh.batch_sharding(parts["mesh"], parts["rules"])
+    rows = ro.encode_prompts(parts.tokenizer, (prompts * 2)[:64], config.seq_len)
+    batch_sharding = sh.batch_sharding(parts.mesh, parts.rules)
     held_out = {k: jax.device_put(np.asarray(v), batch_sharding) for k, v in rows._asdict().items()}
     key = jax.random.key(123)
-    start = parts["state"]
+    start = parts.state
     out = {"parts": parts, "start": jax.device_get(start.params)}
-    out["sft"] = parts["evaluate"](start, held_out, key)
+    out["sft"] = parts.extras["evaluate"](start, held_out, key)
     for name, beta in (("ppo", config.kl.beta), ("beta_large", 1000.0)):
         state = jax.tree.map(jnp.copy, start).replace(kl_coef=jnp.float32(beta))
         logged = []
         for _ in range(10):
-            state, metrics = parts["train_step"](state, parts["to_device"](next(parts["batches"])))
+            state, metrics = parts.train_step(state, parts.to_device(next(parts.batches)))
             logged.append({k: float(v) for k, v in metrics.items()})
-        out[name] = {"eval": parts["evaluate"](state, held_out, key), "logged": logged}
+        out[name] = {"eval": parts.extras["evaluate"](state, held_out, key), "logged": logged}
         out[name]["params"] = jax.device_get(state.params)
     print(
         f"held-out RM score: SFT {out['sft']['rm_score']:.3f} -> PPO "
@@ -163,9 +163,9 @@ def test_reference_never_changes(chain, runs):
     parts = runs["parts"]
     sft_params = load_params(
         read_parent(chain["sft"]),
-        abstract_sharded_params(parts["models"]["policy"], parts["mesh"], parts["rules"]),
+        abstract_sharded_params(parts.extras["models"]["policy"], parts.mesh, parts.rules),
     )
-    ref = jax.device_get(parts["frozen"]["ref"])
+    ref = jax.device_get(parts.extras["frozen"]["ref"])
     for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(jax.device_get(sft_params)), strict=True):
         np.testing.assert_array_equal(a, b)
     for name in ("ppo", "beta_large"):  # while the policy did move

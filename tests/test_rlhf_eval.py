@@ -25,7 +25,7 @@ from model.transformer import Transformer
 from orchestrate import cli
 from rlhf import evaluate as ev
 from rlhf import kl as kl_lib
-from rlhf import ppo, tasks
+from rlhf import policy_stage, ppo, tasks
 from rlhf import ppo_math as pm
 from rlhf import ppo_reward as pr
 from rlhf.labeler import write_jsonl
@@ -191,23 +191,23 @@ def check_oracle_experience(
 ) -> None:
     """One rollout through the built step's scoring: the last-token reward is the task's
     oracle on the decoded texts (minus the eos penalty), and rm_score is the reward model's."""
-    state, mesh, rules = parts["state"], parts["mesh"], parts["rules"]
-    batch = parts["to_device"](next(parts["batches"]))
+    state, mesh, rules = parts.state, parts.mesh, parts.rules
+    batch = parts.to_device(next(parts.batches))
     with sh.sharding_context(mesh, rules):
-        rollout = ppo.sample_rollout(
-            parts["models"],
+        rollout = policy_stage.sample_rollout(
+            parts.extras["models"],
             state.params,
             batch,
             jax.random.key(7),
             config.ppo.max_new_tokens,
-            parts["sampling"],
+            parts.extras["sampling"],
             mesh,
             rules,
-            parts["tokenizer"],
+            parts.tokenizer,
         )
     beta = state.kl_coef
-    scored, exp, metrics, scores = parts["scoring"](state, rollout, beta)
-    prompts, responses = pr.rollout_texts(parts["tokenizer"], rollout)
+    scored, exp, metrics, scores = parts.extras["scoring"](state, rollout, beta)
+    prompts, responses = pr.rollout_texts(parts.tokenizer, rollout)
     oracle = np.array([task.score(p, r) for p, r in zip(prompts, responses, strict=True)])
     assert not spread or np.unique(oracle).size > 1, oracle  # a check that could fail
     np.testing.assert_allclose(np.asarray(scores), oracle, atol=1e-6)
@@ -222,7 +222,7 @@ def check_oracle_experience(
     np.testing.assert_allclose(reward_last, penalized, atol=1e-5)
     assert metrics["reward"] == pytest.approx(penalized.mean(), abs=1e-5)
     assert metrics["oracle_score"] == pytest.approx(oracle.mean(), abs=1e-6)
-    gain, bias = (float(parts["calibration"][k]) for k in ("gain", "bias"))
+    gain, bias = (float(parts.extras["calibration"][k]) for k in ("gain", "bias"))
     rm = gain * np.asarray(scored["raw_scores"]) + bias
     assert metrics["rm_score"] == pytest.approx(rm.mean(), abs=1e-5)
 
@@ -243,11 +243,11 @@ def test_oracle_reward_ppo_steps(random_runs, tmp_path):
     ]
     _, config = parse_stage_args("ppo", argv)
     parts = ppo.build(config, workdir)
-    parts["calibration"] = json.loads((random_runs["reward"] / CALIBRATION_FILE).read_text())
+    parts.extras["calibration"] = json.loads((random_runs["reward"] / CALIBRATION_FILE).read_text())
     check_oracle_experience(parts, DigitShare(), config)
-    state = parts["state"]
+    state = parts.state
     for _ in range(2):
-        state, metrics = parts["train_step"](state, parts["to_device"](next(parts["batches"])))
+        state, metrics = parts.train_step(state, parts.to_device(next(parts.batches)))
         for key in ("reward", "rm_score", "oracle_score", "kl", "policy_loss", "value_loss"):
             assert math.isfinite(float(metrics[key])), key
         penalty = config.ppo.missing_eos_penalty * (1.0 - float(metrics["eos_rate"]))
@@ -356,7 +356,7 @@ def test_oracle_ppo_and_rlhf_eval_on_the_addition_chain(chain, tmp_path):  # noq
         "ppo", ppo_args(chain, tmp_path / "b", "--config.ppo.reward=oracle")
     )
     parts = ppo.build(config, tmp_path / "b")
-    parts["calibration"] = json.loads((chain["reward"] / CALIBRATION_FILE).read_text())
+    parts.extras["calibration"] = json.loads((chain["reward"] / CALIBRATION_FILE).read_text())
     # The tiny chain's SFT policy rarely answers right: its oracle scores may all be 0.
     check_oracle_experience(parts, tasks.Addition(), config, spread=False)
     result = run_eval(

@@ -154,20 +154,41 @@ def test_chat_streams_replies_and_keeps_history(workdir, monkeypatch, capsys):
 
 
 def test_chat_history_is_trimmed_to_the_context(workdir):
-    """The oldest turns are dropped until the template fits; a lone turn too long to fit
-    keeps its end."""
+    """Whole oldest exchanges are dropped until the template fits, the system turn is
+    kept, and a last turn too long to fit alone is refused (never cut)."""
     policy = sample.Policy(str(workdir))
     tok, room = policy.tokenizer, policy.config.max_seq_len - 16
 
-    def render(turns: list[dict]) -> list[int]:
+    system = [{"role": "system", "content": "be brief"}]
+    last = [{"role": "user", "content": "last"}]
+    exchanges = [
+        [{"role": "user", "content": f"word{i} " * 3}, {"role": "assistant", "content": "ok"}]
+        for i in range(10)
+    ]
+
+    def render_keeping(k: int) -> list[int]:  # system, the newest k exchanges, last turn
+        turns = system + [m for pair in exchanges[len(exchanges) - k :] for m in pair] + last
         return tok.encode_chat(turns, add_generation_prompt=True)[0].tolist()
 
-    turns = [{"role": "user", "content": f"word{i} " * 4} for i in range(10)]
-    messages = list(turns)
-    ids = sample.fit_history(policy, messages, max_new_tokens=16)
-    kept = len(messages)
-    assert 2 <= kept < 10 and messages == turns[-kept:]  # the oldest turns were dropped
-    assert ids == render(turns[-kept:]) and len(ids) <= room
-    assert len(render(turns[-kept - 1 :])) > room  # one more turn would not have fit
+    ids = sample.fit_history(policy, render_turns(system, exchanges, last), max_new_tokens=16)
+    fits = [k for k in range(11) if render_keeping(k) == ids]
+    assert len(fits) == 1 and 1 <= fits[0] < 10  # some, not all, exchanges kept whole
+    assert len(ids) <= room < len(render_keeping(fits[0] + 1))
     long = [{"role": "user", "content": "word " * 100}]
-    assert sample.fit_history(policy, list(long), max_new_tokens=16) == render(long)[-room:]
+    with pytest.raises(ValueError, match="max_seq_len - max_new_tokens"):
+        sample.fit_history(policy, long, max_new_tokens=16)
+
+
+def render_turns(system: list, exchanges: list, last: list) -> list[dict]:
+    return system + [m for pair in exchanges for m in pair] + last
+
+
+def test_chat_refuses_a_turn_too_long_and_goes_on(workdir, monkeypatch, capsys):
+    """A user turn longer than the context is named on stderr and left out of the
+    history; the next turn is answered."""
+    monkeypatch.setattr("sys.stdin", io.StringIO("word " * 100 + "\nhello\n\n"))
+    argv = ["--workdir", str(workdir), "--max-new-tokens", "4"]
+    assert sample.main_chat(argv) == 0
+    captured = capsys.readouterr()
+    assert "max_seq_len - max_new_tokens" in captured.err
+    assert captured.out.count("bot> ") == 1

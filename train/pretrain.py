@@ -31,7 +31,14 @@ from train import distributed, losses
 from train.data import builders, pipelines
 from train.optim import optimizer_from_config
 from train.parent import lineage
-from train.stage import TOKENIZER_DIR, StageError, loop_settings, stage_main, stage_parts
+from train.stage import (
+    TOKENIZER_DIR,
+    StageError,
+    StageParts,
+    begin_build,
+    stage_main,
+    stage_parts,
+)
 from train.state import create_train_state
 from train.step import jit_train_step, make_train_step
 
@@ -160,9 +167,8 @@ def sample_text(
     return config.eval.sample_prompt + tokenizer.decode(ids)
 
 
-def build(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, Any]:
-    mesh = sh.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-    rules = sh.get_rules(config.mesh.strategy)
+def build(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> StageParts:
+    mesh, rules = begin_build(config)  # its checks need the tokenizer: below
     source = open_text(config, "data")
     tokenizer = get_tokenizer(config, workdir, source)
     if config.model.vocab_size is None:
@@ -196,9 +202,6 @@ def build(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str,
         )
     )
     model = lora.wrap(Transformer(model_cfg), lora.from_config(config))
-    eval_fn = None
-    if config.eval.every_steps:
-        eval_fn = make_eval_fn(model, config, tokenizer, mesh, rules)
     state, shardings = create_train_state(model, tx, mesh, rules, config.seed)
     step = make_train_step(
         model,
@@ -207,12 +210,6 @@ def build(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str,
         config.grad_accum_steps,
         config.z_loss,
         skip_nonfinite=config.nonfinite == "skip",
-    )
-    settings = loop_settings(
-        config,
-        "pretrain",
-        config.batch_size * config.seq_len,
-        flops_per_token(model_cfg, config.seq_len),
     )
     return stage_parts(
         stage="pretrain",
@@ -225,8 +222,11 @@ def build(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str,
         shardings=shardings,
         train_step=jit_train_step(step, shardings, mesh, rules),
         batches=batches,
-        settings=settings,
-        eval_fn=eval_fn,
+        work_per_step=(
+            config.batch_size * config.seq_len,
+            flops_per_token(model_cfg, config.seq_len),
+        ),
+        make_eval=lambda: make_eval_fn(model, config, tokenizer, mesh, rules),
         mesh=mesh,
         rules=rules,
     )

@@ -65,7 +65,8 @@ from train.sft import (
 from train.stage import (
     TOKENIZER_DIR,
     StageError,
-    loop_settings,
+    StageParts,
+    begin_build,
     parse_stage_args,
     run_stage,
     stage_parts,
@@ -207,10 +208,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise StageError(f"calibration: {err}") from None
 
 
-def build(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, Any]:
-    validate(config)
-    mesh = sh.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-    rules = sh.get_rules(config.mesh.strategy)
+def build(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> StageParts:
+    mesh, rules = begin_build(config, validate)
     parent, tokenizer, model_cfg = start_from_parent(config, "reward")
     source = open_records(config, "data", "ranked")
     tx, lr_fn = make_tx(config)
@@ -227,9 +226,6 @@ def build(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str,
         )
     )
     model = lora.wrap(reward_model(model_cfg), lora.from_config(config))
-    eval_fn = (
-        make_eval_fn(model, config, tokenizer, mesh, rules) if config.eval.every_steps else None
-    )
     state, shardings = init_state_from(parent, model, tx, mesh, rules, config.seed, NEW_PARAMS)
     step = make_reward_step(
         model,
@@ -242,9 +238,6 @@ def build(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str,
     )
     # No LM head: drop its 6·V·D from the LM's FLOPs per token.
     lm_head_flops = 6.0 * model_cfg.vocab_size * model_cfg.d_model
-    settings = loop_settings(
-        config, "reward", config.batch_size * K * T, flops_per_token(model_cfg, T) - lm_head_flops
-    )
     return stage_parts(
         stage="reward",
         config=config,
@@ -256,8 +249,8 @@ def build(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str,
         shardings=shardings,
         train_step=jit_train_step(step, shardings, mesh, rules),
         batches=batches,
-        settings=settings,
-        eval_fn=eval_fn,
+        work_per_step=(config.batch_size * K * T, flops_per_token(model_cfg, T) - lm_head_flops),
+        make_eval=lambda: make_eval_fn(model, config, tokenizer, mesh, rules),
         mesh=mesh,
         rules=rules,
         extra_meta={"heads": {"lm_head": False, "scalar_head": True}},
@@ -330,15 +323,15 @@ def reference_prompts(config: ml_collections.ConfigDict) -> list[list[dict]]:
     return prompts
 
 
-def calibrate(config: ml_collections.ConfigDict, workdir: pathlib.Path, parts: dict) -> dict:
+def calibrate(config: ml_collections.ConfigDict, workdir: pathlib.Path, parts: StageParts) -> dict:
     """Fit gain/bias on reference-policy samples for the newest checkpoint; write them."""
     own = read_parent(workdir)
     path = workdir / CALIBRATION_FILE
     existing = load_calibration(workdir)
     if existing is not None and existing.get("step") == own.step:
         return existing
-    c, mesh, rules = config.calibration, parts["mesh"], parts["rules"]
-    model, tokenizer = parts["model"], parts["tokenizer"]
+    c, mesh, rules = config.calibration, parts.mesh, parts.rules
+    model, tokenizer = parts.model, parts.tokenizer
     params = load_params(own, abstract_sharded_params(model, mesh, rules))
     policy_parent = read_parent(c.policy or config.init_from)
     check_tokenizer(policy_parent, tokenizer.fingerprint, str(workdir / TOKENIZER_DIR))
@@ -410,17 +403,17 @@ def main(argv: Sequence[str]) -> int:
 
 def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> int:
     """Train (or resume) and calibrate: `flaxlm reward` after its arguments are parsed."""
-    parts: dict[str, Any] = {}
+    built: list[StageParts] = []
 
-    def build_and_keep() -> dict[str, Any]:
-        parts.update(build(config, workdir))
-        return parts
+    def build_and_keep() -> StageParts:
+        built.append(build(config, workdir))
+        return built[0]
 
     code = run_stage("reward", workdir, config, build_and_keep)
     if code != 0 or not config.calibration.num_samples:
         return code
     try:
-        calibrate(config, workdir, parts)
+        calibrate(config, workdir, built[0])
     except (StageError, ValueError, FileNotFoundError) as err:
         print(f"flaxlm reward: error: calibration: {err}", file=sys.stderr)
         return 3

@@ -27,6 +27,7 @@ from model import sharding as sh
 from model.config import ModelConfig
 from model.tokenizer import AnyTokenizer, load_tokenizer
 from model.transformer import Transformer, init_cache
+from train.data import pipelines
 from train.parent import InitFromError, Parent, load_params, read_parent
 from train.stage import RAW_LM_STAGES
 from train.state import abstract_sharded_params
@@ -234,13 +235,12 @@ def sample_jit(sampling: generate.SamplingConfig) -> Callable:
 
 
 def fit_history(policy: Policy, messages: list[dict], max_new_tokens: int) -> list[int]:
-    """The chat rendered to ids, dropping the oldest turns until it fits the context."""
+    """The chat rendered to ids that leave room for the reply: whole oldest exchanges
+    dropped (system turns and the last user turn kept), never a turn cut. ValueError
+    when the last user turn alone does not fit."""
     room = policy.config.max_seq_len - max_new_tokens
-    while True:
-        ids, _ = policy.tokenizer.encode_chat(messages, add_generation_prompt=True)
-        if len(ids) <= room or len(messages) <= 1:
-            return [int(i) for i in ids][-room:]
-        messages.pop(0)
+    what = "max_seq_len - max_new_tokens"
+    return pipelines.generation_prompt(policy.tokenizer, messages, room, what).tolist()
 
 
 def main_chat(argv: Sequence[str]) -> int:
@@ -273,7 +273,12 @@ def main_chat(argv: Sequence[str]) -> int:
         if not text.strip():
             break
         messages.append({"role": "user", "content": text})
-        ids = fit_history(policy, messages, args.max_new_tokens)
+        try:
+            ids = fit_history(policy, messages, args.max_new_tokens)
+        except ValueError as err:
+            print(f"flaxlm chat: {err}", file=sys.stderr)
+            messages.pop()
+            continue
         print("bot> ", end="", flush=True)
         reply: list[int] = []
         shown = ""

@@ -47,8 +47,9 @@ from train.parent import Parent, check_tokenizer, child_model_dict, load_params,
 from train.stage import (
     INIT_FROM_KINDS,
     StageError,
+    StageParts,
+    begin_build,
     check_parent_kind,
-    loop_settings,
     stage_main,
     stage_parts,
 )
@@ -340,10 +341,8 @@ def make_eval_fn(
     return eval_fn
 
 
-def build(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, Any]:
-    validate(config)
-    mesh = sh.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-    rules = sh.get_rules(config.mesh.strategy)
+def build(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> StageParts:
+    mesh, rules = begin_build(config, validate)
     parent, tokenizer, model_cfg = start_from_parent(config, "sft")
     source = open_records(config, "data", "sft")
     tx, lr_fn = make_tx(config)
@@ -359,9 +358,6 @@ def build(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str,
         )
     )
     model = lora.wrap(Transformer(model_cfg), lora.from_config(config))
-    eval_fn = None
-    if config.eval.every_steps:
-        eval_fn = make_eval_fn(model, config, tokenizer, mesh, rules, workdir)
     state, shardings = init_state_from(parent, model, tx, mesh, rules, config.seed)
     step = make_train_step(
         model,
@@ -370,12 +366,6 @@ def build(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str,
         config.grad_accum_steps,
         config.z_loss,
         skip_nonfinite=config.nonfinite == "skip",
-    )
-    settings = loop_settings(
-        config,
-        "sft",
-        config.batch_size * config.seq_len,
-        flops_per_token(model_cfg, config.seq_len),
     )
     return stage_parts(
         stage="sft",
@@ -388,8 +378,11 @@ def build(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str,
         shardings=shardings,
         train_step=jit_train_step(step, shardings, mesh, rules),
         batches=batches,
-        settings=settings,
-        eval_fn=eval_fn,
+        work_per_step=(
+            config.batch_size * config.seq_len,
+            flops_per_token(model_cfg, config.seq_len),
+        ),
+        make_eval=lambda: make_eval_fn(model, config, tokenizer, mesh, rules, workdir),
         mesh=mesh,
         rules=rules,
     )

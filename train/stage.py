@@ -8,7 +8,7 @@ Stages (pretrain, sft, reward, ...) build their model, step function and data, t
 from __future__ import annotations
 
 import argparse
-import os
+import dataclasses
 import pathlib
 import sys
 from collections.abc import Callable, Sequence
@@ -23,6 +23,7 @@ from model import lora
 from model import sharding as sh
 from train import distributed
 from train.checkpoint import Checkpointer, CheckpointSaveError, abstract_with_shardings
+from train.data import eval_overlap
 from train.integrity import write_json
 from train.loop import LoopSettings, NonFiniteLossError, Preempted, train_loop
 from train.metrics import MetricWriter
@@ -113,61 +114,6 @@ def validate_common(config: ml_collections.ConfigDict) -> None:
         section, leaf = key.split(".")
         if config[section][leaf] < 0:
             raise StageError(f"{key}={config[section][leaf]}: must be >= 0")
-
-
-PRESET_TEXT = "tiny_shakespeare"  # train/data/builders.py: its splits are cut from one file
-
-
-def read_files(config: ml_collections.ConfigDict, section: str) -> tuple[set[str], bool]:
-    """The files `<section>` reads its records from (real paths), and whether it reads only
-    a part of them (a sliced split such as `train[:90%]`, or the preset's split of its
-    file). Empty for a catalog dataset, a download or a glob that matches nothing (the
-    build reports that one). A local path is read as open_text / open_records read it:
-    the stage's split for pretraining text, the "train" group for every other stage."""
-    from train.data import builders  # TFDS: only imported where a stage builds
-
-    d = config[section]
-    if d.path:
-        split = d.split if config.get("stage", "pretrain") == "pretrain" else "train"
-        parts = [p.strip() for p in split.split("+") if p.strip()]
-        paths = d.path.to_dict() if isinstance(d.path, ml_collections.ConfigDict) else d.path
-        try:
-            groups = dict(builders.split_paths(paths))
-        except (FileNotFoundError, ValueError, TypeError):
-            return set(), False
-        names = {p.split("[")[0] for p in parts}
-        files = {os.path.realpath(f) for n in names for f in groups.get(n, ())}
-        return files, any("[" in p for p in parts)
-    if d.name == PRESET_TEXT and config.data.local_copy:
-        return {os.path.realpath(config.data.local_copy)}, True
-    return set(), False
-
-
-def eval_overlap(config: ml_collections.ConfigDict) -> str | None:
-    """One line when the eval set is read from a file the training data also reads (the
-    eval loss then measures text the model trained on), else None.
-
-    Parts of one file cut on both sides (a sliced split on each, or two splits of the
-    preset) are taken as the intended disjoint cut; a whole file on one side and any part
-    of it on the other is an overlap. Called once per run, before the build."""
-    if not config.eval.every_steps or not (config.data.path or config.eval.path):
-        return None
-    train, train_part = read_files(config, "data")
-    held, held_part = read_files(config, "eval")
-    shared = sorted(train & held)
-    if not shared or (train_part and held_part):
-        return None
-
-    def where(section: str) -> str:
-        d = config[section]
-        if d.path:
-            return f"{section}.path={d.path}"
-        return f"{section}.name={d.name} (split {d.split}, from data.local_copy)"
-
-    return (
-        f"warning: the eval set ({where('eval')}) is read from {shared[0]}, which the "
-        f"training data ({where('data')}) also reads: eval metrics include training text"
-    )
 
 
 def check_resume_compatible(saved: dict, current: dict, keys: Sequence[str]) -> None:
@@ -265,38 +211,26 @@ def run_stage(
     prog: str,
     workdir: pathlib.Path,
     config: ml_collections.ConfigDict,
-    build: Callable[[], dict[str, Any]],
+    build: Callable[[], StageParts],
 ) -> int:
     """Validate and build (no writes), then write config.json and run the loop.
 
-    `build()` returns a dict with: state, shardings, train_step, batches, to_device,
-    meta, settings (LoopSettings), eval_fn (or None), and optionally `after_build(workdir)`
-    to write stage files (e.g. the tokenizer) once validation has passed.
+    `build()` returns the stage's StageParts; its `after_build(workdir)` writes the stage
+    files (the tokenizer) once validation has passed.
     """
     try:
-        # Every host must run the same config: checked before the (slow) build, and after
-        # it for what the build derives (tokenizer, vocab), which also keeps process 0 from
-        # writing the workdir while another host still reads it.
-        distributed.check_same_everywhere(config.to_dict())
-        validate_common(config)
-        overlap = eval_overlap(config)
-        if overlap and jax.process_index() == 0:
-            print(f"flaxlm {prog}: {overlap}", file=sys.stderr)
-        parts = build()
-        distributed.check_same_everywhere(_host_invariant(parts["meta"]), "resolved config")
-        check_workdir_model(workdir, parts["meta"].get("model"), parts["meta"].get("lora", {}))
+        parts = checked_build(prog, config, build, workdir)
     except (loader.ConfigError, StageError, ValueError, FileNotFoundError, TypeError) as err:
         print(f"flaxlm {prog}: error: {err}", file=sys.stderr)
         return 2
-    batches = parts["batches"]
+    batches = parts.batches
     if not isinstance(batches, distributed.GlobalDataIterator):
         reset = bool(config.get("data", {}).get("reset_position", False))
         batches = distributed.GlobalDataIterator([batches], reset=reset)
     workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
         write_json(workdir / "config.json", config.to_dict())
-        if "after_build" in parts:
-            parts["after_build"](workdir)
+        parts.after_build(workdir)
     checkpointer = Checkpointer(
         workdir,
         config.checkpoint.max_to_keep,
@@ -304,36 +238,7 @@ def run_stage(
         config.checkpoint.async_save,
     )
     try:
-        state, _ = restore_or_start(
-            checkpointer,
-            parts["state"],
-            parts["shardings"],
-            batches,
-            parts["meta"].get("model"),
-            parts["meta"].get("lora", {}),
-        )
-        settings: LoopSettings = parts["settings"]
-        if int(state.step) >= settings.total_steps:
-            print(
-                f"flaxlm {prog}: already finished ({settings.total_steps} steps) in {workdir}",
-                file=sys.stderr,
-            )
-            return 0
-        writer = MetricWriter(workdir, resume_step=int(state.step))
-        try:
-            train_loop(
-                state,
-                parts["train_step"],
-                batches,
-                parts["to_device"],
-                checkpointer,
-                parts["meta"],
-                writer,
-                settings,
-                parts.get("eval_fn"),
-            )
-        finally:
-            writer.close()
+        return train_from_checkpoint(prog, workdir, parts, batches, checkpointer)
     except (
         NonFiniteLossError,
         StageError,
@@ -346,6 +251,64 @@ def run_stage(
         return stop.code
     finally:
         checkpointer.close()
+
+
+def checked_build(
+    prog: str,
+    config: ml_collections.ConfigDict,
+    build: Callable[[], StageParts],
+    workdir: pathlib.Path,
+) -> StageParts:
+    """Validate, build and check against the workdir; nothing is written yet.
+
+    Every host must run the same config: checked before the (slow) build, and after it
+    for what the build derives (tokenizer, vocab), which also keeps process 0 from
+    writing the workdir while another host still reads it."""
+    distributed.check_same_everywhere(config.to_dict())
+    validate_common(config)
+    overlap = eval_overlap.warning(config)
+    if overlap and jax.process_index() == 0:
+        print(f"flaxlm {prog}: {overlap}", file=sys.stderr)
+    parts = build()
+    distributed.check_same_everywhere(_host_invariant(parts.meta), "resolved config")
+    check_workdir_model(workdir, parts.meta.get("model"), parts.meta.get("lora", {}))
+    return parts
+
+
+def train_from_checkpoint(
+    prog: str, workdir: pathlib.Path, parts: StageParts, batches: Any, checkpointer: Checkpointer
+) -> int:
+    """Restore the newest checkpoint (or start), then run the loop to total_steps."""
+    state, _ = restore_or_start(
+        checkpointer,
+        parts.state,
+        parts.shardings,
+        batches,
+        parts.meta.get("model"),
+        parts.meta.get("lora", {}),
+    )
+    settings = parts.settings
+    if int(state.step) >= settings.total_steps:
+        print(
+            f"flaxlm {prog}: already finished ({settings.total_steps} steps) in {workdir}",
+            file=sys.stderr,
+        )
+        return 0
+    writer = MetricWriter(workdir, resume_step=int(state.step))
+    try:
+        train_loop(
+            state,
+            parts.train_step,
+            batches,
+            parts.to_device,
+            checkpointer,
+            parts.meta,
+            writer,
+            settings,
+            parts.eval_fn,
+        )
+    finally:
+        writer.close()
     return 0
 
 
@@ -369,6 +332,46 @@ def loop_settings(
     )
 
 
+@dataclasses.dataclass
+class StageParts:
+    """What a stage's `build()` hands to `run_stage`: the loop's inputs and the checkpoint
+    meta, plus the pieces that tools and tests drive themselves (model, tokenizer, mesh,
+    rules, and a stage's own `extras`, e.g. PPO's frozen reference and scoring)."""
+
+    state: Any
+    shardings: Any
+    train_step: Callable
+    batches: Any
+    settings: LoopSettings
+    meta: dict[str, Any]
+    eval_fn: Callable | None
+    model: Any
+    tokenizer: Any
+    mesh: jax.sharding.Mesh
+    rules: sh.Rules
+    extras: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def to_device(self, batch: Any) -> Any:
+        """A host batch -> the global, sharded batch the step takes."""
+        from train.data import pipelines  # data pipelines are only needed once a stage builds
+
+        return pipelines.make_global_batch(batch, self.mesh, self.rules)
+
+    def after_build(self, workdir: pathlib.Path) -> None:
+        """Stage files written once validation has passed: the tokenizer."""
+        self.tokenizer.save(workdir / TOKENIZER_DIR)
+
+
+def begin_build(
+    config: ml_collections.ConfigDict,
+    validate: Callable[[ml_collections.ConfigDict], None] | None = None,
+) -> tuple[jax.sharding.Mesh, sh.Rules]:
+    """How every build starts: the stage's own config checks, then the mesh and its rules."""
+    if validate is not None:
+        validate(config)
+    return mesh_from_config(config)
+
+
 def stage_parts(
     *,
     stage: str,
@@ -381,25 +384,25 @@ def stage_parts(
     shardings: Any,
     train_step: Callable,
     batches: Any,
-    settings: LoopSettings,
-    eval_fn: Callable | None,
+    work_per_step: tuple[int, float],
+    make_eval: Callable[[], Callable] | None,
     mesh: jax.sharding.Mesh,
     rules: sh.Rules,
     extra_meta: dict | None = None,
-) -> dict[str, Any]:
-    """The dict `run_stage` consumes, with the checkpoint meta every stage writes.
+    extras: dict[str, Any] | None = None,
+) -> StageParts:
+    """StageParts with the checkpoint meta and loop settings every stage writes the same way.
 
+    `work_per_step` is (tokens per step, model FLOPs per token) for the throughput and MFU
+    figures; `make_eval()` builds the eval function, only when `eval.every_steps` > 0.
     Refuses (StageError) a global batch the mesh cannot split over its batch axes.
     """
-    from train.data import pipelines  # data pipelines are only needed once a stage builds
-
     split = sh.batch_split(mesh, rules)
     if config.batch_size % split:
         raise StageError(
             f"batch_size={config.batch_size} does not divide over the {split} devices that "
             f"split the batch (mesh.data x mesh.fsdp); use a multiple of {split}"
         )
-
     adapters = lora.from_config(config)
     meta = {
         "stage": stage,
@@ -410,27 +413,25 @@ def stage_parts(
         **({"lora": adapters.to_dict()} if adapters.enabled else {}),  # model/lora.py
         **(extra_meta or {}),
     }
-    return {
-        "state": state,
-        "shardings": shardings,
-        "batches": batches,
-        "meta": meta,
-        "train_step": train_step,
-        "settings": settings,
-        "to_device": lambda b: pipelines.make_global_batch(b, mesh, rules),
-        "eval_fn": eval_fn,
-        "after_build": lambda wd: tokenizer.save(wd / TOKENIZER_DIR),
-        # For benchmarks and tools that drive the pieces themselves:
-        "model": model,
-        "tokenizer": tokenizer,
-        "mesh": mesh,
-        "rules": rules,
-    }
+    return StageParts(
+        state=state,
+        shardings=shardings,
+        train_step=train_step,
+        batches=batches,
+        settings=loop_settings(config, stage, *work_per_step),
+        meta=meta,
+        eval_fn=make_eval() if make_eval is not None and config.eval.every_steps else None,
+        model=model,
+        tokenizer=tokenizer,
+        mesh=mesh,
+        rules=rules,
+        extras=extras or {},
+    )
 
 
 def stage_main(
     prog: str,
-    build: Callable[[ml_collections.ConfigDict, pathlib.Path], dict[str, Any]],
+    build: Callable[[ml_collections.ConfigDict, pathlib.Path], StageParts],
     argv: Sequence[str],
 ) -> int:
     """`flaxlm PROG --config FILE[:PRESET] --workdir DIR [--config.KEY=VALUE ...]`."""

@@ -169,8 +169,8 @@ def test_empty_file_is_one_line(kind, request, tmp_path, capsys):
 )
 def test_huge_lines_and_overlong_prompts_train(which, chain, tmp_path):
     """A 10 MB single-line document (pretrain), and SFT records with a 10 MB response and a
-    prompt longer than seq_len: trained through, cut to the context or skipped, never a
-    crash inside JAX."""
+    prompt longer than seq_len: trained through (the document packed across rows, the
+    over-long chat records skipped and counted, never cut), never a crash inside JAX."""
     huge = "1+2=3 " * (10 * 2**20 // 6)
     text = tmp_path / "huge.txt"
     text.write_text(huge + "\n")
@@ -202,8 +202,8 @@ def test_huge_lines_and_overlong_prompts_train(which, chain, tmp_path):
         ),
     }
     expect = (
-        "trains (cut to the context or skipped and counted) within 3 GiB and 5 min; "
-        "no crash inside JAX"
+        "trains (a long document packed across rows; over-long chat records skipped and "
+        "counted, never cut) within 3 GiB and 5 min; no crash inside JAX"
     )
     for (command, fault), args in runs.items():
         if command != which:
@@ -217,6 +217,8 @@ def test_huge_lines_and_overlong_prompts_train(which, chain, tmp_path):
             )
             assert code == 0, f"exit {code}, {memory}"
             assert "Traceback" not in err
+            if command == "sft":
+                assert "skipped 2 of 32 records longer than" in err, err[-1500:]
 
 
 @pytest.mark.slow
@@ -234,7 +236,7 @@ def test_ppo_prompt_longer_than_seq_len(chain, tmp_path):
         f"--config.data.path={prompts}",
         "--config.total_steps=2",
     )
-    expect = "trains (prompt cut from the left to seq_len); no crash inside JAX"
+    expect = "trains (the over-long prompt skipped and counted, never cut); no crash inside JAX"
     with harness.case(
         "data", "ppo", "prompt longer than seq_len", "bad_records=skip", expect, suite="slow"
     ) as info:
@@ -242,3 +244,4 @@ def test_ppo_prompt_longer_than_seq_len(chain, tmp_path):
         info["detail"] = f"exit {result.returncode}"
         assert result.returncode == 0, result.stderr[-1500:]
         assert "Traceback" not in result.stderr
+        assert "skipped 1 of 41 records longer than" in result.stderr, result.stderr[-1500:]
