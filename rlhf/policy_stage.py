@@ -202,11 +202,12 @@ def eval_prompt_batch(
     rules: sh.Rules,
 ) -> dict[str, jax.Array]:
     """The first `eval.batch_size` (default `batch_size`) held-out prompts that fit in
-    seq_len (longer ones skipped and counted, or a stop under data.bad_records=fail),
-    cycled to fill the batch, left-padded and sharded over the batch axis."""
-    records = pipelines.fitting_records(records, tokenizer, "prompts", config.seq_len)
+    seq_len (longer ones skipped and counted, or a stop under data.bad_records=fail; a
+    ValueError when none fits), cycled to fill the batch, left-padded and sharded over
+    the batch axis."""
     if len(records) == 0:
-        raise StageError(f"eval: no held-out prompt fits in seq_len={config.seq_len}")
+        raise StageError("eval: the held-out prompt set is empty")
+    records = pipelines.fitting_records(records, tokenizer, "prompts", config.seq_len)
     size = config.eval.batch_size or config.batch_size
     rows = [
         pipelines.tokenize_prompt(records[i % len(records)], tokenizer, config.seq_len)

@@ -8,6 +8,7 @@ shared with the PPO, GRPO and RLHF-eval tests (tests/conftest.py `rl_chain`)."""
 from __future__ import annotations
 
 import functools
+import json
 import math
 import pathlib
 
@@ -18,6 +19,7 @@ import pytest
 from orchestrate import cli
 from rlhf import dpo
 from tests.rl_chain import stage_args
+from train.data.pipelines import conversation
 from train.metrics import read_metrics
 from train.parent import read_parent
 from train.stage import parse_stage_args
@@ -208,4 +210,46 @@ def test_bad_input_is_one_line(chain, tmp_path, capsys, override, needle):
     assert dpo.main(dpo_args(chain, workdir, override)) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1, err
+    assert not workdir.exists()
+
+
+def with_long_record(chain: dict, path: pathlib.Path) -> str:
+    """The first 16 training records with one too long for seq_len=48 at line 3."""
+    lines = pathlib.Path(chain["paths"]["dpo_ranked"]).read_text().splitlines()[:16]
+    long = json.loads(lines[0])
+    long["prompt"] = "1+2=" * 30  # 120 characters > seq_len=48 for this char tokenizer
+    lines.insert(2, json.dumps(long))
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_overlong_ranked_record_is_skipped_and_counted(chain, tmp_path, capsys):
+    """A ranked record longer than seq_len is left out whole (none of its pairs), once
+    counted on stderr; the other 16 records give the same pairs as alone."""
+    data = with_long_record(chain, tmp_path / "ranked.jsonl")
+    argv = dpo_args(chain, tmp_path / "run", f"--config.data.path={data}")
+    argv += [f"--config.data.data_dir={tmp_path / 'tfds'}"]
+    _, config = parse_stage_args("dpo", argv)
+    capsys.readouterr()
+    parts = dpo.build(config, tmp_path / "run")
+    err = capsys.readouterr().err
+    assert f"{data}: skipped 1 of 17 records longer than seq_len=48" in err
+    assert f"{data}:3;" in err
+    pairs = parts.extras["pairs"]["train"]
+    assert len(pairs.records) == 16
+    prompts = [conversation(pairs.records[i])[-1]["content"] for i in range(16)]
+    assert "1+2=" * 30 not in prompts and len(set(prompts)) == 16
+    assert len(pairs) == len(dpo.pair_index(pairs.records))
+
+
+def test_overlong_ranked_record_fails_naming_the_line(chain, tmp_path, capsys):
+    data = with_long_record(chain, tmp_path / "ranked.jsonl")
+    workdir = tmp_path / "run"
+    argv = dpo_args(chain, workdir, f"--config.data.path={data}")
+    argv += [f"--config.data.data_dir={tmp_path / 'tfds'}", "--config.data.bad_records=fail"]
+    capsys.readouterr()
+    assert dpo.main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and f"{data}:3: too long:" in err[0], err
+    assert "longer than seq_len=48" in err[0]
     assert not workdir.exists()

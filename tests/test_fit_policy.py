@@ -298,3 +298,25 @@ def test_sft_stage_stops_before_writing_naming_the_record(tmp_path, capsys):
         "(bad_records=skip leaves them out)"
     ]
     assert not workdir.exists()
+
+
+def test_policy_eval_prompts_skip_the_overlong_and_cycle_the_rest(tok, capsys):
+    """The held-out prompts of PPO/GRPO/DPO evals: an over-long one is left out and
+    counted, the others fill the batch in order; none fitting or none at all is a stop."""
+    from model import sharding as sh
+    from rlhf import policy_stage
+    from train.stage import StageError
+
+    config = types.SimpleNamespace(seq_len=8, batch_size=8, eval=types.SimpleNamespace())
+    config.eval.batch_size = 0  # the training batch size, 8: one row per test device
+    records = [{"roles": ["user"], "contents": [p["prompt"]]} for p in PROMPT_ROWS]
+    mesh, rules = sh.make_mesh(-1, 1, 1), sh.get_rules("fsdp")
+    batch = policy_stage.eval_prompt_batch(config, records, tok, mesh, rules)
+    assert "data: skipped 1 of 4 records longer than seq_len=8" in capsys.readouterr().err
+    a, b = letters(tok, "ab")
+    rows = [[0, 0, B, U, *p, E, A] for p in [[a, b], [b, a], [a, a]] * 3][:8]
+    assert np.asarray(batch["tokens"]).tolist() == rows  # kept prompts, cycled
+    with pytest.raises(ValueError, match="all 1 records are longer than seq_len=8"):
+        policy_stage.eval_prompt_batch(config, records[1:2], tok, mesh, rules)
+    with pytest.raises(StageError, match="held-out prompt set is empty"):
+        policy_stage.eval_prompt_batch(config, [], tok, mesh, rules)
