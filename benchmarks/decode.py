@@ -2,6 +2,7 @@
 
     python benchmarks/decode.py                       # preset 10m, batch 1 and 16, P=64, N=256
     python benchmarks/decode.py --batch-sizes 4 --baseline-steps 256  # time the baseline in full
+    python benchmarks/decode.py --vs-hf        # greedy, side by side with HF transformers
 
 For each batch size it prints: the first-call time of `generate` and the compile time
 within it (trace + lowering + XLA compile, from jax.monitoring events); the steady-state
@@ -12,6 +13,13 @@ pass over a fixed [B, P + N] buffer (right padding is inert under the causal mas
 fixed shape compiles once). The baseline's cost per token is the same at every step, so it
 is timed over --baseline-steps steps and scaled to N; --baseline-steps N times it in full.
 Figures are from random weights and random prompts; eos is off, so every row makes N tokens.
+
+--vs-hf (needs the [hf] extra) builds a random HF `LlamaForCausalLM` (6 layers, d256, GQA
+8/4, FFN 1024, vocab 4096, tied; every weight ~ N(0, 0.2^2) so greedy choices are not
+near-ties), imports its weights into flaxlm, and times greedy decoding of the same prompts
+by both: flaxlm `generate` and transformers `generate` (torch's threads = the machine's
+cores). It prints medians of --repeats, the ratio HF time / flaxlm time measured in the
+same run, and the share of rows whose greedy tokens agree exactly.
 """
 
 from __future__ import annotations
@@ -145,6 +153,122 @@ def bench(model: Transformer, params, batch: int, plen: int, args: argparse.Name
     }
 
 
+def random_hf_llama(seed: int = 0):
+    """The random HF Llama of --vs-hf (see the module docstring)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=4096,
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for weight in model.parameters():
+            weight.normal_(0.0, 0.2)
+    model.generation_config.eos_token_id = None  # every row makes all N tokens
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def imported(hf_model) -> tuple[Transformer, dict]:
+    """The HF model's weights as a flaxlm (model, params), through a safetensors dir."""
+    import tempfile
+
+    from model import hf, hf_files
+    from model import sharding as sh
+    from train.state import abstract_sharded_params
+
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_model.save_pretrained(tmp)
+        cfg, _ = hf.config_from_hf(hf_files.read_config(tmp), dtype="float32")
+        model = Transformer(cfg)
+        mesh = sh.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+        target = abstract_sharded_params(model, mesh, sh.get_rules("dp"))
+        reader = hf_files.SafetensorsDir(tmp)
+        params = hf.params_from_hf(reader.get, cfg, target)
+        reader.close()
+    return model, params
+
+
+def bench_vs_hf(hf_model, model, params, batch: int, args: argparse.Namespace) -> dict:
+    """Greedy decoding of the same random prompts by flaxlm and HF transformers."""
+    import torch
+
+    rng = np.random.default_rng(batch)
+    prompts = rng.integers(1, model.config.vocab_size, (batch, args.prompt_len))
+    tokens, new = jnp.asarray(prompts, jnp.int32), args.new_tokens
+    greedy = gen.SamplingConfig(temperature=0.0)
+
+    def ours() -> jax.Array:
+        args_ = (model, params, tokens, jnp.ones_like(tokens), jax.random.key(0))
+        return gen.generate(*args_, max_new_tokens=new, sampling=greedy).tokens
+
+    def theirs() -> torch.Tensor:
+        with torch.no_grad():
+            return hf_model.generate(
+                torch.tensor(prompts),
+                attention_mask=torch.ones(prompts.shape, dtype=torch.long),
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=False,
+            )[:, args.prompt_len :]
+
+    first = timed(ours)
+    flaxlm_s = statistics.median(timed(ours) for _ in range(args.repeats))
+    theirs()  # warm-up
+    hf_s = statistics.median(timed(theirs) for _ in range(args.repeats))
+    same = np.all(np.asarray(ours()) == theirs().numpy(), axis=1)
+    return {
+        "batch": batch,
+        "first_call_s": first,
+        "flaxlm_s": flaxlm_s,
+        "flaxlm_tok_s": batch * new / flaxlm_s,
+        "hf_s": hf_s,
+        "hf_tok_s": batch * new / hf_s,
+        "ratio": hf_s / flaxlm_s,
+        "same_pct": 100 * same.mean(),
+    }
+
+
+HF_COLUMNS = (
+    ("batch", "batch", "d"),
+    ("first call s", "first_call_s", ".2f"),
+    ("flaxlm s", "flaxlm_s", ".3f"),
+    ("flaxlm tok/s", "flaxlm_tok_s", ".0f"),
+    ("hf s", "hf_s", ".3f"),
+    ("hf tok/s", "hf_tok_s", ".0f"),
+    ("hf / flaxlm x", "ratio", ".2f"),
+    ("same greedy rows %", "same_pct", ".0f"),
+)
+
+
+def print_row(columns: tuple, result: dict) -> None:
+    print(" ".join(f"{result[key]:>{len(title)}{fmt}}" for title, key, fmt in columns), flush=True)
+
+
+def main_vs_hf(args: argparse.Namespace) -> None:
+    import torch
+
+    hf_model = random_hf_llama()
+    model, params = imported(hf_model)
+    print(
+        f"random Llama params={param_count(model.config) / 1e6:.1f}M fp32 greedy "
+        f"prompt={args.prompt_len} new={args.new_tokens} repeats={args.repeats} "
+        f"jax devices={jax.device_count()} torch threads={torch.get_num_threads()}"
+    )
+    print(" ".join(title for title, _, _ in HF_COLUMNS))
+    for batch in args.batch_sizes:
+        print_row(HF_COLUMNS, bench_vs_hf(hf_model, model, params, batch, args))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="10m")
@@ -153,7 +277,10 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--baseline-steps", type=int, default=8)
+    parser.add_argument("--vs-hf", action="store_true", help="greedy, side by side with HF")
     args = parser.parse_args()
+    if args.vs_hf:
+        return main_vs_hf(args)
 
     cfg = get_preset(args.preset)
     model = Transformer(cfg)
@@ -167,8 +294,7 @@ def main() -> None:
     )
     print(" ".join(f"{title:>{len(title)}}" for title, _, _ in COLUMNS))
     for batch in args.batch_sizes:
-        r = bench(model, params, batch, args.prompt_len, args)
-        print(" ".join(f"{r[key]:>{len(title)}{fmt}}" for title, key, fmt in COLUMNS), flush=True)
+        print_row(COLUMNS, bench(model, params, batch, args.prompt_len, args))
 
 
 if __name__ == "__main__":

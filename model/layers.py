@@ -185,15 +185,18 @@ def xla_attention(
     """
     b, t, n, h = q.shape
     kv = k.shape[2]
-    q = q.reshape(b, t, kv, n // kv, h)
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
+    # Heads first: both products are then plain batched matmuls over [S, H] blocks, the
+    # layout the KV cache is stored in ([B, K, S, H]), so decoding transposes nothing big.
+    q = q.reshape(b, t, kv, n // kv, h).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
+    k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)  # [B, K, S, H]
+    scores = jnp.einsum("BKGTH,BKSH->BKGTS", q, k, preferred_element_type=jnp.float32)
     scores = scores * (h**-0.5 if scale is None else scale)
     if logit_softcap:
         scores = jnp.tanh(scores / logit_softcap) * logit_softcap
     scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
-    return out.reshape(b, t, n, h)
+    out = jnp.einsum("BKGTS,BKSH->BKGTH", probs, v)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
 def cudnn_attention(
@@ -226,7 +229,7 @@ ATTENTION_FNS: dict[str, Callable[..., jax.Array]] = {
 class Attention(nn.Module):
     """Multi-head attention with rotary positions (unless `rope` is off) and grouped kv heads.
 
-    With `cache` (dict with k, v: [L, B, S, K, H], the stacked cache of every layer) the
+    With `cache` (dict with k, v: [L, B, K, S, H], the stacked cache of every layer) the
     new keys/values are written in place at (`layer`, `cache_index`) and queries attend over
     this layer's whole buffer; the mask says which slots are live. Writing one slice of the
     stacked buffer (rather than passing per-layer caches through the layer scan) lets XLA
@@ -297,15 +300,18 @@ class Attention(nn.Module):
         v = proj("v", kv, sh.KV_HEADS)
         q = nn.with_logical_constraint(q, (sh.ACT_BATCH, sh.ACT_LENGTH, sh.ACT_HEADS, sh.HEAD_DIM))
 
-        if cache is not None:
-            start = (layer, 0, cache_index, 0, 0)
+        if cache is not None:  # the new [B, T, K, H] go in at [layer, :, :, cache_index]
+            start = (layer, 0, 0, cache_index, 0)
             cache = {
                 name: jax.lax.dynamic_update_slice(
-                    cache[name], new[None].astype(cache[name].dtype), start
+                    cache[name], new.swapaxes(1, 2)[None].astype(cache[name].dtype), start
                 )
                 for name, new in (("k", k), ("v", v))
             }
-            k, v = (jax.lax.dynamic_index_in_dim(cache[n], layer, keepdims=False) for n in "kv")
+            k, v = (
+                jax.lax.dynamic_index_in_dim(cache[n], layer, keepdims=False).swapaxes(1, 2)
+                for n in "kv"
+            )
             k, v = k.astype(self.dtype), v.astype(self.dtype)
 
         out = ATTENTION_FNS[self.attention_impl](

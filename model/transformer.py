@@ -310,9 +310,12 @@ def _call_masks(
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: Any = None) -> dict:
-    """Empty KV cache: k/v [L, B, S, K, H] (kv heads only) and segment ids [B, S] (0 = empty)."""
+    """Empty KV cache: k/v [L, B, K, S, H] (kv heads only) and segment ids [B, S] (0 = empty).
+
+    Heads before slots: one head's keys are one contiguous [S, H] matrix, the layout both
+    attention products read, so a decode step reads the cache without transposing it."""
     dtype = jnp.dtype(cfg.dtype if dtype is None else dtype)
-    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+    shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.head_dim)
     return {
         "k": jnp.zeros(shape, dtype),
         "v": jnp.zeros(shape, dtype),
@@ -322,8 +325,8 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: Any = None) -> 
 
 # Logical axes of the cache, for sharding it by the same rules as the model.
 CACHE_AXES = {
-    "k": (sh.LAYERS, sh.ACT_BATCH, sh.CACHE_LENGTH, sh.ACT_KV_HEADS, sh.HEAD_DIM),
-    "v": (sh.LAYERS, sh.ACT_BATCH, sh.CACHE_LENGTH, sh.ACT_KV_HEADS, sh.HEAD_DIM),
+    "k": (sh.LAYERS, sh.ACT_BATCH, sh.ACT_KV_HEADS, sh.CACHE_LENGTH, sh.HEAD_DIM),
+    "v": (sh.LAYERS, sh.ACT_BATCH, sh.ACT_KV_HEADS, sh.CACHE_LENGTH, sh.HEAD_DIM),
     "segment_ids": (sh.ACT_BATCH, sh.CACHE_LENGTH),
 }
 

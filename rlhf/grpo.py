@@ -26,8 +26,9 @@ entropy, group_std (mean within-group std of the reward), zero_std_groups (fract
 groups without signal), loss, grad_norm, clip_fraction, kl_k3 / response_kl_k3 (the
 loss's KL term per token / per response), response_length, eos_rate, log_prob_gap,
 update_norm (the policy's change over the iteration), time_rollout / time_scoring /
-time_learning (seconds). rlhf/health.py checks them (`health.*`): no signal in any group,
-a stuck clip_fraction or a response-length collapse warns; a zero update stops the run.
+time_learning (seconds), time_rollout_share (the rollout's fraction). rlhf/health.py
+checks them (`health.*`): no signal in any group, a stuck clip_fraction or a
+response-length collapse warns; a zero update stops the run.
 """
 
 from __future__ import annotations
@@ -247,7 +248,7 @@ def make_grpo_step(
             jax.block_until_ready(learned)
             t3 = time.perf_counter()
         metrics |= {"log_prob_gap": gap}
-        metrics |= {"time_rollout": t1 - t0, "time_scoring": t2 - t1, "time_learning": t3 - t2}
+        metrics |= ps.iteration_times(t0, t1, t2, t3)
         return state, {**metrics, **learned}
 
     return train_step

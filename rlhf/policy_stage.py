@@ -234,3 +234,14 @@ def make_eval_fn(
         return {f"eval_{k}": v for k, v in evaluate(state, batch, key).items()}
 
     return eval_fn
+
+
+def iteration_times(t0: float, t1: float, t2: float, t3: float) -> dict[str, float]:
+    """Seconds an iteration spent sampling (t0-t1), scoring (t1-t2) and learning (t2-t3),
+    and the rollout's share of the whole: what faster generation would save."""
+    return {
+        "time_rollout": t1 - t0,
+        "time_scoring": t2 - t1,
+        "time_learning": t3 - t2,
+        "time_rollout_share": (t1 - t0) / (t3 - t0),
+    }

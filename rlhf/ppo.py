@@ -38,7 +38,8 @@ the host, seen by the learner only with `ppo.reward=oracle`), kl (k1 summed over
 response, mean over B), kl_coef, entropy, policy_loss, value_loss, clip_fraction,
 approx_kl, ratio_mean, ratio_var, value_explained_variance (the rollout's values vs. GAE
 returns), response_length, eos_rate, log_prob_gap, update_norm (the policy's change; see
-rlhf/health.py, which checks these), time_rollout / time_scoring / time_learning (seconds).
+rlhf/health.py, which checks these), time_rollout / time_scoring / time_learning (seconds)
+and time_rollout_share (the rollout's fraction of the iteration).
 """
 
 from __future__ import annotations
@@ -247,7 +248,7 @@ def make_ppo_step(
             jax.block_until_ready(learned)
         t3 = time.perf_counter()
         metrics |= {"kl_coef": float(beta)}
-        metrics |= {"time_rollout": t1 - t0, "time_scoring": t2 - t1, "time_learning": t3 - t2}
+        metrics |= ps.iteration_times(t0, t1, t2, t3)
         return state, {**metrics, **learned}
 
     return train_step

@@ -350,7 +350,7 @@ def test_sharded_decode_equals_single_device(tiny):
     mesh = sh.make_mesh(data=2, fsdp=2, tensor=2)
     rules = sh.get_rules("fsdp_tp")
     k_spec = gen.cache_shardings(mesh, rules)["k"].spec
-    assert tuple(k_spec) == (None, ("data", "fsdp"), None, "tensor", None)
+    assert tuple(k_spec) == (None, ("data", "fsdp"), "tensor", None, None)
 
     sampling = gen.SamplingConfig(temperature=0.7, top_k=40, top_p=0.95)
     kwargs = dict(max_new_tokens=NEW, sampling=sampling)

@@ -43,6 +43,7 @@ METRICS = (
     "time_rollout",
     "time_scoring",
     "time_learning",
+    "time_rollout_share",
 )
 
 

@@ -65,6 +65,7 @@ METRICS = (
     "time_rollout",
     "time_scoring",
     "time_learning",
+    "time_rollout_share",
 )
 
 
@@ -86,6 +87,9 @@ def test_ppo_pulse_logs_metrics_and_resumes(chain, tmp_path):
     assert [x["step"] for x in lines] == [1, 2]
     for key in METRICS:
         assert all(math.isfinite(x[key]) for x in lines), key
+    for x in lines:
+        whole = x["time_rollout"] + x["time_scoring"] + x["time_learning"]
+        assert x["time_rollout_share"] == pytest.approx(x["time_rollout"] / whole, rel=1e-6)
     assert lines[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # π = π_ref before any update
     assert lines[0]["log_prob_gap"] <= 1e-3
     own = read_parent(workdir)
