@@ -136,6 +136,24 @@ def test_resume_is_bitwise_identical(tmp_path, data_dir):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def test_a_stop_between_log_steps_leaves_the_same_metric_lines(tmp_path, data_dir):
+    """Stopping at step 6 of 8 with a line every 4 steps checkpoints there, but logs no
+    line for step 6: the resumed run's metrics.jsonl has the straight run's steps."""
+    common = [
+        "--config.total_steps=8",
+        "--config.log.every_steps=4",
+        "--config.checkpoint.every_steps=0",
+        "--config.eval.every_steps=0",
+    ]
+    assert run(tmp_path / "straight", data_dir, *common) == 0
+    assert run(tmp_path / "split", data_dir, *common, "--config.stop_at_step=6") == 0
+    assert restore_params(tmp_path / "split")[0] == 6
+    assert [x["step"] for x in read_metrics(tmp_path / "split")] == [4]
+    assert run(tmp_path / "split", data_dir, *common) == 0
+    assert train_lines(tmp_path / "split") == train_lines(tmp_path / "straight")
+    assert sorted(train_lines(tmp_path / "split")) == [4, 8]
+
+
 def test_restore_onto_a_different_mesh(tmp_path, data_dir):
     assert (
         run(

@@ -122,18 +122,24 @@ class _Run:
             jax.block_until_ready(metrics)
         self.bar.update(1)
 
-    def flush(self, step: int) -> dict[str, float]:
-        """Fetch pending metrics, check them all, log the latest."""
-        s = self.s
+    def check_pending(self) -> list[tuple[int, dict[str, float]]]:
+        """Fetch the pending metrics and check them all (NonFiniteLossError under
+        nonfinite=stop); returns them, (step, metrics) in step order."""
         host = [(i, {k: float(v) for k, v in jax.device_get(m).items()}) for i, m in self.pending]
         self.pending.clear()
         for i, m in host:
-            if not _finite(m) and s.nonfinite == "stop":
+            if not _finite(m) and self.s.nonfinite == "stop":
                 raise NonFiniteLossError(
                     f"non-finite loss or gradient at step {i} "
                     f"(loss={m.get('loss')}, grad_norm={m.get('grad_norm')}); "
                     "no checkpoint was written after it"
                 )
+        return host
+
+    def flush(self, step: int) -> dict[str, float]:
+        """Fetch pending metrics, check them all, log the latest."""
+        s = self.s
+        host = self.check_pending()
         elapsed = time.perf_counter() - self.window_start
         latest = dict(host[-1][1])
         latest["tokens_per_sec"] = self.window_steps * s.tokens_per_step / max(elapsed, 1e-9)
@@ -173,7 +179,11 @@ class _Run:
         self.last_saved = step
 
     def save_unless_saved(self, step: int, state: Any) -> None:
+        """The save of a stop between log steps (a signal, stop_at_step): its metrics are
+        checked but not logged, so a resumed run's metrics.jsonl has the same lines as an
+        uninterrupted one."""
         if self.last_saved != step:
+            self.check_pending()
             self.save(step, state)
 
 
