@@ -170,6 +170,17 @@ def attention_mask(
     return mask
 
 
+def _probs(
+    scores: jax.Array, mask: jax.Array, h: int, scale: float | None, logit_softcap: float
+) -> jax.Array:
+    """Scaled, capped, masked softmax of fp32 scores [B, K, G, T, S]; mask [B, T, S]."""
+    scores = scores * (h**-0.5 if scale is None else scale)
+    if logit_softcap:
+        scores = jnp.tanh(scores / logit_softcap) * logit_softcap
+    scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
+    return jax.nn.softmax(scores, axis=-1)
+
+
 def xla_attention(
     q: jax.Array,
     k: jax.Array,
@@ -185,16 +196,32 @@ def xla_attention(
     """
     b, t, n, h = q.shape
     kv = k.shape[2]
-    # Heads first: both products are then plain batched matmuls over [S, H] blocks, the
-    # layout the KV cache is stored in ([B, K, S, H]), so decoding transposes nothing big.
+    q = q.reshape(b, t, kv, n // kv, h)
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
+    probs = _probs(scores, mask, h, scale, logit_softcap).astype(v.dtype)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
+    return out.reshape(b, t, n, h)
+
+
+def xla_cached_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array,
+    scale: float | None = None,
+    logit_softcap: float = 0.0,
+) -> jax.Array:
+    """`xla_attention` over a KV cache's heads-first k/v [B, K, S, H] (q [B, T, N, H]).
+
+    Both products are plain batched matmuls over each head's [S, H] block, so a decode
+    step reads the cache as stored instead of transposing each layer's whole buffer.
+    Training keeps `xla_attention`: its sums run in the order the sharded-training tests
+    pin down."""
+    b, t, n, h = q.shape
+    kv = k.shape[1]
     q = q.reshape(b, t, kv, n // kv, h).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
-    k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)  # [B, K, S, H]
     scores = jnp.einsum("BKGTH,BKSH->BKGTS", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (h**-0.5 if scale is None else scale)
-    if logit_softcap:
-        scores = jnp.tanh(scores / logit_softcap) * logit_softcap
-    scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    probs = _probs(scores, mask, h, scale, logit_softcap).astype(v.dtype)
     out = jnp.einsum("BKGTS,BKSH->BKGTH", probs, v)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
@@ -309,14 +336,19 @@ class Attention(nn.Module):
                 for name, new in (("k", k), ("v", v))
             }
             k, v = (
-                jax.lax.dynamic_index_in_dim(cache[n], layer, keepdims=False).swapaxes(1, 2)
+                jax.lax.dynamic_index_in_dim(cache[n], layer, keepdims=False).astype(self.dtype)
                 for n in "kv"
-            )
-            k, v = k.astype(self.dtype), v.astype(self.dtype)
+            )  # [B, K, S, H]
 
-        out = ATTENTION_FNS[self.attention_impl](
-            q, k, v, mask, scale=self.scale, logit_softcap=self.logit_softcap
-        )
+        options = {"scale": self.scale, "logit_softcap": self.logit_softcap}
+        if cache is not None and self.attention_impl == "xla":
+            out = xla_cached_attention(q, k, v, mask, **options)
+        elif cache is not None:
+            out = ATTENTION_FNS[self.attention_impl](
+                q, k.swapaxes(1, 2), v.swapaxes(1, 2), mask, **options
+            )
+        else:
+            out = ATTENTION_FNS[self.attention_impl](q, k, v, mask, **options)
         wo = self.param(
             "o",
             param_init(

@@ -26,7 +26,14 @@ from train.stage import parse_stage_args
 
 STEPS = 16  # the in-process run; the CLI run stops at 2 and 4 of the same config
 # Measured per run, not reproducible across runs: left out of the resume comparison.
-TIMING = ("tokens_per_sec", "mfu", "time_rollout", "time_scoring", "time_learning")
+TIMING = (
+    "tokens_per_sec",
+    "mfu",
+    "time_rollout",
+    "time_scoring",
+    "time_learning",
+    "time_rollout_share",
+)
 METRICS = (
     "loss",
     "reward_accuracy",
