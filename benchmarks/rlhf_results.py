@@ -76,7 +76,17 @@ def table(summaries: list[dict]) -> str:
         "",
         f"Reward model, held-out pairwise accuracy vs the oracle on SFT samples: {cell(rm)}.",
     ]
-    return "\n".join(lines)
+    return "\n".join(lines + targets_line(summaries))
+
+
+def targets_line(summaries: list[dict]) -> list[str]:
+    """How many seeds met each stage's target (orchestrate/pipeline_checks.py)."""
+    counts = []
+    for stage in ("sft", "reward", "ppo", "grpo", "dpo"):
+        met = [s[f"{stage}_target_met"] for s in summaries if f"{stage}_target_met" in s]
+        if met:
+            counts.append(f"{stage} {int(sum(met))}/{len(met)}")
+    return ["", f"Stage targets met (seeds): {', '.join(counts)}."] if counts else []
 
 
 def main() -> int:

@@ -34,8 +34,9 @@ Stages (`stages`, comma separated, in this order):
 - report: DIR/report.md and its PNG plots from every stage's metrics.jsonl, and
   `flaxlm rlhf-eval` on the held-out prompts (`report.eval_samples` samples per prompt):
   each policy's oracle score, RM score and KL to SFT, the reward model's accuracy against
-  the oracle on each policy's samples, best-of-n on the SFT samples, and greedy answers
-  side by side.
+  the oracle on each policy's samples, best-of-n on the SFT samples, greedy answers
+  side by side, and each stage checked against its target with the reason it fell short
+  (orchestrate/pipeline_checks.py).
 
 A base model instead of pretraining: `--config.init_from=DIR`, a run directory written by
 `flaxlm import-hf` or `flaxlm import-gguf` (or any flaxlm policy). The tokenizer and

@@ -4,7 +4,10 @@ Every training figure is read from the stages' metrics.jsonl (the last logged va
 key, or its last eval line). The held-out comparison of policies is measured here: each
 policy (SFT, and PPO / DPO / GRPO when they ran) answers the held-out prompts
 (`report.eval_samples` samples per prompt at temperature 1, the policy as trained, plus
-one greedy answer), and the task's oracle scores the answers. DIR/summary.json holds
+one greedy answer), and the task's oracle scores the answers. Each stage is then checked
+against its target (orchestrate/pipeline_checks.py: SFT at the teacher's level, the
+reward model's accuracy, the gap PPO / GRPO / DPO close) with the reason when it fell
+short. DIR/summary.json holds
 the headline figures, and DIR/metrics.jsonl repeats them as one line so sweeps read a
 pipeline run like any other run.
 """
@@ -22,6 +25,7 @@ import numpy as np
 
 from configs.stages import PIPELINE_ORDER, TRAINING
 from configs.stages import POLICIES as POLICY_STAGES
+from orchestrate import pipeline_checks as checks
 from orchestrate.jsonio import write_json_atomic
 from orchestrate.workdir import STATE_FILE, data_paths, read_prompts, start_policy
 from rlhf.tasks import load_task
@@ -272,10 +276,18 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> int:
     lines += key_figures_section(metrics)
     lines += rm_data_section(rm_summary)
     lines += policies_section(policies, best, len(prompts), config.report.eval_samples)
+    task = load_task(config.task)
+    trained_sft = "sft" in policies and "sft" in metrics  # not a base model's row
+    teacher = checks.teacher_level(task, prompts, config.seed) if trained_sft else None
+    stage_checks = checks.run_checks(policies, metrics, teacher, getattr(task, "max_score", 1.0))
+    lines += checks.checks_section(stage_checks)
     lines += ["", "## Curves", ""]
     lines += [f"![{s}](report/{p.name})" for s, p in plots.items() if p is not None]
-    lines += greedy_section(load_task(config.task), prompts, greedy, config.report.num_samples)
+    lines += greedy_section(task, prompts, greedy, config.report.num_samples)
     summary = build_summary(metrics, policies, rm_summary, best)
+    summary |= checks.checks_summary(stage_checks)
+    if teacher is not None:
+        summary["teacher_oracle"] = teacher
     write_json_atomic(workdir / "summary.json", summary)
     (workdir / "metrics.jsonl").write_text(json.dumps({"step": 0, **summary}) + "\n")
     (workdir / "report.md").write_text("\n".join(lines) + "\n")
@@ -283,6 +295,9 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> int:
     for stage in POLICY_STAGES:
         if stage in policies:
             print(f"  {stage}: held-out oracle score {policies[stage]['oracle_sampled']:.3f}")
+    for c in stage_checks:
+        if not c.met:
+            print(f"  {c.stage} fell short of its target ({c.target}): {c.why}", file=sys.stderr)
     return 0
 
 

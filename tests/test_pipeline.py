@@ -102,6 +102,29 @@ def test_report_figures_come_from_metrics(finished: pathlib.Path):
     assert "![ppo](report/ppo.png)" in report
 
 
+def test_report_checks_each_stage_against_its_target(finished: pathlib.Path):
+    from orchestrate import pipeline_checks
+    from orchestrate.workdir import data_paths, read_prompts
+    from rlhf.tasks import load_task
+
+    summary = json.loads((finished / "summary.json").read_text())
+    prompts = read_prompts(data_paths(finished)["eval_prompts"])
+    teacher = pipeline_checks.teacher_level(load_task("uppercase"), prompts, seed=0)
+    assert summary["teacher_oracle"] == pytest.approx(teacher)
+    assert 0.0 < teacher < 1.0  # the imperfect teacher, right about half the time
+    sft_met = summary["sft_oracle_sampled"] >= teacher - pipeline_checks.SFT_TOLERANCE
+    assert summary["sft_target_met"] == float(sft_met)
+    sft, ppo = summary["sft_oracle_sampled"], summary["ppo_oracle_sampled"]
+    if sft < 1.0 - pipeline_checks.NOTHING_TO_CLOSE:
+        assert summary["ppo_gap_closed"] == pytest.approx((ppo - sft) / (1.0 - sft))
+    assert summary["ppo_target_met"] in (0.0, 1.0)
+    report = (finished / "report.md").read_text()
+    section = report.split("## Stage checks")[1].split("## ")[0]
+    rows = re.findall(r"^\| (\w+) \| [^|]+ \| [^|]+ \| (yes|no) \|", section, re.M)
+    assert dict(rows)["sft"] == ("yes" if sft_met else "no")
+    assert dict(rows)["ppo"] == ("yes" if summary["ppo_target_met"] else "no")
+
+
 def test_rerun_skips_finished_stages(finished: pathlib.Path, capfd):
     before = (finished / "pretrain" / "metrics.jsonl").read_text()
     assert run_pipeline(finished, "--stages", "data,tokenizer,pretrain") == 0

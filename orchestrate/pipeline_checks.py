@@ -1,0 +1,187 @@
+"""Did each stage do its job? The pipeline report checks every finished stage against the
+target a run on a preference task should meet and says in words why one fell short.
+
+Targets:
+- sft: its sampled oracle score (T=1, held-out prompts) within `SFT_TOLERANCE` of the
+  teacher's: imitation is all SFT can do, so the teacher's level is its ceiling;
+- reward: held-out pairwise accuracy against the oracle >= `RM_ACCURACY`;
+- ppo, grpo, dpo: close >= `GAP_CLOSED` of the gap between SFT and the oracle's maximum
+  (`task.max_score`, 1 for the tasks here) at a KL to SFT <= `KL_LIMIT` nats.
+
+A policy stage that falls short gets the first reason that applies, in this order: KL
+blow-up; no reward variance (GRPO: most groups scored all alike, so nothing to learn);
+a reward model below its target; reward hacking (the RM score rose, the oracle did not);
+else how much of the gap it closed. ppo_oracle (PPO on the oracle itself) is the upper
+reference, not checked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+SFT_TOLERANCE = 0.05
+RM_ACCURACY = 0.85
+GAP_CLOSED = 0.5
+KL_LIMIT = 10.0
+NOTHING_TO_CLOSE = 0.02  # SFT within this of the maximum: no gap worth measuring
+NO_VARIANCE = 0.5  # GRPO: mean fraction of all-alike groups at or above this
+TEACHER_SAMPLES = 8  # teacher answers per held-out prompt for its oracle level
+EPS = 1e-9  # a figure at a target's boundary meets it, whatever its last bit
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    stage: str
+    target: str
+    measured: str
+    met: bool
+    why: str = ""  # empty when met
+    gap_closed: float | None = None  # policy stages: the fraction of the gap closed
+
+
+def teacher_level(task: Any, prompts: Sequence[str], seed: int) -> float:
+    """Mean oracle score of `TEACHER_SAMPLES` teacher answers per held-out prompt."""
+    rng = np.random.default_rng(seed)
+    scores = [
+        task.score(p, task.demonstration(p, rng)) for p in prompts for _ in range(TEACHER_SAMPLES)
+    ]
+    return float(np.mean(scores))
+
+
+def check_sft(sft_oracle: float, teacher: float) -> Check:
+    target = f"oracle >= teacher {teacher:.3f} - {SFT_TOLERANCE}"
+    measured = f"oracle {sft_oracle:.3f}"
+    if sft_oracle >= teacher - SFT_TOLERANCE - EPS:
+        return Check("sft", target, measured, True)
+    why = f"below the teacher by {teacher - sft_oracle:.3f}: SFT has not learned the demonstrations"
+    return Check("sft", target, measured, False, why)
+
+
+def check_reward(accuracy: float) -> Check:
+    target = f"held-out pairwise accuracy >= {RM_ACCURACY}"
+    measured = f"accuracy {accuracy:.3f}"
+    if accuracy >= RM_ACCURACY - EPS:
+        return Check("reward", target, measured, True)
+    return Check("reward", target, measured, False, "reward model too weak")
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyFigures:
+    """What the policy check reads: held-out figures of the policy and of SFT."""
+
+    oracle: float
+    kl: float | None
+    sft_oracle: float
+    rm_score: float | None = None
+    sft_rm_score: float | None = None
+    rm_accuracy: float | None = None  # the reward model's held-out accuracy (PPO, GRPO)
+    zero_std_groups: float | None = None  # GRPO: mean fraction of all-alike groups
+
+
+def gap_closed(oracle: float, sft_oracle: float, max_score: float) -> float | None:
+    """(policy - SFT) / (maximum - SFT); None when SFT is already at the maximum."""
+    gap = max_score - sft_oracle
+    return None if gap <= NOTHING_TO_CLOSE else (oracle - sft_oracle) / gap
+
+
+def check_policy(stage: str, f: PolicyFigures, max_score: float = 1.0) -> Check:
+    target = f"closes >= {GAP_CLOSED:.0%} of the gap to {max_score:g} at KL <= {KL_LIMIT:g}"
+    closed = gap_closed(f.oracle, f.sft_oracle, max_score)
+    kl_text = "–" if f.kl is None else f"{f.kl:.2f}"
+    if closed is None:
+        measured = f"SFT already at {f.sft_oracle:.3f}; oracle {f.oracle:.3f}, KL {kl_text}"
+        return Check(stage, target, measured, True)
+    measured = f"closed {closed:.0%} (oracle {f.sft_oracle:.3f} -> {f.oracle:.3f}), KL {kl_text}"
+    kl_ok = f.kl is None or f.kl <= KL_LIMIT
+    if closed >= GAP_CLOSED - EPS and kl_ok:
+        return Check(stage, target, measured, True, gap_closed=closed)
+    return Check(stage, target, measured, False, shortfall(closed, f), closed)
+
+
+def shortfall(closed: float, f: PolicyFigures) -> str:
+    """Why a policy stage missed its target: the first reason that applies."""
+    if f.kl is not None and f.kl > KL_LIMIT:
+        return f"KL blow-up: {f.kl:.1f} nats to SFT (limit {KL_LIMIT:g})"
+    if f.zero_std_groups is not None and f.zero_std_groups >= NO_VARIANCE:
+        return (
+            f"no reward variance: {f.zero_std_groups:.0%} of groups scored all alike, "
+            "so they carried no signal"
+        )
+    if f.rm_accuracy is not None and f.rm_accuracy < RM_ACCURACY:
+        return f"reward model too weak (held-out accuracy {f.rm_accuracy:.3f} < {RM_ACCURACY})"
+    if f.rm_score is not None and f.sft_rm_score is not None:
+        rm_gain, oracle_gain = f.rm_score - f.sft_rm_score, f.oracle - f.sft_oracle
+        if rm_gain > 0 and oracle_gain <= 0:
+            return (
+                f"reward hacking: RM score +{rm_gain:.3f} over SFT while the oracle "
+                f"moved {oracle_gain:+.3f}"
+            )
+    return f"closed {closed:.0%} of the gap, under the {GAP_CLOSED:.0%} target"
+
+
+def mean_of(rows: Sequence[Mapping[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in rows if key in r]
+    return float(np.mean(values)) if values else None
+
+
+def last_of(rows: Sequence[Mapping[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in rows if key in r]
+    return values[-1] if values else None
+
+
+def run_checks(
+    policies: Mapping[str, Mapping[str, Any]],
+    metrics: Mapping[str, Sequence[Mapping[str, Any]]],
+    teacher: float | None,
+    max_score: float = 1.0,
+) -> list[Check]:
+    """A check per finished stage with the figures it needs. `policies`: the report's
+    held-out figures per policy; `metrics`: each stage's metrics.jsonl rows."""
+    checks = []
+    sft = policies.get("sft")
+    if sft is not None and teacher is not None:
+        checks.append(check_sft(sft["oracle_sampled"], teacher))
+    rm_accuracy = last_of(metrics.get("reward", []), "eval_pair_accuracy")
+    if rm_accuracy is not None:
+        checks.append(check_reward(rm_accuracy))
+    for stage in ("ppo", "grpo", "dpo"):
+        if stage not in policies or sft is None:
+            continue
+        p = policies[stage]
+        figures = PolicyFigures(
+            oracle=p["oracle_sampled"],
+            kl=p.get("kl_to_sft"),
+            sft_oracle=sft["oracle_sampled"],
+            rm_score=p.get("heldout_rm_score"),
+            sft_rm_score=sft.get("heldout_rm_score"),
+            rm_accuracy=rm_accuracy if stage != "dpo" else None,  # DPO reads no reward model
+            zero_std_groups=mean_of(metrics.get(stage, []), "zero_std_groups"),
+        )
+        checks.append(check_policy(stage, figures, max_score))
+    return checks
+
+
+def checks_section(checks: Sequence[Check]) -> list[str]:
+    """Markdown: a row per checked stage, and a line naming those that fell short."""
+    if not checks:
+        return []
+    lines = ["", "## Stage checks", ""]
+    lines += ["| stage | target | measured | met | why not |", "|---|---|---|---|---|"]
+    for c in checks:
+        lines.append(
+            f"| {c.stage} | {c.target} | {c.measured} | {'yes' if c.met else 'no'} | {c.why} |"
+        )
+    short = [c.stage for c in checks if not c.met]
+    lines += ["", f"Fell short: {', '.join(short)}." if short else "Every checked stage met it."]
+    return lines
+
+
+def checks_summary(checks: Sequence[Check]) -> dict[str, float]:
+    """summary.json keys: `<stage>_target_met` (1.0 or 0.0) and, for policy stages with a
+    gap to close, `<stage>_gap_closed`."""
+    out = {f"{c.stage}_target_met": float(c.met) for c in checks}
+    return out | {f"{c.stage}_gap_closed": c.gap_closed for c in checks if c.gap_closed is not None}

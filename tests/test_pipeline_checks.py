@@ -1,0 +1,118 @@
+"""The report's stage checks (orchestrate/pipeline_checks.py) on hand-made figures: each
+target at its boundary, and each reason a policy stage falls short."""
+
+import numpy as np
+import pytest
+
+from orchestrate import pipeline_checks as pc
+
+
+class ReverseTask:
+    """Teacher: reverses prompts that start with "a", echoes the rest. Oracle: 1 for the
+    reversed prompt, else 0. So the teacher's level on ["ab", "ba", "aa"] is 2/3 by hand
+    ("ab" -> "ba" right, "ba" -> "ba" wrong, "aa" -> "aa" right)."""
+
+    def demonstration(self, prompt, rng):
+        assert isinstance(rng, np.random.Generator)
+        return prompt[::-1] if prompt.startswith("a") else prompt
+
+    def score(self, prompt, response):
+        return float(response == prompt[::-1])
+
+
+def test_teacher_level_is_the_mean_oracle_score_of_teacher_answers():
+    assert pc.teacher_level(ReverseTask(), ["ab", "ba", "aa"], seed=0) == pytest.approx(2 / 3)
+
+
+def test_sft_meets_its_target_within_the_tolerance_of_the_teacher():
+    assert pc.check_sft(0.56, teacher=0.6).met
+    short = pc.check_sft(0.54, teacher=0.6)
+    assert not short.met and "below the teacher by 0.060" in short.why
+
+
+def test_reward_model_target_is_085_held_out_accuracy():
+    assert pc.check_reward(0.85).met
+    short = pc.check_reward(0.84)
+    assert not short.met and short.why == "reward model too weak"
+
+
+def figures(**kw):
+    return pc.PolicyFigures(**({"oracle": 0.7, "kl": 2.0, "sft_oracle": 0.4} | kw))
+
+
+def test_half_the_gap_to_the_maximum_meets_the_policy_target():
+    met = pc.check_policy("ppo", figures(oracle=0.7))  # (0.7 - 0.4) / (1 - 0.4) = 0.5
+    assert met.met and met.gap_closed == pytest.approx(0.5)
+    short = pc.check_policy("ppo", figures(oracle=0.67))  # 0.45
+    assert not short.met and short.gap_closed == pytest.approx(0.45)
+    assert short.why == "closed 45% of the gap, under the 50% target"
+    # A task whose oracle tops out at 2: the gap is 1.6, and 0.3 of it is 19 %.
+    assert pc.check_policy("ppo", figures(), max_score=2.0).gap_closed == pytest.approx(0.3 / 1.6)
+
+
+def test_kl_blow_up_fails_even_a_stage_that_closed_the_gap():
+    short = pc.check_policy("ppo", figures(oracle=0.95, kl=12.5))
+    assert not short.met and short.why.startswith("KL blow-up: 12.5 nats")
+    assert pc.check_policy("ppo", figures(oracle=0.95, kl=10.0)).met
+
+
+def test_each_reason_in_its_order():
+    no_variance = figures(oracle=0.5, zero_std_groups=0.8, rm_accuracy=0.6)
+    assert pc.shortfall(0.1, no_variance).startswith("no reward variance: 80% of groups")
+    weak = figures(oracle=0.5, zero_std_groups=0.2, rm_accuracy=0.6)
+    assert pc.shortfall(0.1, weak).startswith("reward model too weak (held-out accuracy 0.600")
+    hacked = figures(oracle=0.38, rm_accuracy=0.9, rm_score=0.9, sft_rm_score=0.5)
+    assert pc.shortfall(-0.03, hacked) == (
+        "reward hacking: RM score +0.400 over SFT while the oracle moved -0.020"
+    )
+    honest = figures(oracle=0.45, rm_accuracy=0.9, rm_score=0.6, sft_rm_score=0.5)
+    assert pc.shortfall(0.08, honest) == "closed 8% of the gap, under the 50% target"
+
+
+def test_sft_at_the_maximum_leaves_nothing_to_close():
+    check = pc.check_policy("grpo", figures(sft_oracle=0.99, oracle=0.97))
+    assert check.met and check.gap_closed is None and "SFT already at 0.990" in check.measured
+
+
+def test_run_checks_reads_the_report_figures_and_stage_metrics():
+    policies = {
+        "sft": {"oracle_sampled": 0.4, "heldout_rm_score": 0.1},
+        "ppo": {"oracle_sampled": 0.45, "kl_to_sft": 1.0, "heldout_rm_score": 0.3},
+        "grpo": {"oracle_sampled": 0.41, "kl_to_sft": 0.5, "heldout_rm_score": 0.1},
+        "dpo": {"oracle_sampled": 0.42, "kl_to_sft": 0.5},
+    }
+    metrics = {
+        "reward": [
+            {"step": 10, "eval_pair_accuracy": 0.9},
+            {"step": 20, "eval_pair_accuracy": 0.7},
+        ],
+        "grpo": [{"zero_std_groups": 1.0}, {"zero_std_groups": 0.5}, {"loss": 0.0}],
+    }
+    checks = {c.stage: c for c in pc.run_checks(policies, metrics, teacher=0.5)}
+    assert list(checks) == ["sft", "reward", "ppo", "grpo", "dpo"]
+    assert not checks["sft"].met  # 0.4 < 0.5 - 0.05
+    assert not checks["reward"].met  # the last eval line: 0.7
+    assert checks["ppo"].why.startswith("reward model too weak (held-out accuracy 0.700")
+    assert checks["grpo"].why.startswith("no reward variance: 75% of groups")  # mean of 1, 0.5
+    assert checks["dpo"].why == "closed 3% of the gap, under the 50% target"  # no RM reason
+    assert pc.checks_summary(checks.values()) == {
+        "sft_target_met": 0.0,
+        "reward_target_met": 0.0,
+        "ppo_target_met": 0.0,
+        "grpo_target_met": 0.0,
+        "dpo_target_met": 0.0,
+        "ppo_gap_closed": pytest.approx(0.05 / 0.6),
+        "grpo_gap_closed": pytest.approx(0.01 / 0.6),
+        "dpo_gap_closed": pytest.approx(0.02 / 0.6),
+    }
+    lines = pc.checks_section(list(checks.values()))
+    assert lines[-1] == "Fell short: sft, reward, ppo, grpo, dpo."
+    assert sum(line.startswith("| ") for line in lines) == 1 + 5  # header and one row each
+
+
+def test_no_teacher_and_no_reward_eval_means_no_such_checks():
+    policies = {"sft": {"oracle_sampled": 0.5}, "ppo": {"oracle_sampled": 0.8, "kl_to_sft": 1.0}}
+    checks = pc.run_checks(policies, {}, teacher=None)
+    assert [(c.stage, c.met) for c in checks] == [("ppo", True)]
+    assert pc.checks_section(checks)[-1] == "Every checked stage met it."
+    assert pc.checks_section([]) == []
