@@ -5,12 +5,19 @@ best-of-n, per task and seed, from whole `flaxlm pipeline` runs.
     python benchmarks/rlhf_results.py --task next_letter --seeds 0 1 2 --workdir /tmp/rlhf
     python benchmarks/rlhf_results.py --task uppercase --seeds 0 1 2 --workdir /tmp/rlhf \\
         --table-only
+    python benchmarks/rlhf_results.py --tasks uppercase next_letter brackets repeat \\
+        --seeds 0 1 2 3 4 --workdir /tmp/rlhf --write docs/rlhf.md
 
 Each seed is one pipeline run (configs/pipeline.py:demo with every RL stage) in
-WORKDIR/TASK/seedN; a finished run is skipped, an interrupted one resumes. The table is
-read from each run's summary.json (written by the pipeline's report: `flaxlm rlhf-eval`
-on the held-out prompts) and printed as markdown: mean ± sample std over seeds, and the
-per-seed values. A task's settings in `TASK_SETTINGS` come first, then any extra
+WORKDIR/TASK/seedN; a finished run is skipped, an interrupted one resumes, and a run that
+fails is reported and left out while the others go on (exit 1 at the end). The tables
+are read from each run's summary.json (written by the pipeline's report: `flaxlm
+rlhf-eval` on the held-out prompts, and the stage checks of orchestrate/pipeline_checks.py).
+For one task: mean ± sample std over seeds, and the per-seed values. For the grid (all
+tasks): per task and method, the mean with its 95 % t-interval over seeds, the share of
+the SFT-to-maximum gap closed, and how many seeds met each stage's target; `--write DOC`
+puts that table into DOC between the `GRID_BEGIN` / `GRID_END` markers (a section at the
+end when DOC has none). A task's settings in `TASK_SETTINGS` come first, then any extra
 `--config.KEY=VALUE` arguments; both go to every pipeline run.
 """
 
@@ -25,6 +32,8 @@ import sys
 import numpy as np
 
 from configs import stages
+from orchestrate.report import cell as ci_cell
+from orchestrate.report import mean_ci
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STAGES = "data,tokenizer,pretrain,sft,rm_data,reward,ppo,ppo_oracle,dpo,grpo,report"
@@ -36,12 +45,18 @@ POLICIES = stages.POLICIES  # the report's policy rows
 TASK_SETTINGS = {"next_letter": ["--config.pretrain.total_steps=1200"]}
 
 
-def run_seed(task: str, seed: int, workdir: pathlib.Path, extra: list[str]) -> None:
+GRID_BEGIN = "<!-- rlhf_results grid: begin -->"
+GRID_END = "<!-- rlhf_results grid: end -->"
+GRID_POLICIES = ("sft", "ppo", "ppo_oracle", "dpo", "grpo")
+
+
+def run_seed(task: str, seed: int, workdir: pathlib.Path, extra: list[str]) -> int:
+    """One pipeline run (resumes a started one); its exit code."""
     command = [sys.executable, "-m", "orchestrate.cli", "pipeline"]
     command += ["--config", f"{ROOT / 'configs' / 'pipeline.py'}:demo", "--workdir", str(workdir)]
     command += [f"--config.task={task}", f"--config.seed={seed}", f"--config.stages={STAGES}"]
     print(" ".join(command + extra), flush=True)
-    subprocess.run(command + extra, check=True, cwd=ROOT)
+    return subprocess.run(command + extra, cwd=ROOT).returncode
 
 
 def cell(values: list[float | None]) -> str:
@@ -89,20 +104,103 @@ def targets_line(summaries: list[dict]) -> list[str]:
     return ["", f"Stage targets met (seeds): {', '.join(counts)}."] if counts else []
 
 
-def main() -> int:
+def interval(values: list[float]) -> str:
+    """Mean ± the half-width of its 95 % t-interval (orchestrate/report.py's format)."""
+    return ci_cell(*mean_ci(values)) if values else "–"
+
+
+def grid_rows(task: str, summaries: list[dict]) -> list[str]:
+    """A task's rows of the grid: one per policy that ran, then the reward model's."""
+    rows = []
+    for name in GRID_POLICIES:
+        oracle = [s[f"{name}_oracle_sampled"] for s in summaries if f"{name}_oracle_sampled" in s]
+        if not oracle:
+            continue
+        kl = [s[f"{name}_kl_to_sft"] for s in summaries if s.get(f"{name}_kl_to_sft") is not None]
+        closed = [s[f"{name}_gap_closed"] for s in summaries if f"{name}_gap_closed" in s]
+        met = [s[f"{name}_target_met"] for s in summaries if f"{name}_target_met" in s]
+        target = f"{int(sum(met))}/{len(met)}" if met else "–"
+        cells = [interval(oracle), interval(kl), interval(closed) if closed else "–", target]
+        rows.append(f"| {task} | {name} | " + " | ".join(cells) + " |")
+    rm = [s["reward_eval_pair_accuracy"] for s in summaries if "reward_eval_pair_accuracy" in s]
+    met = [s["reward_target_met"] for s in summaries if "reward_target_met" in s]
+    if rm:
+        target = f"{int(sum(met))}/{len(met)}" if met else "–"
+        rows.append(
+            f"| {task} | reward model (pairwise accuracy) | {interval(rm)} | – | – | {target} |"
+        )
+    return rows
+
+
+def grid_table(results: dict[str, list[dict]], wanted: dict[str, int]) -> str:
+    """Markdown of the whole grid; `wanted`: how many seeds each task was asked for."""
+    lines = [
+        "| task | policy | held-out oracle score | KL to SFT (nats) | gap closed | target met |",
+        "|---|---|---|---|---|---|",
+    ]
+    for task, summaries in results.items():
+        lines += grid_rows(task, summaries)
+    counts = ", ".join(f"{t} {len(s)}/{wanted[t]}" for t, s in results.items())
+    lines += [
+        "",
+        "Mean ± half-width of the 95 % t-interval over seeds. Gap closed: (policy − SFT) /",
+        "(oracle maximum − SFT). Targets (orchestrate/pipeline_checks.py): SFT within 0.05 of",
+        "the teacher's oracle score; reward model >= 0.85; PPO, GRPO, DPO close >= 50 % of the",
+        f"gap at KL <= 10 nats (ppo_oracle is the reference). Finished runs: {counts}.",
+    ]
+    return "\n".join(lines)
+
+
+def write_grid(doc: pathlib.Path, table_text: str, command: str) -> None:
+    """Replace DOC's text between the grid markers (or append a section with them)."""
+    text = doc.read_text(encoding="utf-8") if doc.exists() else ""
+    block = f"{GRID_BEGIN}\n\n    {command}\n\n{table_text}\n\n{GRID_END}"
+    if GRID_BEGIN in text and GRID_END in text:
+        head, rest = text.split(GRID_BEGIN, 1)
+        text = head + block + rest.split(GRID_END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n## The task × method grid\n\n" + block + "\n"
+    doc.write_text(text, encoding="utf-8")
+
+
+def parse_args() -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--task", default="uppercase")
+    parser.add_argument("--task", "--tasks", dest="tasks", nargs="+", default=["uppercase"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--table-only", action="store_true", help="read finished runs only")
-    args, extra = parser.parse_known_args()
-    runs = [pathlib.Path(args.workdir) / args.task / f"seed{s}" for s in args.seeds]
-    if not args.table_only:
+    parser.add_argument("--write", help="a markdown file to put the grid table into")
+    return parser.parse_known_args()
+
+
+def main() -> int:
+    args, extra = parse_args()
+    failed = []
+    results: dict[str, list[dict]] = {}
+    for task in args.tasks:
+        runs = [pathlib.Path(args.workdir) / task / f"seed{s}" for s in args.seeds]
         for seed, run in zip(args.seeds, runs, strict=True):
-            run_seed(args.task, seed, run, TASK_SETTINGS.get(args.task, []) + extra)
-    summaries = [json.loads((r / "summary.json").read_text()) for r in runs]
-    print(f"\n{args.task}, seeds {args.seeds}: mean ± std (per seed)\n")
-    print(table(summaries))
+            if not args.table_only and run_seed(
+                task, seed, run, TASK_SETTINGS.get(task, []) + extra
+            ):
+                failed.append(f"{task} seed {seed} ({run})")
+        results[task] = [
+            json.loads((r / "summary.json").read_text())
+            for r in runs
+            if (r / "summary.json").is_file()
+        ]
+        if len(args.tasks) == 1 and results[task]:
+            print(f"\n{task}, seeds {args.seeds}: mean ± std (per seed)\n")
+            print(table(results[task]))
+    grid = grid_table(results, dict.fromkeys(args.tasks, len(args.seeds)))
+    print(f"\nThe grid, seeds {args.seeds}:\n\n{grid}")
+    if args.write:
+        command = " ".join(["python benchmarks/rlhf_results.py", *sys.argv[1:]])
+        write_grid(pathlib.Path(args.write), grid, command)
+        print(f"grid written to {args.write}")
+    if failed:
+        print("runs that failed (rerun the same command to resume them):", *failed, sep="\n  ")
+        return 1
     return 0
 
 
