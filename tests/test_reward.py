@@ -246,24 +246,22 @@ def trained(tmp_path_factory, tokenizer):
     train = [ranked_record(rng, rng.choice([2, 3, 4])) for _ in range(2000)]
     heldout = [ranked_record(rng, rng.choice([2, 3, 4])) for _ in range(128)]
     workdir = root / "run"
-    code = reward.main(
-        [
-            "--config",
-            f"{CONFIG}:tiny",
-            "--workdir",
-            str(workdir),
-            f"--config.init_from={parent}",
-            f"--config.data.path={write_jsonl(root / 'train.jsonl', train)}",
-            f"--config.eval.path={write_jsonl(root / 'heldout.jsonl', heldout)}",
-            f"--config.data.data_dir={root / 'tfds'}",
-            "--config.total_steps=60",
-            "--config.eval.every_steps=30",
-            "--config.eval.max_batches=0",  # every held-out prompt
-            "--config.calibration.num_samples=16",
-        ]
-    )
-    assert code == 0
-    return {"parent": parent, "workdir": workdir}
+    argv = [
+        "--config",
+        f"{CONFIG}:tiny",
+        "--workdir",
+        str(workdir),
+        f"--config.init_from={parent}",
+        f"--config.data.path={write_jsonl(root / 'train.jsonl', train)}",
+        f"--config.eval.path={write_jsonl(root / 'heldout.jsonl', heldout)}",
+        f"--config.data.data_dir={root / 'tfds'}",
+        "--config.total_steps=60",
+        "--config.eval.every_steps=30",
+        "--config.eval.max_batches=0",  # every held-out prompt
+        "--config.calibration.num_samples=16",
+    ]
+    assert reward.main(argv) == 0
+    return {"parent": parent, "workdir": workdir, "argv": argv}
 
 
 def test_reward_model_learns_the_hidden_rule(trained):
@@ -299,6 +297,25 @@ def test_reward_run_records_lineage_and_calibration(trained):
     assert abs(gain * calibration["raw_std"] - 1.0) < 1e-6
     logged = [x for x in read_metrics(workdir) if "calibration_gain" in x]
     assert logged and logged[-1]["step"] == 60
+
+
+def test_a_stop_between_calibration_file_and_line_is_repaired_on_rerun(trained, tmp_path):
+    """A signal after the calibration file was written but before its metrics line (the
+    fault suite's whole-pipeline case found one): the rerun logs the line, once."""
+    import shutil
+
+    workdir = tmp_path / "run"
+    shutil.copytree(trained["workdir"], workdir)
+    path = workdir / "metrics.jsonl"
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if "calibration_gain" not in line]
+    assert len(kept) == len(lines) - 1
+    path.write_text("".join(line + "\n" for line in kept))
+    argv = [str(workdir) if a == str(trained["workdir"]) else a for a in trained["argv"]]
+    assert reward.main(argv) == 0  # "already finished": calibration found, line written
+    assert path.read_text().splitlines() == lines  # the same line back, at the end
+    assert reward.main(argv) == 0
+    assert path.read_text().splitlines() == lines  # and only once
 
 
 def test_score_prints_calibrated_rewards_in_order(trained):

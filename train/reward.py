@@ -49,7 +49,7 @@ from train import distributed
 from train import reward_losses as rl
 from train.data import builders, pipelines
 from train.integrity import write_json
-from train.metrics import MetricWriter
+from train.metrics import MetricWriter, read_metrics
 from train.optim import accumulate_gradients, apply_gradients, trainable_value_and_grad
 from train.parent import Parent, check_tokenizer, load_params, read_parent
 from train.sft import (
@@ -323,12 +323,31 @@ def reference_prompts(config: ml_collections.ConfigDict) -> list[list[dict]]:
     return prompts
 
 
+def log_calibration(workdir: pathlib.Path, result: dict) -> None:
+    """The calibration's metrics line at its step, unless metrics.jsonl has it already:
+    the calibration file is written first, so a run stopped between the two writes the
+    line when it is rerun, and a rerun after both adds nothing."""
+    if jax.process_index() != 0:
+        return
+    path = workdir / "metrics.jsonl"
+    rows = read_metrics(workdir) if path.is_file() else []
+    if any(r.get("step") == result["step"] and "calibration_gain" in r for r in rows):
+        return
+    writer = MetricWriter(workdir, resume_step=result["step"])
+    writer.write(
+        result["step"],
+        {f"calibration_{k}": result[k] for k in ("gain", "bias", "raw_mean", "raw_std")},
+    )
+    writer.close()
+
+
 def calibrate(config: ml_collections.ConfigDict, workdir: pathlib.Path, parts: StageParts) -> dict:
     """Fit gain/bias on reference-policy samples for the newest checkpoint; write them."""
     own = read_parent(workdir)
     path = workdir / CALIBRATION_FILE
     existing = load_calibration(workdir)
     if existing is not None and existing.get("step") == own.step:
+        log_calibration(workdir, existing)  # a stop after the file, before its line
         return existing
     c, mesh, rules = config.calibration, parts.mesh, parts.rules
     model, tokenizer = parts.model, parts.tokenizer
@@ -372,12 +391,7 @@ def calibrate(config: ml_collections.ConfigDict, workdir: pathlib.Path, parts: S
     }
     if jax.process_index() == 0:
         write_json(path, result)
-        writer = MetricWriter(workdir, resume_step=own.step)
-        writer.write(
-            own.step,
-            {f"calibration_{k}": result[k] for k in ("gain", "bias", "raw_mean", "raw_std")},
-        )
-        writer.close()
+        log_calibration(workdir, result)
     print(
         f"calibrated on {len(raw)} reference samples: raw mean {result['raw_mean']:.4f}, "
         f"std {result['raw_std']:.4f} -> gain {gain:.4f}, bias {bias:.4f}",
