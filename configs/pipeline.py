@@ -21,6 +21,8 @@ Stages (`stages`, comma separated, in this order):
 - data: the task's pretraining corpus, SFT demonstrations, RL prompts and held-out prompts
   (`data.*` counts) → DIR/data/;
 - tokenizer: a sentencepiece tokenizer (`tokenizer.type` char or bpe) on the corpus;
+  every later stage then runs with its seq_len / max_new_tokens grown to fit the task's
+  longest record (`size_to_data`, orchestrate/pipeline_sizing.py);
 - pretrain, sft, reward, ppo, dpo, grpo: the stage commands, each in DIR/<stage>/;
 - ppo_oracle: PPO (the `ppo` section) with the task's oracle as the reward
   (`ppo.reward=oracle`), the upper reference for what the reward model leaves on the table;
@@ -99,6 +101,9 @@ def _pipeline_keys() -> ml_collections.ConfigDict:
     # skips tokenizer and pretrain, SFT starts from it, and without SFT so do the rest.
     c.init_from = ""
     c.stages = DEFAULT_STAGES
+    # Grow each stage's seq_len / max_new_tokens to fit the task's longest record
+    # (orchestrate/pipeline_sizing.py); False keeps the values below as they are.
+    c.size_to_data = True
     c.data = ml_collections.ConfigDict({"n_docs": 400, "n_sft": 2000, "n_prompts": 2000})
     c.data.n_eval = 64
     c.tokenizer = ml_collections.ConfigDict({"type": "char", "vocab_size": 512})

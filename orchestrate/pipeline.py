@@ -44,6 +44,7 @@ NEEDS = {s.name: s.needs for s in stages.STAGES}
 # optional: the stages that read the SFT policy read the base model when SFT did not run.
 NEEDS_WITH_BASE = {"sft": ("data",), "rm_data": ("data",), "report": ("data",)}
 BASE_MAKES = ("tokenizer", "pretrain")  # what a base model brings instead
+BEFORE_SIZING = ("data", "tokenizer")  # the stages that run before lengths can be measured
 
 
 class PipelineError(ValueError):
@@ -55,7 +56,7 @@ class PipelineError(ValueError):
 
 def stage_fingerprint(config: ml_collections.ConfigDict, stage: str) -> dict[str, Any]:
     """The part of the config a stage's outputs depend on."""
-    keys = ("task", "seed", "init_from", *STAGE_KEYS[stage])
+    keys = ("task", "seed", "init_from", "size_to_data", *STAGE_KEYS[stage])
     return {k: (config[k].to_dict() if hasattr(config[k], "to_dict") else config[k]) for k in keys}
 
 
@@ -63,7 +64,9 @@ def stage_fingerprint(config: ml_collections.ConfigDict, stage: str) -> dict[str
 # the value that reproduces the behaviour from before it existed. A recorded fingerprint
 # lacking one is read as having that value, so upgrading flaxlm does not refuse a
 # finished stage over a setting it never had.
+# (size_to_data: the demo's tasks fit its preset lengths, so sizing changes nothing there.)
 ADDED_KEYS = {"optim.ns_steps": 5, "labeler.kind": "simulated", "init_from": ""}
+ADDED_KEYS |= {"size_to_data": True}
 
 
 def with_added_keys(recorded: Any, current: Any, prefix: str = "") -> Any:
@@ -184,7 +187,8 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, ml_collections.
 
 
 def main(argv: Sequence[str]) -> int:
-    from orchestrate import pipeline_stages  # jax and the stages load only once arguments parse
+    # jax and the stages load only once arguments parse
+    from orchestrate import pipeline_sizing, pipeline_stages
 
     try:
         args, config = parse_args(argv)
@@ -205,10 +209,17 @@ def main(argv: Sequence[str]) -> int:
     skipped = [s for s in selected if s not in to_run]
     if skipped:
         print(f"pipeline: already finished: {', '.join(skipped)}", file=sys.stderr)
+    sized = None  # the config grown to fit the data, once data and tokenizer exist
     for number, stage in enumerate(to_run, 1):
         print(f"\n=== pipeline stage {number}/{len(to_run)}: {stage} ===", file=sys.stderr)
         start = time.perf_counter()
-        code = pipeline_stages.run(stage, config, workdir)
+        if stage not in BEFORE_SIZING and sized is None:
+            try:
+                sized = pipeline_sizing.size_to_data(config, workdir)
+            except (ValueError, OSError) as err:
+                print(f"flaxlm pipeline: sizing to the data: error: {err}", file=sys.stderr)
+                return 2
+        code = pipeline_stages.run(stage, config if sized is None else sized, workdir)
         seconds = time.perf_counter() - start
         previous = state["stages"].get(stage, {}).get("seconds", 0.0)
         if code != 0:

@@ -1,0 +1,150 @@
+"""Sequence lengths sized to the task's data, so that no record is left out for its length.
+
+The presets' `seq_len` and `max_new_tokens` values are floors. Once the data and the
+tokenizer exist, every stage after them runs with each value grown to fit the task's
+longest record through the chat template (sequence lengths rounded up to a multiple of
+8), never shrunk, so a task the presets were sized for runs exactly as configured:
+
+- sft.seq_len: the longest demonstration (prompt + response);
+- ppo.seq_len, grpo.seq_len (the prompt rows; rm_data reads ppo's): the longest prompt;
+- rm_data, ppo, grpo, dpo and the reward calibration's max_new_tokens: the longest
+  teacher response with its end-of-turn, so a policy can give the right answer whole;
+- reward.seq_len, dpo.seq_len (ranked rows): longest prompt + rm_data's max_new_tokens + 1
+  (a response cut at max_new_tokens gets its end-of-turn back in the ranked file);
+- pretrain.model.max_seq_len, when pretraining here: the longest row any stage makes.
+
+`size_to_data=False` keeps the sections' values; records that do not fit are then
+skipped and counted, or stop the stage under `data.bad_records=fail` (train/data/fit.py).
+The pipeline's recorded config (fingerprints, config.json) keeps the values as given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import sys
+from collections.abc import Iterable
+
+import ml_collections
+
+from orchestrate.workdir import data_paths
+
+MULTIPLE = 8
+NEW_TOKEN_KEYS = (
+    "rm_data.max_new_tokens",
+    "ppo.ppo.max_new_tokens",
+    "grpo.grpo.max_new_tokens",
+    "dpo.dpo.max_new_tokens",
+    "reward.calibration.max_new_tokens",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataLengths:
+    """Token counts of the task's longest records through the chat template."""
+
+    sft: int  # a demonstration's row positions (its tokens minus one: inputs are shifted)
+    prompt: int  # a prompt with the assistant marker
+    response: int  # a teacher response and what the template closes it with
+
+
+def round_up(n: int, multiple: int = MULTIPLE) -> int:
+    return -(-n // multiple) * multiple
+
+
+def read_jsonl(path: pathlib.Path) -> Iterable[dict]:
+    with path.open(encoding="utf-8") as f:
+        yield from (json.loads(line) for line in f if line.strip())
+
+
+def measure(workdir: pathlib.Path, tokenizer) -> DataLengths:
+    """The longest SFT example, prompt and teacher response in DIR/data."""
+    p = data_paths(workdir)
+    sft = prompt = response = 0
+    for path in (p["sft"], p["sft_eval"]):
+        for record in read_jsonl(path):
+            user = [{"role": "user", "content": record["prompt"]}]
+            whole = tokenizer.encode_chat(
+                [*user, {"role": "assistant", "content": record["response"]}]
+            )
+            asked = tokenizer.encode_chat(user, add_generation_prompt=True)
+            sft = max(sft, whole[0].size - 1)
+            response = max(response, whole[0].size - asked[0].size)
+    for path in (p["prompts"], p["eval_prompts"]):
+        for record in read_jsonl(path):
+            user = [{"role": "user", "content": record["prompt"]}]
+            prompt = max(prompt, tokenizer.encode_chat(user, add_generation_prompt=True)[0].size)
+    return DataLengths(sft, prompt, response)
+
+
+def get_key(config: ml_collections.ConfigDict, dotted: str):
+    node = config
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def needed(config: ml_collections.ConfigDict, lengths: DataLengths, pretraining: bool) -> dict:
+    """Dotted key -> the value it must at least have (pure: reads `config`, returns)."""
+    new = {k: max(get_key(config, k), lengths.response) for k in NEW_TOKEN_KEYS}
+    out = dict(new)
+    out["sft.seq_len"] = round_up(lengths.sft)
+    out["ppo.seq_len"] = out["grpo.seq_len"] = round_up(lengths.prompt)
+    ranked = round_up(lengths.prompt + new["rm_data.max_new_tokens"] + 1)
+    out["reward.seq_len"] = out["dpo.seq_len"] = ranked
+    if pretraining:
+        rows = [get_key(config, "sft.seq_len"), out["sft.seq_len"]]
+        rows += [get_key(config, k) for k in ("reward.seq_len", "dpo.seq_len")] + [ranked]
+        prompts = {
+            s: max(get_key(config, f"{s}.seq_len"), out[f"{s}.seq_len"]) for s in ("ppo", "grpo")
+        }
+        rows += [prompts["ppo"] + new["ppo.ppo.max_new_tokens"]]
+        rows += [prompts["ppo"] + new["rm_data.max_new_tokens"]]  # rm_data reads ppo.seq_len
+        rows += [prompts["grpo"] + new["grpo.grpo.max_new_tokens"]]
+        dpo_rows = max(get_key(config, "dpo.seq_len"), ranked)  # DPO's eval prompts use it
+        rows += [dpo_rows + new["dpo.dpo.max_new_tokens"]]
+        out["pretrain.model.max_seq_len"] = round_up(max(rows))
+    return out
+
+
+def grow(
+    config: ml_collections.ConfigDict, lengths: DataLengths, pretraining: bool
+) -> tuple[ml_collections.ConfigDict, list[str]]:
+    """A copy of `config` with every value below its need raised to it, and one line per
+    change."""
+    sized = ml_collections.ConfigDict(config.to_dict())
+    changes = []
+    for key, value in needed(config, lengths, pretraining).items():
+        current = get_key(config, key)
+        if value > current:
+            *parents, leaf = key.split(".")
+            node = sized
+            for part in parents:
+                node = node[part]
+            node[leaf] = value
+            changes.append(f"{key} {current} -> {value}")
+    return sized, changes
+
+
+def size_to_data(config: ml_collections.ConfigDict, workdir: pathlib.Path):
+    """`config` grown to fit DIR/data through the run's tokenizer (the base model's with
+    `init_from`), telling on stderr what grew; `config` itself when sizing is off."""
+    from model.tokenizer import load_tokenizer
+    from train.parent import read_parent
+
+    if not config.get("size_to_data", True):
+        return config
+    if config.init_from:
+        tokenizer_dir = read_parent(config.init_from).tokenizer_dir
+    else:
+        tokenizer_dir = data_paths(workdir)["tokenizer"]
+    lengths = measure(workdir, load_tokenizer(tokenizer_dir))
+    sized, changes = grow(config, lengths, pretraining=not config.init_from)
+    if changes:
+        print(
+            f"pipeline: sized to the data (longest SFT example {lengths.sft}, prompt "
+            f"{lengths.prompt}, response {lengths.response} tokens): {'; '.join(changes)}",
+            file=sys.stderr,
+        )
+    return sized
