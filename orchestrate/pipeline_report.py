@@ -7,9 +7,8 @@ policy (SFT, and PPO / DPO / GRPO when they ran) answers the held-out prompts
 one greedy answer), and the task's oracle scores the answers. Each stage is then checked
 against its target (orchestrate/pipeline_checks.py: SFT at the teacher's level, the
 reward model's accuracy, the gap PPO / GRPO / DPO close) with the reason when it fell
-short. DIR/summary.json holds
-the headline figures, and DIR/metrics.jsonl repeats them as one line so sweeps read a
-pipeline run like any other run.
+short. DIR/summary.json holds the headline figures, and DIR/metrics.jsonl repeats them
+as one line so sweeps read a pipeline run like any other run.
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ always a `numpy.random.Generator`:
 - `score(prompt, response) -> float`            the hidden oracle, in [0, 1] for the tasks
                                                 here; the learner never sees it;
 - `pretraining_corpus(rng, n_docs) -> list[str]` text for the pretraining stage.
+An optional `max_score` attribute (1 when absent, as for every task here) is the oracle's
+maximum, which the pipeline report measures the gap a policy closes against.
 
 Four tasks come with the code. Two are the shipped, measured ones: `uppercase` and
 `next_letter` have 3-seed end-to-end results (docs/rlhf.md). `addition` and `sort` are
