@@ -137,6 +137,8 @@ def size_to_data(config: ml_collections.ConfigDict, workdir: pathlib.Path):
         return config
     if config.init_from:
         tokenizer_dir = read_parent(config.init_from).tokenizer_dir
+        if tokenizer_dir is None:
+            raise ValueError(f"init_from={config.init_from} records no tokenizer")
     else:
         tokenizer_dir = data_paths(workdir)["tokenizer"]
     lengths = measure(workdir, load_tokenizer(tokenizer_dir))
