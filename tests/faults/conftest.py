@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import shlex
 import time
 
 import numpy as np
@@ -80,9 +81,11 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if not results:
         return
     marks = session.config.getoption("markexpr") or "not slow"
-    args = " ".join(str(a) for a in session.config.invocation_params.args)
+    args = [str(a) for a in session.config.invocation_params.args]
+    # Quoted as a shell needs it; the marker expression is named when it was a default.
+    note = "" if "-m" in args else f"  # -m {marks!r}"
     command = os.environ.get("FLAXLM_RELIABILITY_COMMAND") or (
-        f"FLAXLM_WRITE_RELIABILITY=1 python -m pytest {args}  # -m {marks!r}"
+        f"FLAXLM_WRITE_RELIABILITY=1 python -m pytest {shlex.join(args)}{note}"
     )
     harness.write_report(
         results,
