@@ -46,8 +46,10 @@ pretrain stages are then left out (its own tokenizer and chat template serve eve
 stage), SFT starts from it, and when `sft` is not among the stages, rm_data, the reward
 model, PPO, DPO, GRPO and the report's "sft" row use the base model itself.
 
-Presets: `demo` (the default: the `uppercase` task, sized for 2 CPU cores) and `tiny`
-(tests).
+Presets: `demo` (the default: the `uppercase` task, sized for 2 CPU cores), `tiny`
+(tests) and `smollm2`: SmolLM2-135M-Instruct, imported first (README, "Start from a real
+model"; `--config.init_from=DIR` is required), on the English task `brief`, with LoRA
+reward model and policies and no SFT (the instruct model is the starting policy).
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ import ml_collections
 
 from configs import stages
 
-PRESETS = ("demo", "tiny")
+PRESETS = ("demo", "tiny", "smollm2")
 ALL_STAGES = stages.PIPELINE_ORDER
 TRAINING_STAGES = stages.COMMANDS  # each has its configs/<name>.py
 DEFAULT_STAGES = "data,tokenizer,pretrain,sft,rm_data,reward,ppo,report"
@@ -87,7 +89,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     _stage_defaults(c)
     _early_stages(c.pretrain, c.sft, c.reward)
     _rl_stages(c.ppo, c.dpo, c.grpo)
-    (_demo if preset == "demo" else _tiny)(c)
+    {"demo": _demo, "tiny": _tiny, "smollm2": _smollm2}[preset](c)
     return c
 
 
@@ -100,6 +102,7 @@ def _pipeline_keys() -> ml_collections.ConfigDict:
     # A base model's run directory (`flaxlm import-hf` / `import-gguf`): the pipeline then
     # skips tokenizer and pretrain, SFT starts from it, and without SFT so do the rest.
     c.init_from = ""
+    c.needs_init_from = False  # a preset built for a base model refuses to run without one
     c.stages = DEFAULT_STAGES
     # Grow each stage's seq_len / max_new_tokens to fit the task's longest record
     # (orchestrate/pipeline_sizing.py); False keeps the values below as they are.
@@ -186,3 +189,32 @@ def _tiny(c: ml_collections.ConfigDict) -> None:
     c.ppo.total_steps, c.ppo.checkpoint.every_steps, c.ppo.eval.every_steps = 4, 2, 2
     c.ppo.batch_size = 16
     c.reward.calibration.num_samples = 16
+
+
+def _smollm2(c: ml_collections.ConfigDict) -> None:
+    """SmolLM2-135M-Instruct on `brief`, sized for 2 CPU cores: the base model is the
+    starting policy (no SFT), LoRA rank 8 on every trained stage, a few hundred sampled
+    responses for the reward model, short PPO/GRPO/DPO runs. Sequence lengths grow to fit
+    the prompts and the teacher's answers (`size_to_data`)."""
+    c.needs_init_from = True
+    c.task, c.stages = "brief", "data,rm_data,reward,ppo,dpo,grpo,report"
+    c.data.n_docs, c.data.n_sft, c.data.n_prompts, c.data.n_eval = 20, 256, 512, 32
+    c.rm_data.num_prompts, c.rm_data.max_new_tokens, c.rm_data.batch_size = 64, 24, 32
+    c.report.num_samples, c.report.eval_samples = 4, 4
+    for name in TRAINING_STAGES:
+        c[name].model.lora.rank = 8
+        c[name].optim.warmup_steps = 0
+    # The English answers the teacher writes run to ~25 tokens after a ~30-token prompt.
+    c.reward.seq_len, c.reward.batch_size, c.reward.total_steps = 96, 4, 16
+    c.reward.eval.every_steps, c.reward.calibration.num_samples = 8, 16
+    c.reward.calibration.max_new_tokens = 24
+    c.ppo.seq_len, c.ppo.ppo.max_new_tokens, c.ppo.batch_size = 64, 24, 16
+    c.ppo.total_steps, c.ppo.eval.every_steps, c.ppo.ppo.epochs = 10, 5, 2
+    c.ppo.kl.beta = 0.1
+    c.grpo.seq_len, c.grpo.grpo.max_new_tokens, c.grpo.batch_size = 64, 24, 4  # 4 x G rows
+    c.grpo.total_steps, c.grpo.eval.every_steps = 12, 6
+    c.dpo.seq_len, c.dpo.dpo.max_new_tokens, c.dpo.batch_size = 96, 24, 8
+    c.dpo.total_steps, c.dpo.eval.every_steps = 24, 12
+    for name in ("ppo", "grpo", "dpo"):
+        c[name].optim.lr = 2e-4  # LoRA adapters take a larger step than full weights
+        c[name].eval.batch_size = 16

@@ -103,6 +103,11 @@ def select_stages(config: ml_collections.ConfigDict, stages: str | None) -> list
     unknown = [s for s in names if s not in ALL_STAGES]
     if unknown:
         raise PipelineError(f"unknown stage(s) {unknown}; choose from {list(ALL_STAGES)}")
+    if config.get("needs_init_from") and not config.init_from:
+        raise PipelineError(
+            "this preset starts from a base model: pass --config.init_from=DIR, a run "
+            "directory of flaxlm import-gguf or import-hf (README, 'Start from a real model')"
+        )
     if config.init_from:
         clash = [s for s in names if s in BASE_MAKES]
         if clash and stages:

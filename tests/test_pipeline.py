@@ -193,6 +193,28 @@ def test_stage_configs_are_linked(tmp_path):
     assert reward.data.path == str(tmp_path / "rm_data" / "ranked.jsonl")
 
 
+def test_smollm2_preset_needs_a_base_model(tmp_path, capfd):
+    preset = f"{ROOT / 'configs' / 'pipeline.py'}:smollm2"
+    workdir = tmp_path / "run"
+    assert pipeline.main(["--config", preset, "--workdir", str(workdir)]) == 2
+    err = capfd.readouterr().err.strip()
+    assert "pass --config.init_from=DIR" in err and len(err.splitlines()) == 1, err
+    assert not workdir.exists()
+
+
+def test_smollm2_preset_trains_lora_from_the_base_without_sft(tmp_path):
+    config = pipeline_config.get_config("smollm2")
+    config.init_from = str(tmp_path / "base")
+    assert pipeline.select_stages(config, None) == [
+        "data", "rm_data", "reward", "ppo", "dpo", "grpo", "report"
+    ]  # fmt: skip
+    assert config.task == "brief"
+    for stage in ("reward", "ppo", "dpo", "grpo"):
+        assert config[stage].model.lora.rank == 8
+        linked = pipeline_stages.stage_config(config, stage, tmp_path)
+        assert linked.init_from == config.init_from  # no SFT: each starts from the base
+
+
 TASK_MODULE = '''
 import numpy as np
 
