@@ -202,17 +202,16 @@ def test_smollm2_preset_needs_a_base_model(tmp_path, capfd):
     assert not workdir.exists()
 
 
-def test_smollm2_preset_trains_lora_from_the_base_without_sft(tmp_path):
+def test_smollm2_preset_trains_lora_stages_from_the_base(tmp_path):
     config = pipeline_config.get_config("smollm2")
     config.init_from = str(tmp_path / "base")
     assert pipeline.select_stages(config, None) == [
-        "data", "rm_data", "reward", "ppo", "dpo", "grpo", "report"
+        "data", "sft", "rm_data", "reward", "ppo", "dpo", "grpo", "report"
     ]  # fmt: skip
     assert config.task == "brief"
-    for stage in ("reward", "ppo", "dpo", "grpo"):
+    assert pipeline_stages.stage_config(config, "sft", tmp_path).init_from == config.init_from
+    for stage in ("sft", "reward", "ppo", "dpo", "grpo"):
         assert config[stage].model.lora.rank == 8
-        linked = pipeline_stages.stage_config(config, stage, tmp_path)
-        assert linked.init_from == config.init_from  # no SFT: each starts from the base
 
 
 TASK_MODULE = '''
