@@ -60,7 +60,6 @@ import ml_collections
 
 from configs import stages
 
-PRESETS = ("demo", "tiny", "smollm2")
 ALL_STAGES = stages.PIPELINE_ORDER
 TRAINING_STAGES = stages.COMMANDS  # each has its configs/<name>.py
 DEFAULT_STAGES = "data,tokenizer,pretrain,sft,rm_data,reward,ppo,report"
@@ -89,7 +88,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     _stage_defaults(c)
     _early_stages(c.pretrain, c.sft, c.reward)
     _rl_stages(c.ppo, c.dpo, c.grpo)
-    {"demo": _demo, "tiny": _tiny, "smollm2": _smollm2}[preset](c)
+    PRESET_SIZES[preset](c)
     return c
 
 
@@ -223,3 +222,8 @@ def _smollm2(c: ml_collections.ConfigDict) -> None:
     for name in ("ppo", "grpo", "dpo"):
         c[name].optim.lr = 2e-4  # LoRA adapters take a larger step than full weights
         c[name].eval.batch_size = 16
+
+
+# Each preset's own sizes, applied after the shared ones; its names are the presets.
+PRESET_SIZES = {"demo": _demo, "tiny": _tiny, "smollm2": _smollm2}
+PRESETS = tuple(PRESET_SIZES)
