@@ -35,8 +35,18 @@ def policy_dir(
     config: ml_collections.ConfigDict, workdir: pathlib.Path, stage: str
 ) -> pathlib.Path:
     """A policy stage's run directory; "sft" is the policy RL started from (the base model
-    when a pipeline with `init_from` ran no SFT)."""
+    when a pipeline with `init_from` ran no SFT), "base" the base model itself."""
+    if stage == "base":
+        return pathlib.Path(config.init_from)
     return start_policy(config, workdir) if stage == "sft" else workdir / stage
+
+
+def compared_policies(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> list[str]:
+    """The policies the report compares: each stage that wrote a checkpoint, and "base",
+    the imported model before SFT, when SFT ran on top of one (the gain SFT itself made)."""
+    stages = [s for s in POLICY_STAGES if (policy_dir(config, workdir, s) / "checkpoints").is_dir()]
+    trained_sft = config.init_from and (workdir / "sft" / "checkpoints").is_dir()
+    return ["base", *stages] if trained_sft else stages
 
 
 def last(rows: list[dict], key: str) -> float | None:
@@ -176,7 +186,7 @@ def rlhf_eval(
         return None
     argv = ["--sft", str(start_policy(config, workdir)), "--reward", str(workdir / "reward")]
     for stage in stages:
-        argv += ["--policy", str(workdir / stage)]
+        argv += ["--policy", str(policy_dir(config, workdir, stage))]
     argv += ["--prompts", str(data_paths(workdir)["eval_prompts"]), "--task", config.task]
     argv += ["--n", str(config.report.eval_samples), "--seed", str(config.seed)]
     argv += ["--max-new-tokens", str(config.ppo.ppo.max_new_tokens)]
@@ -193,12 +203,14 @@ def evaluate_policies(
     reward model ran) and its greedy answers. Also best-of-n on the SFT samples."""
     task = load_task(config.task)
     prompts = read_prompts(data_paths(workdir)["eval_prompts"])
-    stages = [s for s in POLICY_STAGES if (policy_dir(config, workdir, s) / "checkpoints").is_dir()]
-    evaluated = rlhf_eval(config, workdir, [s for s in stages if s != "sft"])
+    stages = compared_policies(config, workdir)
+    others = [s for s in stages if s != "sft"]
+    evaluated = rlhf_eval(config, workdir, others)
     results: dict[str, dict] = {}
     if evaluated is not None:
-        for row in evaluated["policies"]:
-            results[row["name"]] = {
+        # rlhf-eval's rows: SFT first, then the --policy paths in order.
+        for stage, row in zip(["sft", *others], evaluated["policies"], strict=True):
+            results[stage] = {
                 "oracle_sampled": row["oracle_score"],
                 "heldout_rm_score": row["rm_score"],  # not the last-iteration rm_score
                 "kl_to_sft": row["kl_to_sft"],
@@ -291,7 +303,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> int:
     (workdir / "metrics.jsonl").write_text(json.dumps({"step": 0, **summary}) + "\n")
     (workdir / "report.md").write_text("\n".join(lines) + "\n")
     print(f"report: {workdir / 'report.md'}", file=sys.stderr)
-    for stage in POLICY_STAGES:
+    for stage in ("base", *POLICY_STAGES):
         if stage in policies:
             print(f"  {stage}: held-out oracle score {policies[stage]['oracle_sampled']:.3f}")
     for c in stage_checks:
@@ -345,8 +357,10 @@ def policies_section(
         f"Oracle and reward-model scores are means over {n} samples per prompt at T=1 (the same",
         "key for every policy); KL to SFT in nats per response; RM accuracy is the reward",
         "model's pairwise accuracy against the oracle on that policy's own samples.",
-        "",
     ]
+    if "base" in policies:
+        lines += ["`base` is the imported model the pipeline started from, before SFT."]
+    lines += [""]
     columns = ("oracle_sampled", "heldout_rm_score", "kl_to_sft", "rm_accuracy")
     columns += ("oracle_greedy", "exact_greedy")
     header = ["policy", "oracle", "RM score", "KL to SFT", "RM accuracy"]

@@ -134,15 +134,17 @@ def test_every_stage_runs_from_an_imported_model(tmp_path, base):
         assert all(r["update_norm"] > 0 for r in rows if "update_norm" in r), stage
         assert any("update_norm" in r for r in rows), stage
     summary = json.loads((workdir / "summary.json").read_text())
-    for stage in ("sft", "ppo", "dpo", "grpo"):
+    for stage in ("base", "sft", "ppo", "dpo", "grpo"):  # base: the import before SFT
         assert f"{stage}_oracle_greedy" in summary, (stage, summary)
+    assert summary["base_kl_to_sft"] > 0 and summary["sft_kl_to_sft"] == 0
+    assert "| base |" in (workdir / "report.md").read_text()
 
 
 def test_without_sft_the_stages_read_the_base_model(tmp_path, base):
     """Links only (no training): with no SFT run, rm_data's policy, the reward model and
     every RL stage start from the imported model; once SFT has run, from it."""
     from configs import pipeline as pipeline_config
-    from orchestrate import pipeline_stages
+    from orchestrate import pipeline_report, pipeline_stages
 
     config = pipeline_config.get_config("tiny")
     config.init_from = str(base)
@@ -152,8 +154,12 @@ def test_without_sft_the_stages_read_the_base_model(tmp_path, base):
         linked = pipeline_stages.stage_config(config, stage, workdir)
         assert linked.init_from == str(base), stage
     assert pipeline_stages.stage_config(config, "sft", workdir).init_from == str(base)
+    # The report's "sft" row is then the base model itself, and there is no "base" row.
+    assert pipeline_report.compared_policies(config, workdir) == ["sft"]
     (workdir / "sft" / "checkpoints").mkdir(parents=True)
     assert pipeline_stages.stage_config(config, "ppo", workdir).init_from == str(workdir / "sft")
+    assert pipeline_report.compared_policies(config, workdir) == ["base", "sft"]
+    assert pipeline_report.policy_dir(config, workdir, "base") == base
     from train.stage import INIT_FROM_KINDS, check_parent_kind
 
     for stage in ("ppo", "dpo", "grpo"):  # an imported (instruct) model is a chat policy
