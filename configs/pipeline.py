@@ -35,8 +35,9 @@ Stages (`stages`, comma separated, in this order):
   people have ranked them with `flaxlm label --workdir DIR/rm_data` (rerun to continue);
 - report: DIR/report.md and its PNG plots from every stage's metrics.jsonl, and
   `flaxlm rlhf-eval` on the held-out prompts (`report.eval_samples` samples per prompt):
-  each policy's oracle score, RM score and KL to SFT, the reward model's accuracy against
-  the oracle on each policy's samples, best-of-n on the SFT samples, greedy answers
+  each policy's oracle score, RM score and KL to SFT (with `init_from` and SFT, also the
+  base model's: row `base`), the reward model's accuracy against the oracle on each
+  policy's samples, best-of-n on the SFT samples, greedy answers
   side by side, and each stage checked against its target with the reason it fell short
   (orchestrate/pipeline_checks.py).
 
