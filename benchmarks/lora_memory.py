@@ -2,6 +2,9 @@
 
     python benchmarks/lora_memory.py [--batch 4 --seq 256 --steps 3 --runs 3 --rank 8]
 
+Three configurations: full fine-tuning, LoRA as the model runs it (each adapted
+projection adds x A B, model/layers.py) and LoRA merged the way it ran before (W + s A B
+formed for each forward; its backward forms every adapted kernel's full gradient).
 Random weights (no download: the same shapes give the same memory and time). Each
 configuration runs in a fresh process (peak host RSS is per process) for `--runs` runs:
 one train step of train/step.py (the LM step every SFT run uses, AdamW, fp32 parameters
@@ -56,9 +59,20 @@ def nbytes(tree: object) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def measure(rank: int, batch: int, seq: int, steps: int) -> dict:
+class MergedLora(lora.LoraModel):
+    """LoRA applied as it was before the adapter path of model/layers.py: W + s A B merged
+    for every forward, so the backward pass forms each adapted kernel's full gradient."""
+
+    def apply(self, variables: dict, *args, **kwargs):
+        params = lora.merge(variables["params"], self.lora.scale)
+        return self.base.apply({**variables, "params": params}, *args, **kwargs)
+
+
+def measure(rank: int, batch: int, seq: int, steps: int, merged: bool = False) -> dict:
     """One configuration in this process: compiled sizes, RSS, step times (seconds)."""
     model = lora.wrap(Transformer(SMOLLM2_135M), lora.LoraConfig(rank, 2.0 * max(rank, 1)))
+    if merged:
+        model = MergedLora(model.base, model.lora)
     mesh = sh.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     rules = sh.get_rules("fsdp")
     tx, lr_fn = make_optimizer(lr=1e-4, total_steps=100, weight_decay=0.0)
@@ -86,6 +100,7 @@ def measure(rank: int, batch: int, seq: int, steps: int) -> dict:
         "output_mib": mem.output_size_in_bytes / MIB,
         "alias_mib": mem.alias_size_in_bytes / MIB,
         "temp_mib": mem.temp_size_in_bytes / MIB,
+        "gflops_per_step": _flops(compiled) / 1e9,
     }
     times = []
     for i in range(steps + 1):
@@ -103,6 +118,13 @@ def measure(rank: int, batch: int, seq: int, steps: int) -> dict:
     return out
 
 
+def _flops(compiled) -> float:
+    """XLA's count of the compiled step's floating-point operations (0 where unknown)."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float((cost or {}).get("flops", 0.0))
+
+
 def report(label: str, runs: list[dict]) -> dict:
     first = runs[0]
     times = [t for r in runs for t in r["step_s"]]
@@ -117,6 +139,7 @@ def report(label: str, runs: list[dict]) -> dict:
         "compiled_alias_MiB": round(first["alias_mib"], 1),
         "compiled_temp_MiB": round(first["temp_mib"], 1),
         "compiled_temp+arg+out_MiB": round(total, 1),
+        "compiled_GFLOP_per_step": round(first["gflops_per_step"], 1),
         "peak_rss_MiB_per_run": [round(r["peak_rss_mib"]) for r in runs],
         "median_step_s": round(statistics.median(times), 3),
         "step_s_all": [round(t, 3) for t in times],
@@ -136,23 +159,30 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="fresh processes per configuration")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank (alpha = 2 * rank)")
     parser.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--merged", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one is not None:  # a child: one run of one configuration
-        print(json.dumps(measure(args.one, args.batch, args.seq, args.steps)))
+        print(json.dumps(measure(args.one, args.batch, args.seq, args.steps, args.merged)))
         return
     print(
         f"SmolLM2-135M shape ({param_count(SMOLLM2_135M) / 1e6:.1f} M parameters, fp32), "
         f"batch {args.batch} x {args.seq}, AdamW, {jax.default_backend()}",
         flush=True,
     )
-    for rank, label in ((0, "full"), (args.rank, f"lora r={args.rank} (all 7 projections)")):
-        runs = []
-        for _ in range(args.runs):
-            cmd = [sys.executable, __file__, "--one", str(rank)]
+    configs = {
+        "full": ["--one", "0"],
+        f"lora r={args.rank} (all 7 projections)": ["--one", str(args.rank)],
+        f"lora r={args.rank}, merged W + sAB (before)": ["--one", str(args.rank), "--merged"],
+    }
+    runs: dict[str, list[dict]] = {label: [] for label in configs}
+    for _ in range(args.runs):  # interleaved, so load on a shared machine hits all alike
+        for label, flags in configs.items():
+            cmd = [sys.executable, __file__, *flags]
             cmd += ["--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps)]
             done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        report(label, runs)
+            runs[label].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    for label, config_runs in runs.items():
+        report(label, config_runs)
 
 
 if __name__ == "__main__":

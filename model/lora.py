@@ -13,9 +13,10 @@ Decisions:
   stacked layers; in/out as in the kernel's einsum: q/k/v [D | N, H], o [N, H | D],
   gate/up [D | F], down [F | D]) gets A [*lead, *in, r] (normal, std in**-0.5, the
   kernel's own init scale) and B [*lead, r, *out] (zeros, so step 0 is the base model
-  exactly). `apply` merges W_eff = W + (alpha/r) * A @ B (per layer for stacked kernels,
-  fp32, full precision) and runs the Transformer on the merged tree; a tree without
-  `lora` (a frozen reference, a loaded parent) runs unmerged.
+  exactly). `apply` runs the Transformer on the base tree and hands it the adapters, B
+  scaled by alpha/r, as the variable collection `ADAPTERS` (model/layers.py): each adapted
+  projection computes x W + (x A) B; a tree without `lora` (a frozen reference, a loaded
+  parent) runs as it is.
 - A and B carry the kernel's logical axis names (the rank axis unnamed: replicated), so
   they shard by the same rules table as the kernel.
 - What trains (`trainable`): `lora` plus the scalar head (`scalar_head`, `scalar_bias`)
@@ -24,14 +25,14 @@ Decisions:
   part only, and the optimizer state is built for it alone (train/state.py), so optimizer
   memory is proportional to the adapters. Without a `lora` subtree every parameter is
   trainable, as before.
-- Memory, measured (benchmarks/lora_memory.py, docs/benchmarks.md): no gradient or
-  optimizer state for the base, but the merge is not free. W_eff of every adapted kernel
-  exists for the step (one copy of the adapted weights), and the backward pass forms the
-  full gradient dW_eff of each adapted kernel before contracting it into dA and dB. A
-  fused per-layer merge inside the layer scan would avoid both; it would change the model
-  code, which this design leaves alone. Sampling with a LoRA state merges once per
-  `generate` call, before its decode loop (`merged`); exports and later stages read
-  merged weights.
+- Why x A B and not a merged W + A B (how this module first ran): the merged form's
+  backward pass forms the full gradient of every adapted kernel, 2 FLOPs per weight and
+  token, only to contract it into dA and dB, and holds a merged copy of the adapted
+  weights for the step. With the low-rank path the frozen kernels get no weight gradient
+  (XLA drops the unused one); the extra cost is 6 FLOPs per adapter weight and token.
+  Measured in benchmarks/lora_memory.py and docs/benchmarks.md. Sampling still merges,
+  once per `generate` call before its decode loop (`merged`): a decode step then costs
+  what the base model's does. Exports and later stages read merged weights.
 - Checkpoints hold base + adapters (the whole TrainState, resumable bitwise); the meta
   records `lora` (rank, alpha, targets). Reading a LoRA checkpoint's parameters into
   anything else (train/parent.py `load_params`: `init_from` of a later stage,
@@ -49,6 +50,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 from flax import traverse_util
+
+from model.layers import ADAPTERS
 
 LORA_KEY = "lora"
 # Parameters trained in full even under LoRA: the scalar head of reward/value models.
@@ -222,7 +225,7 @@ def count(params: Any) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class LoraModel:
-    """A Transformer with adapters: `init` adds `params["lora"]`, `apply` merges it.
+    """A Transformer with adapters: `init` adds `params["lora"]`, `apply` hands it to the layers.
 
     Everything else (`config`, `lm_head`, `scalar_head`, ...) is the base model's.
     """
@@ -245,8 +248,18 @@ class LoraModel:
         return variables
 
     def apply(self, variables: dict, *args: Any, **kwargs: Any) -> Any:
-        params = merge(variables["params"], self.lora.scale)
-        return self.base.apply({**variables, "params": params}, *args, **kwargs)
+        """The base on its own parameters, the adapters (B pre-scaled) in the layers'
+        ADAPTERS collection: each adapted projection adds x A B (model/layers.py)."""
+        params = variables["params"]
+        if not is_lora(params):
+            return self.base.apply(variables, *args, **kwargs)
+        base = {k: v for k, v in params.items() if k != LORA_KEY}
+        adapters = jax.tree.map(
+            lambda ab: {"a": ab["a"], "b": self.lora.scale * ab["b"]},
+            params[LORA_KEY],
+            is_leaf=lambda node: isinstance(node, dict) and set(node) == {"a", "b"},
+        )
+        return self.base.apply({**variables, "params": base, ADAPTERS: adapters}, *args, **kwargs)
 
 
 def merged(model: Any, params: Any) -> tuple[Any, Any]:

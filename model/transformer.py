@@ -18,6 +18,7 @@ from flax import linen as nn
 from model import sharding as sh
 from model.config import ModelConfig
 from model.layers import (
+    ADAPTERS,
     MLP,
     NORMS,
     PROJECTION,
@@ -227,7 +228,7 @@ class Transformer(nn.Module):
         if cfg.scan_layers:
             stack = nn.scan(
                 block,
-                variable_axes={"params": 0},
+                variable_axes={"params": 0, ADAPTERS: 0},
                 split_rngs={"params": True, "dropout": True},
                 in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
                 length=cfg.num_layers,
