@@ -8,17 +8,19 @@ best-of-n, per task and seed, from whole `flaxlm pipeline` runs.
     python benchmarks/rlhf_results.py --tasks uppercase next_letter brackets repeat \\
         --seeds 0 1 2 3 4 --workdir /tmp/rlhf --write docs/rlhf.md
 
-Each seed is one pipeline run (configs/pipeline.py:demo with every RL stage) in
-WORKDIR/TASK/seedN; a finished run is skipped, an interrupted one resumes, and a run that
-fails is reported and left out while the others go on (exit 1 at the end). The tables
-are read from each run's summary.json (written by the pipeline's report: `flaxlm
-rlhf-eval` on the held-out prompts, and the stage checks of orchestrate/pipeline_checks.py).
-For one task: mean ± sample std over seeds, and the per-seed values. For the grid (all
-tasks): per task and method, the mean with its 95 % t-interval over seeds, the share of
-the SFT-to-maximum gap closed, and how many seeds met each stage's target; `--write DOC`
-puts that table into DOC between the `GRID_BEGIN` / `GRID_END` markers (a section at the
-end when DOC has none). A task's settings in `TASK_SETTINGS` come first, then any extra
-`--config.KEY=VALUE` arguments; both go to every pipeline run.
+Each seed is one pipeline run (configs/pipeline.py:demo with every RL stage, or
+`--preset NAME` with that preset's own stages; `--preset smollm2` also needs
+`--config.init_from=DIR`, see docs/rlhf.md) in WORKDIR/TASK/seedN; a finished run is
+skipped, an interrupted one resumes, and a run that fails is reported and left out while
+the others go on (exit 1 at the end). The tables are read from each run's summary.json
+(written by the pipeline's report: `flaxlm rlhf-eval` on the held-out prompts, and the
+stage checks of orchestrate/pipeline_checks.py). For one task: mean ± sample std over
+seeds, and the per-seed values. For the grid (all tasks): per task and method, the mean
+with its 95 % t-interval over seeds, the share of the SFT-to-maximum gap closed, how
+many seeds met each stage's target, and each run's stage time (pipeline.json); `--write
+DOC` puts that table into DOC between the preset's markers (`markers`; a section at the
+end when DOC has none). With the demo preset a task's settings in `TASK_SETTINGS` come
+first, then any extra `--config.KEY=VALUE` arguments; both go to every pipeline run.
 """
 
 from __future__ import annotations
@@ -58,14 +60,27 @@ TASK_SETTINGS = {
 
 GRID_BEGIN = "<!-- rlhf_results grid: begin -->"
 GRID_END = "<!-- rlhf_results grid: end -->"
-GRID_POLICIES = ("sft", "ppo", "ppo_oracle", "dpo", "grpo")
+# "base": the imported model before SFT (presets that start from one).
+GRID_POLICIES = ("base", "sft", "ppo", "ppo_oracle", "dpo", "grpo")
 
 
-def run_seed(task: str, seed: int, workdir: pathlib.Path, extra: list[str]) -> int:
+def markers(preset: str) -> tuple[str, str]:
+    """The lines around a preset's grid in a doc: each preset has its own block."""
+    if preset == "demo":
+        return GRID_BEGIN, GRID_END
+    return (
+        f"<!-- rlhf_results grid {preset}: begin -->",
+        f"<!-- rlhf_results grid {preset}: end -->",
+    )
+
+
+def run_seed(task: str, seed: int, workdir: pathlib.Path, extra: list[str], preset: str) -> int:
     """One pipeline run (resumes a started one); its exit code."""
     command = [sys.executable, "-m", "orchestrate.cli", "pipeline"]
-    command += ["--config", f"{ROOT / 'configs' / 'pipeline.py'}:demo", "--workdir", str(workdir)]
-    command += [f"--config.task={task}", f"--config.seed={seed}", f"--config.stages={STAGES}"]
+    command += ["--config", f"{ROOT / 'configs' / 'pipeline.py'}:{preset}"]
+    command += ["--workdir", str(workdir), f"--config.task={task}", f"--config.seed={seed}"]
+    if preset == "demo":  # the demo's defaults leave out DPO, GRPO and PPO with the oracle
+        command += [f"--config.stages={STAGES}"]
     print(" ".join(command + extra), flush=True)
     return subprocess.run(command + extra, cwd=ROOT).returncode
 
@@ -133,6 +148,10 @@ def grid_rows(task: str, summaries: list[dict]) -> list[str]:
         target = f"{int(sum(met))}/{len(met)}" if met else "–"
         cells = [interval(oracle), interval(kl), interval(closed) if closed else "–", target]
         rows.append(f"| {task} | {name} | " + " | ".join(cells) + " |")
+    best = [s["best_of_n_oracle"] for s in summaries if "best_of_n_oracle" in s]
+    if best:
+        kl = interval([s["best_of_n_kl"] for s in summaries if "best_of_n_kl" in s])
+        rows.append(f"| {task} | best-of-n of SFT (RM picks) | {interval(best)} | {kl} | – | – |")
     rm = [s["reward_eval_pair_accuracy"] for s in summaries if "reward_eval_pair_accuracy" in s]
     met = [s["reward_target_met"] for s in summaries if "reward_target_met" in s]
     if rm:
@@ -143,7 +162,28 @@ def grid_rows(task: str, summaries: list[dict]) -> list[str]:
     return rows
 
 
-def grid_table(results: dict[str, list[dict]], wanted: dict[str, int]) -> str:
+def stage_minutes(run: pathlib.Path) -> float | None:
+    """The run's summed stage times (pipeline.json), in minutes."""
+    path = run / "pipeline.json"
+    if not path.is_file():
+        return None
+    stages_run = json.loads(path.read_text()).get("stages", {}).values()
+    return sum(s.get("seconds", 0.0) for s in stages_run) / 60
+
+
+def times_line(minutes: dict[str, list[float]]) -> list[str]:
+    """Each task's stage time per run, in minutes, as measured (the machine's load varies)."""
+    cells = [
+        f"{task} {', '.join(f'{m:.1f}' for m in values)}"
+        for task, values in minutes.items()
+        if values
+    ]
+    return [f"Stage time per run, minutes (pipeline.json): {'; '.join(cells)}."] if cells else []
+
+
+def grid_table(
+    results: dict[str, list[dict]], wanted: dict[str, int], minutes: dict[str, list[float]]
+) -> str:
     """Markdown of the whole grid; `wanted`: how many seeds each task was asked for."""
     lines = [
         "| task | policy | held-out oracle score | KL to SFT (nats) | gap closed | target met |",
@@ -159,16 +199,17 @@ def grid_table(results: dict[str, list[dict]], wanted: dict[str, int]) -> str:
         "the teacher's oracle score; reward model >= 0.85; PPO, GRPO, DPO close >= 50 % of the",
         f"gap at KL <= 10 nats (ppo_oracle is the reference). Finished runs: {counts}.",
     ]
-    return "\n".join(lines)
+    return "\n".join(lines + times_line(minutes))
 
 
-def write_grid(doc: pathlib.Path, table_text: str, command: str) -> None:
-    """Replace DOC's text between the grid markers (or append a section with them)."""
+def write_grid(doc: pathlib.Path, table_text: str, command: str, preset: str = "demo") -> None:
+    """Replace DOC's text between the preset's grid markers (or append a section with them)."""
+    begin, end = markers(preset)
     text = doc.read_text(encoding="utf-8") if doc.exists() else ""
-    block = f"{GRID_BEGIN}\n\n    {command}\n\n{table_text}\n\n{GRID_END}"
-    if GRID_BEGIN in text and GRID_END in text:
-        head, rest = text.split(GRID_BEGIN, 1)
-        text = head + block + rest.split(GRID_END, 1)[1]
+    block = f"{begin}\n\n    {command}\n\n{table_text}\n\n{end}"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n## The task × method grid\n\n" + block + "\n"
     doc.write_text(text, encoding="utf-8")
@@ -181,6 +222,7 @@ def parse_args() -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--table-only", action="store_true", help="read finished runs only")
     parser.add_argument("--write", help="a markdown file to put the grid table into")
+    parser.add_argument("--preset", default="demo", help="configs/pipeline.py's preset to run")
     return parser.parse_known_args()
 
 
@@ -188,26 +230,24 @@ def main() -> int:
     args, extra = parse_args()
     failed = []
     results: dict[str, list[dict]] = {}
+    minutes: dict[str, list[float]] = {}
     for task in args.tasks:
         runs = [pathlib.Path(args.workdir) / task / f"seed{s}" for s in args.seeds]
+        settings = TASK_SETTINGS.get(task, []) if args.preset == "demo" else []
         for seed, run in zip(args.seeds, runs, strict=True):
-            if not args.table_only and run_seed(
-                task, seed, run, TASK_SETTINGS.get(task, []) + extra
-            ):
+            if not args.table_only and run_seed(task, seed, run, settings + extra, args.preset):
                 failed.append(f"{task} seed {seed} ({run})")
-        results[task] = [
-            json.loads((r / "summary.json").read_text())
-            for r in runs
-            if (r / "summary.json").is_file()
-        ]
+        finished = [r for r in runs if (r / "summary.json").is_file()]
+        results[task] = [json.loads((r / "summary.json").read_text()) for r in finished]
+        minutes[task] = [m for m in map(stage_minutes, finished) if m is not None]
         if len(args.tasks) == 1 and results[task]:
             print(f"\n{task}, seeds {args.seeds}: mean ± std (per seed)\n")
             print(table(results[task]))
-    grid = grid_table(results, dict.fromkeys(args.tasks, len(args.seeds)))
+    grid = grid_table(results, dict.fromkeys(args.tasks, len(args.seeds)), minutes)
     print(f"\nThe grid, seeds {args.seeds}:\n\n{grid}")
     if args.write:
         command = " ".join(["python benchmarks/rlhf_results.py", *sys.argv[1:]])
-        write_grid(pathlib.Path(args.write), grid, command)
+        write_grid(pathlib.Path(args.write), grid, command, args.preset)
         print(f"grid written to {args.write}")
     if failed:
         print("runs that failed (rerun the same command to resume them):", *failed, sep="\n  ")

@@ -81,3 +81,38 @@ def test_grid_from_run_directories_and_written_between_markers(rr, tmp_path, mon
     assert second.count(rr.GRID_BEGIN) == 1 and second.endswith("\nafter the grid\n")
     assert second.replace("\nafter the grid\n", "") == first
     assert "The grid, seeds [0, 1]" in capsys.readouterr().out
+
+
+def test_a_presets_grid_has_its_own_block_with_base_best_of_n_and_times(rr, tmp_path, monkeypatch):
+    """`--preset smollm2` writes between its own markers (the demo's block stays), with
+    the base model's and best-of-n's rows and each run's stage time from pipeline.json."""
+    runs = [
+        summary(0.1, 0.3, 1.0, 0.8) | {"base_oracle_sampled": 0.05, "base_kl_to_sft": 4.0},
+        summary(0.2, 0.4, 1.5, 0.9) | {"base_oracle_sampled": 0.07, "base_kl_to_sft": 5.0},
+    ]
+    for s, best in zip(runs, (0.15, 0.25), strict=True):
+        s |= {"best_of_n_oracle": best, "best_of_n_kl": 0.636}
+    write_runs(tmp_path / "runs", "brief", runs)
+    for seed, seconds in enumerate(([60, 120], [90, 90, 30])):
+        state = {"stages": {f"s{i}": {"seconds": t} for i, t in enumerate(seconds)}}
+        (tmp_path / "runs" / "brief" / f"seed{seed}" / "pipeline.json").write_text(
+            json.dumps(state)
+        )
+    doc = tmp_path / "rlhf.md"
+    demo_block = f"{rr.GRID_BEGIN}\n\nthe char grid\n\n{rr.GRID_END}"
+    doc.write_text(f"# Results\n\n{demo_block}\n")
+    argv = ["rlhf_results.py", "--tasks", "brief", "--seeds", "0", "1", "--preset", "smollm2"]
+    argv += ["--workdir", str(tmp_path / "runs"), "--table-only", "--write", str(doc)]
+    monkeypatch.setattr(sys, "argv", argv)
+    assert rr.main() == 0
+    text = doc.read_text()
+    assert demo_block in text
+    begin, end = rr.markers("smollm2")
+    block = text.split(begin, 1)[1].split(end, 1)[0]
+    rows = {r.split(" | ")[1]: r.split(" | ")[2:] for r in block.splitlines() if "| brief |" in r}
+    assert list(rows)[:2] == ["base", "sft"]
+    half = stats.t.ppf(0.975, 1) * stats.sem([0.15, 0.25])
+    assert (
+        rows["best-of-n of SFT (RM picks)"][0] == f"{0.2:.2f} ± {half:.2f}"
+    )  # 2 significant digits
+    assert "Stage time per run, minutes (pipeline.json): brief 3.0, 3.5." in block
