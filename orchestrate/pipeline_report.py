@@ -228,7 +228,7 @@ def evaluate_policies(
         results[stage] |= {"oracle_greedy": float(scores.mean())}
         results[stage] |= {"exact_greedy": float(np.mean(scores == 1.0))}
     best = None if evaluated is None else evaluated.get("best_of_n")
-    return results, best, prompts, greedy
+    return {s: results[s] for s in stages}, best, prompts, greedy  # base, sft, then RL
 
 
 # ----------------------------------------------------------------------------- the report
