@@ -101,7 +101,7 @@ def table(summaries: list[dict]) -> str:
         "| policy | oracle score | KL to SFT (nats) | RM accuracy vs oracle on its samples |",
         "|---|---|---|---|",
     ]
-    for name in POLICIES:
+    for name in ("base", *POLICIES):
         if not any(f"{name}_oracle_sampled" in s for s in summaries):
             continue
         row = [
