@@ -418,15 +418,14 @@ class MLP(nn.Module):
                 self.dtype
             )
 
-        def proj(name: str, x: jax.Array, w: jax.Array, spec: str = "BTD,DF->BTF") -> jax.Array:
-            return adapted_project(self, name, spec, x, w)
-
-        up = proj("up", x, weight("up", (d, f), d**-0.5, (sh.EMBED, sh.MLP)))
+        up_w = weight("up", (d, f), d**-0.5, (sh.EMBED, sh.MLP))
+        up = adapted_project(self, "up", "BTD,DF->BTF", x, up_w)
         if self.activation in GATES:
-            gate = proj("gate", x, weight("gate", (d, f), d**-0.5, (sh.EMBED, sh.MLP)))
+            gate_w = weight("gate", (d, f), d**-0.5, (sh.EMBED, sh.MLP))
+            gate = adapted_project(self, "gate", "BTD,DF->BTF", x, gate_w)
             hidden = GATES[self.activation](gate) * up
         else:
             hidden = jax.nn.gelu(up)
         hidden = nn.with_logical_constraint(hidden, (sh.ACT_BATCH, sh.ACT_LENGTH, sh.ACT_MLP))
         down = weight("down", (f, d), f**-0.5 / (2 * self.num_layers) ** 0.5, (sh.MLP, sh.EMBED))
-        return proj("down", hidden, down, "BTF,FD->BTD")
+        return adapted_project(self, "down", "BTF,FD->BTD", hidden, down)
