@@ -377,6 +377,12 @@ def policies_section(
     return lines
 
 
+def table_text(text: str) -> str:
+    """`text` for one markdown table cell: line breaks shown as ↵ (a raw one ends the
+    row, as in a bulleted answer) and pipes escaped."""
+    return text.replace("\r\n", "\n").replace("\n", "↵").replace("|", "\\|")
+
+
 def greedy_section(
     task: Any, prompts: list[str], greedy: dict[str, list[str]], num_samples: int
 ) -> list[str]:
@@ -387,8 +393,11 @@ def greedy_section(
     return lines + md_table(
         ["prompt", *names],
         [
-            [f"`{prompts[i]}`"]
-            + [f"`{greedy[s][i]}` ({task.score(prompts[i], greedy[s][i]):.2f})" for s in names]
+            [f"`{table_text(prompts[i])}`"]
+            + [
+                f"`{table_text(greedy[s][i])}` ({task.score(prompts[i], greedy[s][i]):.2f})"
+                for s in names
+            ]
             for i in range(n)
         ],
     )

@@ -288,3 +288,18 @@ def test_sigterm_mid_stage_then_rerun_matches(finished: pathlib.Path, tmp_path):
     summary, expected = (json.loads((w / "summary.json").read_text()) for w in (workdir, finished))
     timing_free = {k: v for k, v in expected.items() if "tokens_per_sec" not in k}
     assert {k: summary[k] for k in timing_free} == timing_free
+
+
+def test_greedy_answers_with_line_breaks_and_pipes_stay_in_their_cells():
+    """A bulleted answer holds newlines, which would end a markdown table row."""
+    from orchestrate.pipeline_report import greedy_section
+
+    class Task:
+        def score(self, prompt: str, response: str) -> float:
+            return 0.5
+
+    greedy = {"sft": ["1. Dog\n2. Cat"], "dpo": ["- Dog\r\n- a|b"]}
+    lines = greedy_section(Task(), ["List two animals."], greedy, 4)
+    rows = [line for line in lines if line.startswith("| `")]
+    assert rows == ["| `List two animals.` | `1. Dog↵2. Cat` (0.50) | `- Dog↵- a\\|b` (0.50) |"]
+    assert all(line.startswith("|") for line in lines if line and not line.startswith("#"))
