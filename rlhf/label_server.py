@@ -259,15 +259,16 @@ def main(argv: Sequence[str]) -> int:
     server.verbose = args.verbose
     host, port = server.server_address[:2]
     shown = f"[{host}]" if ":" in str(host) else host
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"flaxlm label: warning: listening on {args.host}, not only this machine")
-    print(f"flaxlm label: {len(store.candidates)} prompts in {args.workdir}", flush=True)
-    print(f"open http://{shown}:{port}/{token}/", flush=True)
     # Ctrl-C and SIGTERM stop the server even when it was started with them ignored (as a
     # shell's background job, or by a parent that ignores SIGINT: exec keeps SIG_IGN).
+    # Before the URL is printed: whoever reads it may signal at once.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.default_int_handler)
     try:
+        if args.host not in ("127.0.0.1", "localhost", "::1"):
+            print(f"flaxlm label: warning: listening on {args.host}, not only this machine")
+        print(f"flaxlm label: {len(store.candidates)} prompts in {args.workdir}", flush=True)
+        print(f"open http://{shown}:{port}/{token}/", flush=True)
         server.serve_forever()
     except KeyboardInterrupt:
         pass

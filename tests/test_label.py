@@ -247,32 +247,29 @@ def test_cli_errors_are_one_line(tmp_path, workdir, capsys):
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 def test_server_stops_on_a_signal_its_parent_ignored(workdir, sig):
     """Started with SIGINT and SIGTERM ignored (a shell's background job; exec keeps
-    SIG_IGN), `flaxlm label` still stops on either, exit 0, lock released."""
+    SIG_IGN), `flaxlm label` still stops on either, exit 0, lock released. The signal
+    goes out the moment the URL is printed (the server's handlers must be in place by
+    then). A small launcher ignores the signals and execs the command, rather than a
+    preexec_fn: that would run Python in a fork of this JAX-threaded process."""
     import os
     import signal
     import subprocess
     import sys
 
-    def ignore() -> None:
-        for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, signal.SIG_IGN)
-
     root = pathlib.Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-m", "orchestrate.cli", "label", "--workdir", str(workdir)]
+    command += ["--port", "0"]
+    launcher = (
+        "import os, signal, sys\n"
+        "for s in (signal.SIGINT, signal.SIGTERM):\n"
+        "    signal.signal(s, signal.SIG_IGN)\n"
+        "os.execv(sys.argv[1], sys.argv[1:])\n"
+    )
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "orchestrate.cli",
-            "label",
-            "--workdir",
-            str(workdir),
-            "--port",
-            "0",
-        ],
+        [sys.executable, "-c", launcher, *command],
         cwd=root,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        preexec_fn=ignore,
     )
     try:
         seen = b""
