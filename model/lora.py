@@ -179,8 +179,12 @@ def merge(params: Any, scale: float) -> Any:
     return traverse_util.unflatten_dict(flat)
 
 
-def _is_pair(path: tuple, node: Any) -> bool:
+def _is_adapter(node: Any) -> bool:
     return isinstance(node, dict) and set(node) == {"a", "b"}
+
+
+def _is_pair(path: tuple, node: Any) -> bool:  # traverse_util's is_leaf signature
+    return _is_adapter(node)
 
 
 def target_paths(params: Any, targets: tuple[str, ...]) -> list[tuple[str, ...]]:
@@ -257,7 +261,7 @@ class LoraModel:
         adapters = jax.tree.map(
             lambda ab: {"a": ab["a"], "b": self.lora.scale * ab["b"]},
             params[LORA_KEY],
-            is_leaf=lambda node: isinstance(node, dict) and set(node) == {"a", "b"},
+            is_leaf=_is_adapter,
         )
         return self.base.apply({**variables, "params": base, ADAPTERS: adapters}, *args, **kwargs)
 

@@ -45,7 +45,7 @@ def compared_policies(config: ml_collections.ConfigDict, workdir: pathlib.Path) 
     """The policies the report compares: each stage that wrote a checkpoint, and "base",
     the imported model before SFT, when SFT ran on top of one (the gain SFT itself made)."""
     stages = [s for s in POLICY_STAGES if (policy_dir(config, workdir, s) / "checkpoints").is_dir()]
-    trained_sft = config.init_from and (workdir / "sft" / "checkpoints").is_dir()
+    trained_sft = config.init_from and start_policy(config, workdir) == workdir / "sft"
     return ["base", *stages] if trained_sft else stages
 
 
@@ -303,9 +303,8 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> int:
     (workdir / "metrics.jsonl").write_text(json.dumps({"step": 0, **summary}) + "\n")
     (workdir / "report.md").write_text("\n".join(lines) + "\n")
     print(f"report: {workdir / 'report.md'}", file=sys.stderr)
-    for stage in ("base", *POLICY_STAGES):
-        if stage in policies:
-            print(f"  {stage}: held-out oracle score {policies[stage]['oracle_sampled']:.3f}")
+    for stage, figures in policies.items():  # base, sft, then RL
+        print(f"  {stage}: held-out oracle score {figures['oracle_sampled']:.3f}")
     for c in stage_checks:
         if not c.met:
             print(f"  {c.stage} fell short of its target ({c.target}): {c.why}", file=sys.stderr)
