@@ -19,8 +19,9 @@ seeds, and the per-seed values. For the grid (all tasks): per task and method, t
 with its 95 % t-interval over seeds, the share of the SFT-to-maximum gap closed, how
 many seeds met each stage's target, and each run's stage time (pipeline.json); `--write
 DOC` puts that table into DOC between the preset's markers (`markers`; a section at the
-end when DOC has none). With the demo preset a task's settings in `TASK_SETTINGS` come
-first, then any extra `--config.KEY=VALUE` arguments; both go to every pipeline run.
+end when DOC has none). Extra `--config.KEY=VALUE` arguments go to every pipeline run; a
+task that needs more data or steps than the preset says so itself (`preset_scale`, which
+the pipeline applies: orchestrate/pipeline_sizing.py).
 """
 
 from __future__ import annotations
@@ -40,24 +41,6 @@ from orchestrate.report import mean_ci
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STAGES = "data,tokenizer,pretrain,sft,rm_data,reward,ppo,ppo_oracle,dpo,grpo,report"
 POLICIES = stages.POLICIES  # the report's policy rows
-# Where a task needs more than the demo's 600 pretraining steps. next_letter, seed 0, at
-# 600 pretraining and 200 SFT steps: SFT eval loss 0.63 nats/token (the teacher's floor is
-# about 0.12) and a reward model at 0.54 held-out accuracy; at 1200 and 600: 0.23 and 0.87.
-# (The demo itself now runs 600 SFT steps.)
-# rotate, seed 0, at the demo's sizes: SFT 0.115 against the teacher's 0.452; 4x the
-# pretraining and 2x the SFT steps overfit the 2000 demonstrations (0.198, eval loss
-# rising); 10x the demonstrations, 5x the documents, 2x pretraining, 4x SFT: 0.470.
-TASK_SETTINGS = {
-    "next_letter": ["--config.pretrain.total_steps=1200"],
-    "rotate": [
-        "--config.data.n_sft=20000",
-        "--config.data.n_docs=2000",
-        "--config.pretrain.total_steps=1200",
-        "--config.sft.total_steps=2400",
-    ],
-}
-
-
 GRID_BEGIN = "<!-- rlhf_results grid: begin -->"
 GRID_END = "<!-- rlhf_results grid: end -->"
 # "base": the imported model before SFT (presets that start from one).
@@ -233,9 +216,8 @@ def main() -> int:
     minutes: dict[str, list[float]] = {}
     for task in args.tasks:
         runs = [pathlib.Path(args.workdir) / task / f"seed{s}" for s in args.seeds]
-        settings = TASK_SETTINGS.get(task, []) if args.preset == "demo" else []
         for seed, run in zip(args.seeds, runs, strict=True):
-            if not args.table_only and run_seed(task, seed, run, settings + extra, args.preset):
+            if not args.table_only and run_seed(task, seed, run, extra, args.preset):
                 failed.append(f"{task} seed {seed} ({run})")
         finished = [r for r in runs if (r / "summary.json").is_file()]
         results[task] = [json.loads((r / "summary.json").read_text()) for r in finished]

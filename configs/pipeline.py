@@ -107,6 +107,9 @@ def _pipeline_keys() -> ml_collections.ConfigDict:
     # Grow each stage's seq_len / max_new_tokens to fit the task's longest record
     # (orchestrate/pipeline_sizing.py); False keeps the values below as they are.
     c.size_to_data = True
+    # Multiply the counts a task's `preset_scale` names (more data or steps for a harder
+    # task, orchestrate/pipeline_sizing.py); keys set on the command line stay as given.
+    c.size_to_task = True
     c.data = ml_collections.ConfigDict({"n_docs": 400, "n_sft": 2000, "n_prompts": 2000})
     c.data.n_eval = 64
     c.tokenizer = ml_collections.ConfigDict({"type": "char", "vocab_size": 512})

@@ -33,6 +33,7 @@ import ml_collections
 
 from configs import loader, stages
 from configs.pipeline import ALL_STAGES
+from orchestrate import pipeline_sizing
 from orchestrate.jsonio import write_json_atomic
 from orchestrate.workdir import STATE_FILE, read_state
 
@@ -188,12 +189,13 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, ml_collections.
     config = loader.load(args.config, overrides)
     if config.get("stage") != "pipeline":
         raise PipelineError(f"--config {args.config} is not a pipeline config")
-    return args, config
+    sized = pipeline_sizing.size_to_task(config, pipeline_sizing.overridden_keys(overrides))
+    return args, sized
 
 
 def main(argv: Sequence[str]) -> int:
     # jax and the stages load only once arguments parse
-    from orchestrate import pipeline_sizing, pipeline_stages
+    from orchestrate import pipeline_stages
 
     try:
         args, config = parse_args(argv)

@@ -12,7 +12,8 @@ A policy stage that falls short gets the first reason that applies, in this orde
 blow-up; no reward variance (GRPO: most groups scored all alike, so nothing to learn);
 a reward model below its target; reward hacking (the RM score rose, the oracle did not);
 else how much of the gap it closed. ppo_oracle (PPO on the oracle itself) is the upper
-reference, not checked.
+reference, not checked. Each shortfall also names the settings to change next (`TO_TRY`,
+the tuning recipe of docs/rlhf.md).
 """
 
 from __future__ import annotations
@@ -41,6 +42,31 @@ class Check:
     met: bool
     why: str = ""  # empty when met
     gap_closed: float | None = None  # policy stages: the fraction of the gap closed
+    to_try: str = ""  # what the tuning recipe changes next (empty when met)
+
+
+# The tuning recipe (docs/rlhf.md, "Tuning recipe"): for each reason a check falls short,
+# the settings to change first. `{stage}` is the policy stage's config section.
+TO_TRY = {
+    "sft": (
+        "more demonstrations (data.n_sft) if SFT's eval loss rose while its train loss "
+        "fell; else more steps (sft.total_steps, pretrain.total_steps)"
+    ),
+    "reward": (
+        "more ranked prompts at about one epoch: rm_data.num_prompts (<= data.n_prompts) "
+        "with reward.total_steps = rm_data.num_prompts / reward.batch_size"
+    ),
+    "kl": "a larger KL weight: {beta}",
+    "variance": "larger groups (grpo.grpo.group_size), so some of each group differ",
+    "weak_rm": "the reward model first (its row); PPO on the oracle shows what it leaves",
+    "hacking": "a larger KL weight ({beta}) or a stronger reward model",
+    "gap": "more steps ({stage}.total_steps) or a larger learning rate ({stage}.optim.lr)",
+}
+KL_WEIGHT = {"ppo": "ppo.kl.beta", "grpo": "grpo.kl.beta", "dpo": "dpo.dpo.beta"}
+
+
+def to_try(kind: str, stage: str = "") -> str:
+    return TO_TRY[kind].format(stage=stage, beta=KL_WEIGHT.get(stage, "the KL weight"))
 
 
 def teacher_level(task: Any, prompts: Sequence[str], seed: int) -> float:
@@ -58,7 +84,7 @@ def check_sft(sft_oracle: float, teacher: float) -> Check:
     if sft_oracle >= teacher - SFT_TOLERANCE - EPS:
         return Check("sft", target, measured, True)
     why = f"below the teacher by {teacher - sft_oracle:.3f}: SFT has not learned the demonstrations"
-    return Check("sft", target, measured, False, why)
+    return Check("sft", target, measured, False, why, to_try=to_try("sft"))
 
 
 def check_reward(accuracy: float) -> Check:
@@ -66,7 +92,9 @@ def check_reward(accuracy: float) -> Check:
     measured = f"accuracy {accuracy:.3f}"
     if accuracy >= RM_ACCURACY - EPS:
         return Check("reward", target, measured, True)
-    return Check("reward", target, measured, False, "reward model too weak")
+    return Check(
+        "reward", target, measured, False, "reward model too weak", to_try=to_try("reward")
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,28 +127,36 @@ def check_policy(stage: str, f: PolicyFigures, max_score: float = 1.0) -> Check:
     kl_ok = f.kl is None or f.kl <= KL_LIMIT
     if closed >= GAP_CLOSED - EPS and kl_ok:
         return Check(stage, target, measured, True, gap_closed=closed)
-    return Check(stage, target, measured, False, shortfall(closed, f), closed)
+    kind, why = first_reason(closed, f)
+    return Check(stage, target, measured, False, why, closed, to_try(kind, stage))
 
 
 def shortfall(closed: float, f: PolicyFigures) -> str:
     """Why a policy stage missed its target: the first reason that applies."""
+    return first_reason(closed, f)[1]
+
+
+def first_reason(closed: float, f: PolicyFigures) -> tuple[str, str]:
+    """(the reason's key in `TO_TRY`, the reason in words) for a policy stage's miss."""
     if f.kl is not None and f.kl > KL_LIMIT:
-        return f"KL blow-up: {f.kl:.1f} nats to SFT (limit {KL_LIMIT:g})"
+        return "kl", f"KL blow-up: {f.kl:.1f} nats to SFT (limit {KL_LIMIT:g})"
     if f.zero_std_groups is not None and f.zero_std_groups >= NO_VARIANCE:
-        return (
+        return "variance", (
             f"no reward variance: {f.zero_std_groups:.0%} of groups scored all alike, "
             "so they carried no signal"
         )
     if f.rm_accuracy is not None and f.rm_accuracy < RM_ACCURACY:
-        return f"reward model too weak (held-out accuracy {f.rm_accuracy:.3f} < {RM_ACCURACY})"
+        return "weak_rm", (
+            f"reward model too weak (held-out accuracy {f.rm_accuracy:.3f} < {RM_ACCURACY})"
+        )
     if f.rm_score is not None and f.sft_rm_score is not None:
         rm_gain, oracle_gain = f.rm_score - f.sft_rm_score, f.oracle - f.sft_oracle
         if rm_gain > 0 and oracle_gain <= 0:
-            return (
+            return "hacking", (
                 f"reward hacking: RM score +{rm_gain:.3f} over SFT while the oracle "
                 f"moved {oracle_gain:+.3f}"
             )
-    return f"closed {closed:.0%} of the gap, under the {GAP_CLOSED:.0%} target"
+    return "gap", f"closed {closed:.0%} of the gap, under the {GAP_CLOSED:.0%} target"
 
 
 def mean_of(rows: Sequence[Mapping[str, Any]], key: str) -> float | None:
@@ -170,11 +206,11 @@ def checks_section(checks: Sequence[Check]) -> list[str]:
     if not checks:
         return []
     lines = ["", "## Stage checks", ""]
-    lines += ["| stage | target | measured | met | why not |", "|---|---|---|---|---|"]
+    lines += ["| stage | target | measured | met | why not | try next |"]
+    lines += ["|---|---|---|---|---|---|"]
     for c in checks:
-        lines.append(
-            f"| {c.stage} | {c.target} | {c.measured} | {'yes' if c.met else 'no'} | {c.why} |"
-        )
+        met = "yes" if c.met else "no"
+        lines.append(f"| {c.stage} | {c.target} | {c.measured} | {met} | {c.why} | {c.to_try} |")
     short = [c.stage for c in checks if not c.met]
     lines += ["", f"Fell short: {', '.join(short)}." if short else "Every checked stage met it."]
     return lines

@@ -307,7 +307,10 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> int:
         print(f"  {stage}: held-out oracle score {figures['oracle_sampled']:.3f}")
     for c in stage_checks:
         if not c.met:
-            print(f"  {c.stage} fell short of its target ({c.target}): {c.why}", file=sys.stderr)
+            print(
+                f"  {c.stage} fell short of its target ({c.target}): {c.why}; try {c.to_try}",
+                file=sys.stderr,
+            )
     return 0
 
 

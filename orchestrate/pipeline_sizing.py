@@ -16,6 +16,13 @@ longest record through the chat template (sequence lengths rounded up to a multi
 `size_to_data=False` keeps the sections' values; records that do not fit are then
 skipped and counted, or stop the stage under `data.bad_records=fail` (train/data/fit.py).
 The pipeline's recorded config (fingerprints, config.json) keeps the values as given.
+
+Counts sized to the task (`size_to_task`): a task may say how much more of the preset's
+data and steps it needs, as factors in a `preset_scale` attribute (dotted pipeline keys,
+e.g. rlhf/more_tasks.py's `Rotate`: 10x the SFT demonstrations, 4x the SFT steps). The
+pipeline multiplies each such preset value when it reads the config, before anything
+runs, so the recorded config and the stage fingerprints hold the values that ran; a key
+set on the command line is taken as given. `size_to_task=False` keeps every value.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import dataclasses
 import json
 import pathlib
 import sys
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Mapping
 
 import ml_collections
 
@@ -118,13 +125,17 @@ def grow(
     for key, value in needed(config, lengths, pretraining).items():
         current = get_key(config, key)
         if value > current:
-            *parents, leaf = key.split(".")
-            node = sized
-            for part in parents:
-                node = node[part]
-            node[leaf] = value
+            set_key(sized, key, value)
             changes.append(f"{key} {current} -> {value}")
     return sized, changes
+
+
+def set_key(config: ml_collections.ConfigDict, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    node = config
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
 
 
 def size_to_data(config: ml_collections.ConfigDict, workdir: pathlib.Path):
@@ -149,4 +160,61 @@ def size_to_data(config: ml_collections.ConfigDict, workdir: pathlib.Path):
             f"{lengths.prompt}, response {lengths.response} tokens): {'; '.join(changes)}",
             file=sys.stderr,
         )
+    return sized
+
+
+# ----------------------------------------------------------------------------- task counts
+
+
+def scale_to_task(
+    config: ml_collections.ConfigDict,
+    scales: Mapping[str, float],
+    explicit: Collection[str],
+    task: str,
+) -> tuple[ml_collections.ConfigDict, list[str]]:
+    """A copy of `config` with each count in `scales` multiplied by its factor (rounded,
+    at least 1), except the keys in `explicit`; and one line per change. Raises
+    ValueError naming the task and the key when a key is not a count of the config or a
+    factor is not a positive number."""
+    sized = ml_collections.ConfigDict(config.to_dict())
+    changes = []
+    for key, factor in scales.items():
+        try:
+            current = get_key(config, key)
+        except (KeyError, AttributeError):
+            raise ValueError(
+                f"task {task}: preset_scale names {key!r}, not a pipeline key"
+            ) from None
+        if isinstance(current, bool) or not isinstance(current, int):
+            raise ValueError(f"task {task}: preset_scale key {key!r} is not a count ({current!r})")
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
+            raise ValueError(
+                f"task {task}: preset_scale[{key!r}] = {factor!r}, not a positive number"
+            )
+        if key in explicit:
+            continue
+        value = max(1, round(current * factor))
+        if value != current:
+            set_key(sized, key, value)
+            changes.append(f"{key} {current} -> {value}")
+    return sized, changes
+
+
+def overridden_keys(overrides: Iterable[str]) -> set[str]:
+    """The dotted keys of `key=value` command-line overrides."""
+    return {item.partition("=")[0] for item in overrides}
+
+
+def size_to_task(config: ml_collections.ConfigDict, explicit: Collection[str]):
+    """`config` with the task's `preset_scale` applied (see the module docstring), telling
+    on stderr what changed; `config` itself when sizing is off or the task asks nothing."""
+    from rlhf.tasks import load_task
+
+    if not config.get("size_to_task", True):
+        return config
+    scales = getattr(load_task(config.task), "preset_scale", None) or {}
+    sized, changes = scale_to_task(config, scales, explicit, config.task)
+    if not changes:
+        return config
+    print(f"pipeline: sized to the task {config.task}: {'; '.join(changes)}", file=sys.stderr)
     return sized

@@ -20,6 +20,7 @@ different answer for "left" and "right", so a reward model has to read the direc
 from __future__ import annotations
 
 import re
+from typing import ClassVar
 
 import numpy as np
 
@@ -129,6 +130,16 @@ class Rotate(_TwoModeTask):
     letters (same multiset), else 0. 1 for the asked rotation; otherwise ½ · the fraction
     of letters in the right place.
     """
+
+    # Seed 0 at the demo's sizes: SFT 0.115 against the teacher's 0.452; 4x the pretraining
+    # and 2x the SFT steps overfit the 2000 demonstrations (0.198, eval loss rising); 10x
+    # the demonstrations, 5x the documents, 2x pretraining, 4x SFT: 0.470.
+    preset_scale: ClassVar[dict[str, float]] = {
+        "data.n_sft": 10,
+        "data.n_docs": 5,
+        "pretrain.total_steps": 2,
+        "sft.total_steps": 4,
+    }
 
     def __init__(self, min_len: int = 5, max_len: int = 5, **kwargs):
         _check_lengths(min_len, max_len, 3)

@@ -1,6 +1,8 @@
 """The report's stage checks (orchestrate/pipeline_checks.py) on hand-made figures: each
 target at its boundary, and each reason a policy stage falls short."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -116,3 +118,40 @@ def test_no_teacher_and_no_reward_eval_means_no_such_checks():
     assert [(c.stage, c.met) for c in checks] == [("ppo", True)]
     assert pc.checks_section(checks)[-1] == "Every checked stage met it."
     assert pc.checks_section([]) == []
+
+
+def test_each_shortfall_names_what_to_change_next():
+    kl = pc.check_policy("dpo", figures(oracle=0.95, kl=12.5))
+    assert kl.to_try == "a larger KL weight: dpo.dpo.beta"
+    gap = pc.check_policy("grpo", figures(oracle=0.45))
+    assert "grpo.total_steps" in gap.to_try and "grpo.optim.lr" in gap.to_try
+    no_variance = pc.check_policy("grpo", figures(oracle=0.5, zero_std_groups=0.8))
+    assert "grpo.grpo.group_size" in no_variance.to_try
+    weak = pc.check_policy("ppo", figures(oracle=0.5, rm_accuracy=0.6))
+    assert weak.to_try.startswith("the reward model first")
+    hacked = pc.check_policy("ppo", figures(oracle=0.38, rm_score=0.9, sft_rm_score=0.5))
+    assert "ppo.kl.beta" in hacked.to_try
+    assert "rm_data.num_prompts" in pc.check_reward(0.7).to_try
+    assert "data.n_sft" in pc.check_sft(0.3, teacher=0.6).to_try
+    met = [pc.check_sft(0.6, 0.6), pc.check_reward(0.9), pc.check_policy("ppo", figures())]
+    assert [c.to_try for c in met] == ["", "", ""]
+    row = pc.checks_section([kl])[5]  # after a blank, the title, a blank, header, rule
+    assert row.endswith(
+        "| KL blow-up: 12.5 nats to SFT (limit 10) | a larger KL weight: dpo.dpo.beta |"
+    )
+
+
+@pytest.mark.parametrize("stage", ["ppo", "grpo", "dpo"])
+def test_every_setting_the_recipe_names_is_a_pipeline_key(stage):
+    from configs import pipeline as pipeline_config
+    from orchestrate.pipeline_sizing import get_key
+
+    demo = pipeline_config.get_config("demo")
+    named = {
+        k
+        for kind in pc.TO_TRY
+        for k in re.findall(r"\b[a-z_]+(?:\.[a-z_]+)+", pc.to_try(kind, stage))
+    }
+    assert {"data.n_sft", "reward.total_steps", f"{stage}.total_steps"} <= named
+    for key in named:
+        assert get_key(demo, key) is not None, key
