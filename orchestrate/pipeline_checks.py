@@ -53,8 +53,9 @@ TO_TRY = {
         "fell; else more steps (sft.total_steps, pretrain.total_steps)"
     ),
     "reward": (
-        "more ranked prompts at about one epoch: rm_data.num_prompts (<= data.n_prompts) "
-        "with reward.total_steps = rm_data.num_prompts / reward.batch_size"
+        "more responses ranked per prompt (rm_data.k), or more ranked prompts at about one "
+        "epoch: rm_data.num_prompts (<= data.n_prompts) with reward.total_steps = "
+        "rm_data.num_prompts / reward.batch_size"
     ),
     "kl": "a larger KL weight: {beta}",
     "variance": "larger groups (grpo.grpo.group_size), so some of each group differ",

@@ -131,6 +131,7 @@ def test_each_shortfall_names_what_to_change_next():
     assert weak.to_try.startswith("the reward model first")
     hacked = pc.check_policy("ppo", figures(oracle=0.38, rm_score=0.9, sft_rm_score=0.5))
     assert "ppo.kl.beta" in hacked.to_try
+    assert "rm_data.k" in pc.check_reward(0.7).to_try
     assert "rm_data.num_prompts" in pc.check_reward(0.7).to_try
     assert "data.n_sft" in pc.check_sft(0.3, teacher=0.6).to_try
     met = [pc.check_sft(0.6, 0.6), pc.check_reward(0.9), pc.check_policy("ppo", figures())]
