@@ -40,11 +40,11 @@ from orchestrate.report import mean_ci
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STAGES = "data,tokenizer,pretrain,sft,rm_data,reward,ppo,ppo_oracle,dpo,grpo,report"
-POLICIES = stages.POLICIES  # the report's policy rows
 GRID_BEGIN = "<!-- rlhf_results grid: begin -->"
 GRID_END = "<!-- rlhf_results grid: end -->"
-# "base": the imported model before SFT (presets that start from one).
-GRID_POLICIES = ("base", "sft", "ppo", "ppo_oracle", "dpo", "grpo")
+# The report's policy rows, after "base": the imported model before SFT (presets that
+# start from one).
+POLICIES = ("base", *stages.POLICIES)
 
 
 def markers(preset: str) -> tuple[str, str]:
@@ -84,7 +84,7 @@ def table(summaries: list[dict]) -> str:
         "| policy | oracle score | KL to SFT (nats) | RM accuracy vs oracle on its samples |",
         "|---|---|---|---|",
     ]
-    for name in ("base", *POLICIES):
+    for name in POLICIES:
         if not any(f"{name}_oracle_sampled" in s for s in summaries):
             continue
         row = [
@@ -121,7 +121,7 @@ def interval(values: list[float]) -> str:
 def grid_rows(task: str, summaries: list[dict]) -> list[str]:
     """A task's rows of the grid: one per policy that ran, then the reward model's."""
     rows = []
-    for name in GRID_POLICIES:
+    for name in POLICIES:
         oracle = [s[f"{name}_oracle_sampled"] for s in summaries if f"{name}_oracle_sampled" in s]
         if not oracle:
             continue

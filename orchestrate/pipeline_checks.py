@@ -128,17 +128,13 @@ def check_policy(stage: str, f: PolicyFigures, max_score: float = 1.0) -> Check:
     kl_ok = f.kl is None or f.kl <= KL_LIMIT
     if closed >= GAP_CLOSED - EPS and kl_ok:
         return Check(stage, target, measured, True, gap_closed=closed)
-    kind, why = first_reason(closed, f)
+    kind, why = shortfall(closed, f)
     return Check(stage, target, measured, False, why, closed, to_try(kind, stage))
 
 
-def shortfall(closed: float, f: PolicyFigures) -> str:
-    """Why a policy stage missed its target: the first reason that applies."""
-    return first_reason(closed, f)[1]
-
-
-def first_reason(closed: float, f: PolicyFigures) -> tuple[str, str]:
-    """(the reason's key in `TO_TRY`, the reason in words) for a policy stage's miss."""
+def shortfall(closed: float, f: PolicyFigures) -> tuple[str, str]:
+    """Why a policy stage missed its target, the first reason that applies: (its key in
+    `TO_TRY`, the reason in words)."""
     if f.kl is not None and f.kl > KL_LIMIT:
         return "kl", f"KL blow-up: {f.kl:.1f} nats to SFT (limit {KL_LIMIT:g})"
     if f.zero_std_groups is not None and f.zero_std_groups >= NO_VARIANCE:

@@ -60,15 +60,15 @@ def test_kl_blow_up_fails_even_a_stage_that_closed_the_gap():
 
 def test_each_reason_in_its_order():
     no_variance = figures(oracle=0.5, zero_std_groups=0.8, rm_accuracy=0.6)
-    assert pc.shortfall(0.1, no_variance).startswith("no reward variance: 80% of groups")
+    assert pc.shortfall(0.1, no_variance)[1].startswith("no reward variance: 80% of groups")
     weak = figures(oracle=0.5, zero_std_groups=0.2, rm_accuracy=0.6)
-    assert pc.shortfall(0.1, weak).startswith("reward model too weak (held-out accuracy 0.600")
+    assert pc.shortfall(0.1, weak)[1].startswith("reward model too weak (held-out accuracy 0.600")
     hacked = figures(oracle=0.38, rm_accuracy=0.9, rm_score=0.9, sft_rm_score=0.5)
-    assert pc.shortfall(-0.03, hacked) == (
+    assert pc.shortfall(-0.03, hacked)[1] == (
         "reward hacking: RM score +0.400 over SFT while the oracle moved -0.020"
     )
     honest = figures(oracle=0.45, rm_accuracy=0.9, rm_score=0.6, sft_rm_score=0.5)
-    assert pc.shortfall(0.08, honest) == "closed 8% of the gap, under the 50% target"
+    assert pc.shortfall(0.08, honest)[1] == "closed 8% of the gap, under the 50% target"
 
 
 def test_sft_at_the_maximum_leaves_nothing_to_close():
