@@ -57,17 +57,24 @@ TO_TRY = {
         "epoch: rm_data.num_prompts (<= data.n_prompts) with reward.total_steps = "
         "rm_data.num_prompts / reward.batch_size"
     ),
-    "kl": "a larger KL weight: {beta}",
+    "kl": "{first}a larger KL weight: {beta}",
     "variance": "larger groups (grpo.grpo.group_size), so some of each group differ",
     "weak_rm": "the reward model first (its row); PPO on the oracle shows what it leaves",
-    "hacking": "a larger KL weight ({beta}) or a stronger reward model",
+    "hacking": "{first}a larger KL weight ({beta}) or a stronger reward model",
     "gap": "more steps ({stage}.total_steps) or a larger learning rate ({stage}.optim.lr)",
 }
 KL_WEIGHT = {"ppo": "ppo.kl.beta", "grpo": "grpo.kl.beta", "dpo": "dpo.dpo.beta"}
+# Tried before a larger KL weight for a drifting stage: GRPO's std-scaled advantages turn a
+# group of near-equal reward-model scores into full-size updates (docs/rlhf.md).
+KL_FIRST = {
+    "grpo": "advantages not divided by the group's std (grpo.grpo.scale_by_std=False) "
+    "if they were; then "
+}
 
 
 def to_try(kind: str, stage: str = "") -> str:
-    return TO_TRY[kind].format(stage=stage, beta=KL_WEIGHT.get(stage, "the KL weight"))
+    beta = KL_WEIGHT.get(stage, "the KL weight")
+    return TO_TRY[kind].format(stage=stage, beta=beta, first=KL_FIRST.get(stage, ""))
 
 
 def teacher_level(task: Any, prompts: Sequence[str], seed: int) -> float:

@@ -130,7 +130,10 @@ def test_each_shortfall_names_what_to_change_next():
     weak = pc.check_policy("ppo", figures(oracle=0.5, rm_accuracy=0.6))
     assert weak.to_try.startswith("the reward model first")
     hacked = pc.check_policy("ppo", figures(oracle=0.38, rm_score=0.9, sft_rm_score=0.5))
-    assert "ppo.kl.beta" in hacked.to_try
+    assert "ppo.kl.beta" in hacked.to_try and "scale_by_std" not in hacked.to_try
+    grpo_kl = pc.check_policy("grpo", figures(oracle=0.95, kl=12.5)).to_try
+    assert grpo_kl.startswith("advantages not divided by the group's std")
+    assert grpo_kl.endswith("then a larger KL weight: grpo.kl.beta")
     assert "rm_data.k" in pc.check_reward(0.7).to_try
     assert "rm_data.num_prompts" in pc.check_reward(0.7).to_try
     assert "data.n_sft" in pc.check_sft(0.3, teacher=0.6).to_try
