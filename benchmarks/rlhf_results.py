@@ -118,6 +118,14 @@ def interval(values: list[float]) -> str:
     return ci_cell(*mean_ci(values)) if values else "–"
 
 
+def best_of_n_kl(values: list[float]) -> str:
+    """Best-of-n's KL is the analytic log n - (n - 1) / n: the same n in every run gives one
+    value, not an interval."""
+    if values and len(set(values)) == 1:
+        return f"{values[0]:.3f} (analytic)"
+    return interval(values)
+
+
 def grid_rows(task: str, summaries: list[dict]) -> list[str]:
     """A task's rows of the grid: one per policy that ran, then the reward model's."""
     rows = []
@@ -133,7 +141,7 @@ def grid_rows(task: str, summaries: list[dict]) -> list[str]:
         rows.append(f"| {task} | {name} | " + " | ".join(cells) + " |")
     best = [s["best_of_n_oracle"] for s in summaries if "best_of_n_oracle" in s]
     if best:
-        kl = interval([s["best_of_n_kl"] for s in summaries if "best_of_n_kl" in s])
+        kl = best_of_n_kl([s["best_of_n_kl"] for s in summaries if "best_of_n_kl" in s])
         rows.append(f"| {task} | best-of-n of SFT (RM picks) | {interval(best)} | {kl} | – | – |")
     rm = [s["reward_eval_pair_accuracy"] for s in summaries if "reward_eval_pair_accuracy" in s]
     met = [s["reward_target_met"] for s in summaries if "reward_target_met" in s]

@@ -111,8 +111,10 @@ def test_a_presets_grid_has_its_own_block_with_base_best_of_n_and_times(rr, tmp_
     block = text.split(begin, 1)[1].split(end, 1)[0]
     rows = {r.split(" | ")[1]: r.split(" | ")[2:] for r in block.splitlines() if "| brief |" in r}
     assert list(rows)[:2] == ["base", "sft"]
+    assert rr.best_of_n_kl([0.5, 0.7]) == rr.interval([0.5, 0.7])  # runs with different n
     half = stats.t.ppf(0.975, 1) * stats.sem([0.15, 0.25])
     assert (
         rows["best-of-n of SFT (RM picks)"][0] == f"{0.2:.2f} ± {half:.2f}"
     )  # 2 significant digits
+    assert rows["best-of-n of SFT (RM picks)"][1] == "0.636 (analytic)"  # one n, one value
     assert "Stage time per run, minutes (pipeline.json): brief 3.0, 3.5." in block
