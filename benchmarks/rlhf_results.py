@@ -35,6 +35,7 @@ import sys
 import numpy as np
 
 from configs import stages
+from orchestrate.pipeline_checks import SHORT
 from orchestrate.report import cell as ci_cell
 from orchestrate.report import mean_ci
 
@@ -126,6 +127,15 @@ def best_of_n_kl(values: list[float]) -> str:
     return interval(values)
 
 
+def why_short(summaries: list[dict], stage: str) -> str:
+    """How many runs fell short of the stage's target for each reason (the report's
+    `<stage>_shortfall`), most frequent first; "–" when none did."""
+    reasons = [s[f"{stage}_shortfall"] for s in summaries if s.get(f"{stage}_shortfall")]
+    counts = {r: reasons.count(r) for r in sorted(set(reasons))}
+    ranked = sorted(counts.items(), key=lambda item: -item[1])
+    return ", ".join(f"{SHORT.get(r, r)} {n}" for r, n in ranked) or "–"
+
+
 def grid_rows(task: str, summaries: list[dict]) -> list[str]:
     """A task's rows of the grid: one per policy that ran, then the reward model's."""
     rows = []
@@ -138,17 +148,22 @@ def grid_rows(task: str, summaries: list[dict]) -> list[str]:
         met = [s[f"{name}_target_met"] for s in summaries if f"{name}_target_met" in s]
         target = f"{int(sum(met))}/{len(met)}" if met else "–"
         cells = [interval(oracle), interval(kl), interval(closed) if closed else "–", target]
+        cells.append(why_short(summaries, name))
         rows.append(f"| {task} | {name} | " + " | ".join(cells) + " |")
     best = [s["best_of_n_oracle"] for s in summaries if "best_of_n_oracle" in s]
     if best:
         kl = best_of_n_kl([s["best_of_n_kl"] for s in summaries if "best_of_n_kl" in s])
-        rows.append(f"| {task} | best-of-n of SFT (RM picks) | {interval(best)} | {kl} | – | – |")
+        rows.append(
+            f"| {task} | best-of-n of SFT (RM picks) | {interval(best)} | {kl} | – | – | – |"
+        )
     rm = [s["reward_eval_pair_accuracy"] for s in summaries if "reward_eval_pair_accuracy" in s]
     met = [s["reward_target_met"] for s in summaries if "reward_target_met" in s]
     if rm:
         target = f"{int(sum(met))}/{len(met)}" if met else "–"
+        why = why_short(summaries, "reward")
         rows.append(
-            f"| {task} | reward model (pairwise accuracy) | {interval(rm)} | – | – | {target} |"
+            f"| {task} | reward model (pairwise accuracy) | {interval(rm)} | – | – | {target} "
+            f"| {why} |"
         )
     return rows
 
@@ -177,8 +192,9 @@ def grid_table(
 ) -> str:
     """Markdown of the whole grid; `wanted`: how many seeds each task was asked for."""
     lines = [
-        "| task | policy | held-out oracle score | KL to SFT (nats) | gap closed | target met |",
-        "|---|---|---|---|---|---|",
+        "| task | policy | held-out oracle score | KL to SFT (nats) | gap closed | target met "
+        "| why short (runs) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for task, summaries in results.items():
         lines += grid_rows(task, summaries)
@@ -188,7 +204,9 @@ def grid_table(
         "Mean ± half-width of the 95 % t-interval over seeds. Gap closed: (policy − SFT) /",
         "(oracle maximum − SFT). Targets (orchestrate/pipeline_checks.py): SFT within 0.05 of",
         "the teacher's oracle score; reward model >= 0.85; PPO, GRPO, DPO close >= 50 % of the",
-        f"gap at KL <= 10 nats (ppo_oracle is the reference). Finished runs: {counts}.",
+        "gap at KL <= 10 nats (ppo_oracle is the reference). Why short: the first reason",
+        "each run's report gave (RM too weak: the reward model below 0.85 held-out accuracy",
+        f"while the policy missed). Finished runs: {counts}.",
     ]
     return "\n".join(lines + times_line(minutes))
 

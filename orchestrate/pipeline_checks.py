@@ -43,6 +43,7 @@ class Check:
     why: str = ""  # empty when met
     gap_closed: float | None = None  # policy stages: the fraction of the gap closed
     to_try: str = ""  # what the tuning recipe changes next (empty when met)
+    kind: str = ""  # the shortfall's key in TO_TRY and SHORT (empty when met)
 
 
 # The tuning recipe (docs/rlhf.md, "Tuning recipe"): for each reason a check falls short,
@@ -62,6 +63,17 @@ TO_TRY = {
     "weak_rm": "the reward model first (its row); PPO on the oracle shows what it leaves",
     "hacking": "{first}a larger KL weight ({beta}) or a stronger reward model",
     "gap": "more steps ({stage}.total_steps) or a larger learning rate ({stage}.optim.lr)",
+}
+# Each shortfall in a few words, for tables over many runs (summary.json's
+# `<stage>_shortfall` holds the key).
+SHORT = {
+    "sft": "SFT below the teacher",
+    "reward": "RM below 0.85",
+    "kl": "KL blow-up",
+    "variance": "no reward variance",
+    "weak_rm": "RM too weak",
+    "hacking": "reward hacking",
+    "gap": "gap closed < 50%",
 }
 KL_WEIGHT = {"ppo": "ppo.kl.beta", "grpo": "grpo.kl.beta", "dpo": "dpo.dpo.beta"}
 # Tried before a larger KL weight for a drifting stage: GRPO's std-scaled advantages turn a
@@ -92,7 +104,7 @@ def check_sft(sft_oracle: float, teacher: float) -> Check:
     if sft_oracle >= teacher - SFT_TOLERANCE - EPS:
         return Check("sft", target, measured, True)
     why = f"below the teacher by {teacher - sft_oracle:.3f}: SFT has not learned the demonstrations"
-    return Check("sft", target, measured, False, why, to_try=to_try("sft"))
+    return Check("sft", target, measured, False, why, to_try=to_try("sft"), kind="sft")
 
 
 def check_reward(accuracy: float) -> Check:
@@ -101,7 +113,13 @@ def check_reward(accuracy: float) -> Check:
     if accuracy >= RM_ACCURACY - EPS:
         return Check("reward", target, measured, True)
     return Check(
-        "reward", target, measured, False, "reward model too weak", to_try=to_try("reward")
+        "reward",
+        target,
+        measured,
+        False,
+        "reward model too weak",
+        to_try=to_try("reward"),
+        kind="reward",
     )
 
 
@@ -136,7 +154,7 @@ def check_policy(stage: str, f: PolicyFigures, max_score: float = 1.0) -> Check:
     if closed >= GAP_CLOSED - EPS and kl_ok:
         return Check(stage, target, measured, True, gap_closed=closed)
     kind, why = shortfall(closed, f)
-    return Check(stage, target, measured, False, why, closed, to_try(kind, stage))
+    return Check(stage, target, measured, False, why, closed, to_try(kind, stage), kind)
 
 
 def shortfall(closed: float, f: PolicyFigures) -> tuple[str, str]:
@@ -221,7 +239,9 @@ def checks_section(checks: Sequence[Check]) -> list[str]:
 
 
 def checks_summary(checks: Sequence[Check]) -> dict[str, float]:
-    """summary.json keys: `<stage>_target_met` (1.0 or 0.0) and, for policy stages with a
-    gap to close, `<stage>_gap_closed`."""
+    """summary.json keys: `<stage>_target_met` (1.0 or 0.0), for policy stages with a gap
+    to close `<stage>_gap_closed`, and for a stage that fell short `<stage>_shortfall`
+    (why, as a key of `SHORT`)."""
     out = {f"{c.stage}_target_met": float(c.met) for c in checks}
-    return out | {f"{c.stage}_gap_closed": c.gap_closed for c in checks if c.gap_closed is not None}
+    out |= {f"{c.stage}_gap_closed": c.gap_closed for c in checks if c.gap_closed is not None}
+    return out | {f"{c.stage}_shortfall": c.kind for c in checks if not c.met}

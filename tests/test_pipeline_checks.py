@@ -106,7 +106,13 @@ def test_run_checks_reads_the_report_figures_and_stage_metrics():
         "ppo_gap_closed": pytest.approx(0.05 / 0.6),
         "grpo_gap_closed": pytest.approx(0.01 / 0.6),
         "dpo_gap_closed": pytest.approx(0.02 / 0.6),
+        "sft_shortfall": "sft",
+        "reward_shortfall": "reward",
+        "ppo_shortfall": "weak_rm",
+        "grpo_shortfall": "variance",
+        "dpo_shortfall": "gap",
     }
+    assert all(c.kind in pc.SHORT and c.kind in pc.TO_TRY for c in checks.values())
     lines = pc.checks_section(list(checks.values()))
     assert lines[-1] == "Fell short: sft, reward, ppo, grpo, dpo."
     assert sum(line.startswith("| ") for line in lines) == 1 + 5  # header and one row each
@@ -139,6 +145,15 @@ def test_each_shortfall_names_what_to_change_next():
     assert "data.n_sft" in pc.check_sft(0.3, teacher=0.6).to_try
     met = [pc.check_sft(0.6, 0.6), pc.check_reward(0.9), pc.check_policy("ppo", figures())]
     assert [c.to_try for c in met] == ["", "", ""]
+    assert [c.kind for c in met] == ["", "", ""]
+    assert "ppo_shortfall" not in pc.checks_summary(met)
+    assert (kl.kind, gap.kind, no_variance.kind, weak.kind, hacked.kind) == (
+        "kl",
+        "gap",
+        "variance",
+        "weak_rm",
+        "hacking",
+    )
     row = pc.checks_section([kl])[5]  # after a blank, the title, a blank, header, rule
     assert row.endswith(
         "| KL blow-up: 12.5 nats to SFT (limit 10) | a larger KL weight: dpo.dpo.beta |"

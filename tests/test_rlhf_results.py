@@ -46,7 +46,7 @@ def write_runs(workdir: pathlib.Path, task: str, summaries: list[dict]) -> None:
 def test_grid_rows_give_95_percent_t_intervals_and_target_counts(rr):
     summaries = [
         summary(0.6, 0.9, 1.0, 0.9),
-        summary(0.6, 0.7, 2.0, 0.8),
+        summary(0.6, 0.7, 2.0, 0.8) | {"ppo_shortfall": "weak_rm", "reward_shortfall": "reward"},
         summary(0.5, 0.8, 4.0, 0.86),
     ]
     rows = {r.split(" | ")[1]: r.split(" | ")[2:] for r in rr.grid_rows("upper", summaries)}
@@ -54,9 +54,17 @@ def test_grid_rows_give_95_percent_t_intervals_and_target_counts(rr):
     ppo = [0.9, 0.7, 0.8]
     half = stats.t.ppf(0.975, 2) * stats.sem(ppo)  # 0.2484...
     assert rows["ppo"][0] == f"{0.8:.2f} ± {half:.2f}"
-    assert rows["ppo"][3] == "2/3 |"  # gaps 0.75, 0.25, 0.6
-    assert rows["reward model (pairwise accuracy)"][-1] == "2/3 |"
+    assert rows["ppo"][3] == "2/3"  # gaps 0.75, 0.25, 0.6
+    assert rows["reward model (pairwise accuracy)"][-2] == "2/3"
     assert rows["sft"][2] == "–"  # SFT closes no gap
+    assert rows["ppo"][4] == "RM too weak 1 |" and rows["sft"][4] == "– |"
+    assert rows["reward model (pairwise accuracy)"][-1] == "RM below 0.85 1 |"
+
+
+def test_why_short_counts_each_reason_most_frequent_first(rr):
+    runs = [{"grpo_shortfall": k} for k in ("gap", "kl", "gap", "variance")] + [{}]
+    assert rr.why_short(runs, "grpo") == "gap closed < 50% 2, KL blow-up 1, no reward variance 1"
+    assert rr.why_short(runs, "ppo") == "–"
 
 
 def test_grid_from_run_directories_and_written_between_markers(rr, tmp_path, monkeypatch, capsys):
@@ -75,6 +83,7 @@ def test_grid_from_run_directories_and_written_between_markers(rr, tmp_path, mon
     assert first.count(rr.GRID_BEGIN) == 1 and first.count(rr.GRID_END) == 1
     assert "Finished runs: upper 2/2, letters 1/2." in first
     assert "| letters | ppo | 0.72 (n=1) |" in first
+    assert first.count("| why short (runs) |") == 1
     doc.write_text(first + "\nafter the grid\n")
     assert rr.main() == 0  # the second write replaces the block, keeps what is around it
     second = doc.read_text()
