@@ -182,7 +182,7 @@ def _demo(c: ml_collections.ConfigDict) -> None:
     # 8 ranked responses per prompt, not 4 (28 pairs instead of 6 from each labeled
     # prompt): on brackets, subtraction, repeat and rotate, seeds 0-2, from the same SFT
     # policies, the reward model met its 0.85 target in 9 of 12 runs instead of 3 and
-    # PPO's oracle score rose on all four tasks (docs/rlhf.md, the last section).
+    # PPO's oracle score rose on all four tasks (docs/rlhf.md, "The grid at K = 8").
     c.rm_data.k = 8
     c.ppo.total_steps = 40
     c.dpo.total_steps, c.dpo.eval.every_steps = 100, 50
