@@ -238,7 +238,7 @@ def checks_section(checks: Sequence[Check]) -> list[str]:
     return lines
 
 
-def checks_summary(checks: Sequence[Check]) -> dict[str, float]:
+def checks_summary(checks: Sequence[Check]) -> dict[str, float | str]:
     """summary.json keys: `<stage>_target_met` (1.0 or 0.0), for policy stages with a gap
     to close `<stage>_gap_closed`, and for a stage that fell short `<stage>_shortfall`
     (why, as a key of `SHORT`)."""
