@@ -27,6 +27,7 @@ the pipeline applies: orchestrate/pipeline_sizing.py).
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import pathlib
 import subprocess
@@ -131,8 +132,7 @@ def why_short(summaries: list[dict], stage: str) -> str:
     """How many runs fell short of the stage's target for each reason (the report's
     `<stage>_shortfall`), most frequent first; "–" when none did."""
     reasons = [s[f"{stage}_shortfall"] for s in summaries if s.get(f"{stage}_shortfall")]
-    counts = {r: reasons.count(r) for r in sorted(set(reasons))}
-    ranked = sorted(counts.items(), key=lambda item: -item[1])
+    ranked = collections.Counter(sorted(reasons)).most_common()  # ties: alphabetical
     return ", ".join(f"{SHORT.get(r, r)} {n}" for r, n in ranked) or "–"
 
 

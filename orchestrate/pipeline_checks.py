@@ -42,8 +42,12 @@ class Check:
     met: bool
     why: str = ""  # empty when met
     gap_closed: float | None = None  # policy stages: the fraction of the gap closed
-    to_try: str = ""  # what the tuning recipe changes next (empty when met)
     kind: str = ""  # the shortfall's key in TO_TRY and SHORT (empty when met)
+
+    @property
+    def to_try(self) -> str:
+        """What the tuning recipe changes next (empty when met)."""
+        return to_try(self.kind, self.stage) if self.kind else ""
 
 
 # The tuning recipe (docs/rlhf.md, "Tuning recipe"): for each reason a check falls short,
@@ -104,7 +108,7 @@ def check_sft(sft_oracle: float, teacher: float) -> Check:
     if sft_oracle >= teacher - SFT_TOLERANCE - EPS:
         return Check("sft", target, measured, True)
     why = f"below the teacher by {teacher - sft_oracle:.3f}: SFT has not learned the demonstrations"
-    return Check("sft", target, measured, False, why, to_try=to_try("sft"), kind="sft")
+    return Check("sft", target, measured, False, why, kind="sft")
 
 
 def check_reward(accuracy: float) -> Check:
@@ -112,15 +116,7 @@ def check_reward(accuracy: float) -> Check:
     measured = f"accuracy {accuracy:.3f}"
     if accuracy >= RM_ACCURACY - EPS:
         return Check("reward", target, measured, True)
-    return Check(
-        "reward",
-        target,
-        measured,
-        False,
-        "reward model too weak",
-        to_try=to_try("reward"),
-        kind="reward",
-    )
+    return Check("reward", target, measured, False, "reward model too weak", kind="reward")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,7 +150,7 @@ def check_policy(stage: str, f: PolicyFigures, max_score: float = 1.0) -> Check:
     if closed >= GAP_CLOSED - EPS and kl_ok:
         return Check(stage, target, measured, True, gap_closed=closed)
     kind, why = shortfall(closed, f)
-    return Check(stage, target, measured, False, why, closed, to_try(kind, stage), kind)
+    return Check(stage, target, measured, False, why, closed, kind)
 
 
 def shortfall(closed: float, f: PolicyFigures) -> tuple[str, str]:
