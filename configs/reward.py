@@ -14,6 +14,9 @@ checkpoint; the model shape and tokenizer come from it (`model.preset` is ignore
 
 reward.margin: constant margin in -log σ(r_better - r_worse - margin) (0 = InstructGPT).
 reward.center_coef: weight of (mean reward of a prompt's responses)^2 (0 = off).
+reward.pool: how a response's reward is read from the per-token scalar head: "last"
+(its final `<|end|>` token, InstructGPT) or "mean" (over its tokens; docs/rlhf.md for
+when the last read starts dead). Stored in the checkpoint; every reader uses its own.
 calibration.*: reference-policy samples that fix the reward scale after training
 (num_samples 0 = skip; policy "" = init_from; prompts_path "" = eval.path's prompts).
 
@@ -36,7 +39,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = base_config()
     c.stage = "reward"
     c.eval.split = "validation"  # named datasets only; a local eval.path is its own split
-    c.reward = ml_collections.ConfigDict({"max_responses": 4, "margin": 0.0, "center_coef": 0.0})
+    c.reward = ml_collections.ConfigDict(
+        {"max_responses": 4, "margin": 0.0, "center_coef": 0.0, "pool": "last"}
+    )
     c.calibration = ml_collections.ConfigDict(
         {
             "num_samples": 64,

@@ -9,9 +9,9 @@ Samples are prompt-major: n responses per prompt, row i·n + j of the flat batch
 sample j of prompt i; per-prompt arrays are [P, n]. The sampling distribution is
 log_softmax(limit_vocab(logits) / T), as in PPO (rlhf/rollout.py), and the KL is between
 these tempered distributions, so at the PPO temperature it is the KL PPO penalizes.
-Reward-model scores are read as PPO reads them (rlhf/ppo_learner.py `last_token_scores`,
-the scalar at the last response token of the sampled tokens), then calibrated
-(gain·raw + bias, train/reward.py).
+Reward-model scores are read as PPO reads them (rlhf/ppo_learner.py `reward_scores`, the
+scalar head over the sampled response pooled as the reward model was trained), then
+calibrated (gain·raw + bias, train/reward.py).
 """
 
 from __future__ import annotations
@@ -137,7 +137,8 @@ def rm_scores(
 ) -> np.ndarray:
     """Calibrated reward-model scores gain·raw + bias of every sample -> [P, n]."""
     with sh.sharding_context(mesh, rules):
-        raw = [to_host(_last_token_scores(model, params, r)) for r in samples.rollouts]
+        pool = calibration["pool"]
+        raw = [to_host(_reward_scores(model, params, r, pool)) for r in samples.rollouts]
     return float(calibration["gain"]) * _flat(samples, raw).astype(np.float64) + float(
         calibration["bias"]
     )
@@ -170,9 +171,9 @@ def sequence_kl(
 
 # Module-level jits keyed on the (hashable) models: one compilation per model and shape
 # however many policies are evaluated.
-@functools.partial(jax.jit, static_argnums=0)
-def _last_token_scores(model: Transformer, params: Params, rollout: ro.Rollout) -> jax.Array:
-    return pl.last_token_scores(model, params, rollout)
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _reward_scores(model: Transformer, params: Params, rollout: ro.Rollout, pool: str) -> jax.Array:
+    return pl.reward_scores(model, params, rollout, pool)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))

@@ -91,12 +91,14 @@ class Experience(NamedTuple):
 def score_rollout(
     models: dict[str, Transformer],
     sampling: SamplingConfig,
+    pool: str,
     params: Params,
     ref_params: Params,
     rm_params: Params | None,
     rollout: ro.Rollout,
 ) -> dict[str, jax.Array]:
-    """log_probs, ref_log_probs [B, N], entropy (mean per token)[, raw_scores [B]]."""
+    """log_probs, ref_log_probs [B, N], entropy (mean per token)[, raw_scores [B], the
+    reward model read by `pool`]."""
     logits = pl.response_logits(models["policy"], params, rollout, sampling)
     ref_logits = pl.response_logits(models["policy"], ref_params, rollout, sampling)
     out = {
@@ -105,7 +107,7 @@ def score_rollout(
         "entropy": pm.masked_mean(pm.entropy_from_logits(logits), rollout.mask),
     }
     if rm_params is not None:
-        out["raw_scores"] = pl.last_token_scores(models["reward"], rm_params, rollout)
+        out["raw_scores"] = pl.reward_scores(models["reward"], rm_params, rollout, pool)
     return out
 
 
@@ -199,7 +201,8 @@ def make_grpo_step(
     jitted scoring pass only, so they cannot change.
     """
     g = config.grpo
-    score = jax.jit(lambda *a: score_rollout(models, sampling, *a))
+    pool = calibration["pool"] if calibration else "last"  # no reward model: unused
+    score = jax.jit(lambda *a: score_rollout(models, sampling, pool, *a))
     experience = jax.jit(
         lambda scored, rollout, scores: make_experience(scored, rollout, scores, g)
     )
@@ -316,7 +319,7 @@ def build(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> StagePart
     reward = None
     if rm_parent is not None:
         frozen["reward"] = load_params(rm_parent, abstract["reward"])
-        reward = (models["reward"], frozen["reward"], calibration["gain"], calibration["bias"])
+        reward = (models["reward"], frozen["reward"], calibration)
         lineage["reward_model"] = str(rm_parent.checkpoint)
     step = make_grpo_step(
         config, models, frozen, calibration, sampling, tx, shardings, mesh, rules, tokenizer, task

@@ -26,7 +26,7 @@ from rlhf import rollout as ro
 from rlhf.tasks import load_task
 from train.data import pipelines
 from train.parent import check_tokenizer, read_parent
-from train.reward import load_calibration
+from train.reward import load_calibration, reward_pool
 from train.sft import data_options, open_records
 from train.stage import REWARD_FROM_KIND, StageError, check_parent_kind
 
@@ -100,7 +100,9 @@ def updates_config(
 
 def load_reward_parent(config: ml_collections.ConfigDict, tokenizer: AnyTokenizer) -> tuple:
     """(parent, model config, calibration) of `reward_from`; refuses non-reward or
-    uncalibrated checkpoints and another tokenizer."""
+    uncalibrated checkpoints and another tokenizer. The calibration carries `pool`, the
+    read its raw scores come from (train/reward.py `reward_pool`), so every reader of
+    gain·raw + bias reads raw as the reward model was trained."""
     rm_parent = read_parent(config.reward_from)
     check_parent_kind(rm_parent, "reward_from", REWARD_FROM_KIND)
     check_tokenizer(rm_parent, tokenizer.fingerprint, "the policy's tokenizer")
@@ -110,7 +112,11 @@ def load_reward_parent(config: ml_collections.ConfigDict, tokenizer: AnyTokenize
             f"reward_from={rm_parent.workdir} has no calibration for step {rm_parent.step}; "
             "rerun `flaxlm reward` with calibration.num_samples > 0"
         )
-    return rm_parent, ModelConfig(**rm_parent.model), calibration
+    return (
+        rm_parent,
+        ModelConfig(**rm_parent.model),
+        {**calibration, "pool": reward_pool(rm_parent)},
+    )
 
 
 def sample_rollout(
@@ -150,14 +156,15 @@ def make_policy_evaluate(
     rules: sh.Rules,
     tokenizer: AnyTokenizer,
     task: Any = None,
-    reward: tuple[Transformer, Params, float, float] | None = None,
+    reward: tuple[Transformer, Params, dict] | None = None,
 ) -> Any:
     """(policy params, prompt batch [B, P], key) -> {kl, response_length, eos_rate
     [, rm_score][, oracle_score]}: one sampled response per prompt, no learning.
 
-    `reward` = (reward model, its params, gain, bias) adds the calibrated rm_score.
+    `reward` = (reward model, its params, its calibration from `load_reward_parent`) adds
+    the calibrated rm_score.
     """
-    rm_model, rm_params, gain, bias = reward if reward is not None else (None, None, 1.0, 0.0)
+    rm_model, rm_params, calibration = reward if reward is not None else (None, None, None)
 
     @jax.jit
     def measure(params: Params, ref: Params, rm: Params, rollout: ro.Rollout) -> dict:
@@ -169,7 +176,8 @@ def make_policy_evaluate(
             "eos_rate": jnp.mean(rollout.ended.astype(jnp.float32)),
         }
         if rm is not None:
-            out["rm_score"] = gain * jnp.mean(pl.last_token_scores(rm_model, rm, rollout)) + bias
+            raw = pl.reward_scores(rm_model, rm, rollout, calibration["pool"])
+            out["rm_score"] = calibration["gain"] * jnp.mean(raw) + calibration["bias"]
         return out
 
     def evaluate(params: Params, batch: dict[str, jax.Array], key: jax.Array) -> dict:

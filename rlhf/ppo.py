@@ -114,7 +114,7 @@ def make_evaluate(
     reference and reward model, without learning: held-out measurements of a policy
     (SFT = the initial state) at the training temperature.
     """
-    score = jax.jit(lambda *a: pl.score_rollout(models, sampling, *a))
+    score = jax.jit(lambda *a: pl.score_rollout(models, sampling, calibration["pool"], *a))
     gain, bias = float(calibration["gain"]), float(calibration["bias"])
 
     def evaluate(state: PPOState, batch: dict[str, jax.Array], key: jax.Array) -> dict:
@@ -166,7 +166,7 @@ def make_scoring(
     log_prob_gap), then rewards and GAE with the score `ppo.reward` names
     (rlhf/ppo_reward.py). `frozen` holds `ref` (π_ref) and `reward` parameters.
     """
-    score = jax.jit(lambda *a: pl.score_rollout(models, sampling, *a))
+    score = jax.jit(lambda *a: pl.score_rollout(models, sampling, calibration["pool"], *a))
     experience = pr.make_experience_fn(config, calibration, tokenizer, mesh, rules, task)
 
     def scoring(state: PPOState, rollout: ro.Rollout, beta: jax.Array) -> tuple:

@@ -23,6 +23,7 @@ from rlhf import kl as kl_lib
 from rlhf import ppo_math as pm
 from rlhf import rollout as ro
 from train.optim import apply_gradients, trainable_value_and_grad
+from train.reward_losses import pool_rewards
 
 Params = Any
 
@@ -74,12 +75,12 @@ def response_scalars(model: Transformer, params: Params, rollout: ro.Rollout) ->
     return scalars[:, P - 1 :].astype(jnp.float32)  # [B, N + 1]
 
 
-def last_token_scores(model: Transformer, params: Params, rollout: ro.Rollout) -> jax.Array:
-    """Raw reward-model scores [B]: the scalar at the last response token (its `<|end|>`),
-    as train/reward.py reads it on the same chat layout."""
+def reward_scores(model: Transformer, params: Params, rollout: ro.Rollout, pool: str) -> jax.Array:
+    """Raw reward-model scores [B]: the scalar head over the response tokens, pooled as the
+    reward model was trained (`pool`, train/reward.py `reward_pool`): the same read
+    train/reward_losses.py `pool_rewards` makes on the same chat layout."""
     after = response_scalars(model, params, rollout)[:, 1:]  # index t: at token t
-    last = pm.last_token_index(rollout.mask)
-    return jnp.take_along_axis(after, last[:, None], axis=-1)[:, 0]
+    return pool_rewards(after, rollout.mask, pool)
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -88,6 +89,7 @@ def last_token_scores(model: Transformer, params: Params, rollout: ro.Rollout) -
 def score_rollout(
     models: dict[str, Transformer],
     sampling: SamplingConfig,
+    pool: str,
     params: Params,
     ref_params: Params,
     value_params: Params,
@@ -95,7 +97,7 @@ def score_rollout(
     rollout: ro.Rollout,
 ) -> dict[str, jax.Array]:
     """The four forward passes over a rollout -> log_probs, ref_log_probs, values [B, N],
-    raw_scores [B], entropy (mean per response token)."""
+    raw_scores [B] (the reward model read by `pool`), entropy (mean per response token)."""
     logits = response_logits(models["policy"], params, rollout, sampling)
     ref_logits = response_logits(models["policy"], ref_params, rollout, sampling)
     values = response_scalars(models["value"], value_params, rollout)[:, :-1]
@@ -103,7 +105,7 @@ def score_rollout(
         "log_probs": masked_log_probs(logits, rollout),
         "ref_log_probs": masked_log_probs(ref_logits, rollout),
         "values": jnp.where(rollout.mask, values, 0.0),
-        "raw_scores": last_token_scores(models["reward"], rm_params, rollout),
+        "raw_scores": reward_scores(models["reward"], rm_params, rollout, pool),
         "entropy": pm.masked_mean(pm.entropy_from_logits(logits), rollout.mask),
     }
 

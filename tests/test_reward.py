@@ -192,7 +192,7 @@ def test_gradients_reach_the_head_and_backbone_not_padded_responses(tokenizer):
 
     def loss(p, b):
         total, prompts = rl.ranking_loss(
-            rl.compute_rewards(model, p, b), b["ranks"], b["response_mask"]
+            rl.compute_rewards(model, p, b, "last"), b["ranks"], b["response_mask"]
         )
         return total / prompts
 
@@ -209,27 +209,120 @@ def test_gradients_reach_the_head_and_backbone_not_padded_responses(tokenizer):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     norms = {k: float(optax.tree.norm(v)) for k, v in grads.items()}
     assert norms["scalar_head"] > 0 and norms["layers"] > 0 and norms["embedding"] > 0
-    # The reward is the per-token scalar at the last real token: no other token gets a
-    # gradient (the same read `compute_rewards` does).
+    # The reward reads the per-token scalars of the response only: "last" its `<|end|>`
+    # (the last real token), "mean" every response token; no other token gets a gradient.
     B, K, T = batch["tokens"].shape
-    flat = {k: batch[k].reshape(B * K, T) for k in ("tokens", "positions", "segment_ids")}
+    mask = batch["completion_mask"].reshape(B * K, T)
     scalars = jnp.asarray(np.random.default_rng(1).normal(size=(B * K, T)), jnp.float32)
-
-    def from_scalars(s):
-        r = rl.last_token_values(s, flat["segment_ids"]).reshape(B, K)
-        r = jnp.where(batch["response_mask"] > 0, r, 0.0)
-        total, prompts = rl.ranking_loss(r, batch["ranks"], batch["response_mask"])
-        return total / prompts
-
-    g = np.asarray(jax.jit(jax.grad(from_scalars))(scalars)).reshape(B, K, T)
     last = batch["segment_ids"].sum(-1) - 1
-    expected = np.zeros((B, K, T), bool)
-    for b, k in zip(*np.nonzero(batch["response_mask"]), strict=True):
-        expected[b, k, last[b, k]] = True
-    assert np.all((g != 0) == expected)
+    for pool in rl.POOLS:
+
+        def from_scalars(s, pool=pool):
+            r = rl.pool_rewards(s, mask, pool).reshape(B, K)
+            r = jnp.where(batch["response_mask"] > 0, r, 0.0)
+            total, prompts = rl.ranking_loss(r, batch["ranks"], batch["response_mask"])
+            return total / prompts
+
+        g = np.asarray(jax.jit(jax.grad(from_scalars))(scalars)).reshape(B, K, T)
+        expected = np.zeros((B, K, T), bool)
+        for b, k in zip(*np.nonzero(batch["response_mask"]), strict=True):
+            if pool == "last":
+                expected[b, k, last[b, k]] = True
+            else:
+                expected[b, k] = batch["completion_mask"][b, k] > 0
+        assert np.all((g != 0) == expected), pool
+
+
+def loop_pool(values: np.ndarray, mask: np.ndarray, pool: str) -> np.ndarray:
+    """Plain-loop reference of `pool_rewards`: the last run of marked tokens per row."""
+    out = np.zeros(values.shape[0])
+    for i, (row, marks) in enumerate(zip(values, mask, strict=True)):
+        run: list[int] = []
+        for t, marked in enumerate(marks):
+            if marked:
+                run = [*run, t] if run and run[-1] == t - 1 else [t]
+        if run:
+            out[i] = row[run[-1]] if pool == "last" else np.mean(row[run])
+    return out
+
+
+def test_pool_rewards_matches_a_loop_on_multi_turn_rows():
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=(5, 9)).astype(np.float32)
+    mask = np.array(
+        [
+            [0, 0, 0, 1, 1, 1, 0, 0, 0],  # prompt, response, padding
+            [0, 1, 1, 0, 0, 1, 1, 1, 1],  # an earlier assistant turn, then the response
+            [1, 1, 1, 1, 1, 1, 1, 1, 1],
+            [0, 0, 0, 0, 0, 0, 0, 0, 1],
+            [0, 0, 0, 0, 0, 0, 0, 0, 0],  # no response: reads 0
+        ]
+    )
+    for pool in rl.POOLS:
+        got = np.asarray(rl.pool_rewards(jnp.asarray(values), jnp.asarray(mask), pool))
+        np.testing.assert_allclose(got, loop_pool(values, mask, pool), rtol=1e-6, atol=1e-7)
+    assert float(rl.pool_rewards(jnp.asarray(values), jnp.asarray(mask), "mean")[1]) == (
+        pytest.approx(float(values[1, 5:].mean()), rel=1e-6)
+    )
+    with pytest.raises(ValueError, match="'max'"):
+        rl.pool_rewards(jnp.asarray(values), jnp.asarray(mask), "max")
 
 
 # ----------------------------------------------------------------------------- the stage
+
+
+def test_ppo_reads_a_rollout_as_the_reward_stage_reads_the_text(tokenizer):
+    """PPO's read of a rollout (rlhf/ppo_learner.py `reward_scores`: left-padded prompt,
+    sampled tokens, right padding) equals the reward stage's read of the same conversation
+    (`score_texts`, the training layout), for each pool; the pools differ."""
+    from model import sharding as sh
+    from rlhf import ppo_learner, rollout
+
+    cfg = get_preset("tiny", vocab_size=384)
+    model = reward.reward_model(cfg)
+    params = nn.unbox(jax.jit(model.init)(jax.random.key(1), jnp.zeros((1, 8), jnp.int32)))
+    params = params["params"]
+    items = [("rate: ABCD", "cat dog owl"), ("rate: HG", "bee")]
+    P, N = 16, 16
+    prompts, responses, masks = [], [], []
+    for prompt, response in items:
+        ids, _ = tokenizer.encode_chat([{"role": "user", "content": prompt}], True)
+        prompts.append(np.pad(ids, (P - ids.size, 0), constant_values=tk.PAD_ID))
+        body = [*tokenizer.encode(response), tk.END_ID]
+        responses.append(np.pad(body, (0, N - len(body)), constant_values=tk.PAD_ID))
+        masks.append(np.arange(N) < len(body))
+    prompt_tokens = jnp.asarray(np.stack(prompts), jnp.int32)
+    batch = rollout.Rollout(
+        prompt_tokens,
+        (prompt_tokens != tk.PAD_ID).astype(jnp.int32),
+        jnp.asarray(np.stack(responses), jnp.int32),
+        jnp.zeros((len(items), N), jnp.float32),
+        jnp.asarray(np.stack(masks)),
+        jnp.ones(len(items), bool),
+    )
+    mesh = sh.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    conversations = [([{"role": "user", "content": p}], r) for p, r in items]
+    read = {}
+    for pool in rl.POOLS:
+        by_ppo = np.asarray(ppo_learner.reward_scores(model, params, batch, pool))
+        by_stage = reward.score_texts(
+            model, params, tokenizer, conversations, 32, mesh, sh.get_rules("dp"), pool
+        )
+        np.testing.assert_allclose(by_ppo, by_stage, rtol=1e-5, atol=1e-5)
+        read[pool] = by_stage
+    assert not np.allclose(read["last"], read["mean"])
+
+
+def test_reward_pool_comes_from_the_checkpoint_config():
+    from train.parent import Parent
+
+    def parent(config: dict) -> Parent:
+        return Parent(pathlib.Path("/x/checkpoints/1"), 1, {"model": {"d_model": 8}, **config})
+
+    assert reward.reward_pool(parent({"config": {"reward": {"pool": "mean"}}})) == "mean"
+    # Checkpoints from before the key existed were trained with the last-token read.
+    assert reward.reward_pool(parent({"config": {"reward": {"margin": 0.0}}})) == "last"
+    assert reward.reward_pool(parent({})) == "last"
 
 
 def write_jsonl(path: pathlib.Path, rows: list[dict]) -> str:
@@ -351,6 +444,7 @@ def test_score_refuses_a_workdir_that_is_not_a_reward_model(trained, capsys):
     "override, message",
     [
         ("--config.reward.max_responses=1", "reward.max_responses=1: must be >= 2"),
+        ("--config.reward.pool=max", "reward.pool='max': choose from ('last', 'mean')"),
         ("--config.calibration.temperature=-1", "calibration: sampling.temperature=-1.0"),
         ("--config.reward.margn=1", "--config.reward.margn: unknown key"),
         ("--config.init_from=/nonexistent", "init_from=/nonexistent: no such workdir"),

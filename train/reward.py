@@ -87,14 +87,20 @@ def reward_model(cfg: ModelConfig) -> Transformer:
     return Transformer(cfg, lm_head=False, scalar_head=True)
 
 
-def reward_grad_fn(model: Transformer, margin: float, center_coef: float) -> Any:
+def reward_pool(parent: Parent) -> str:
+    """How a reward checkpoint reads its scalar head (train/reward_losses.py
+    `pool_rewards`): its config's `reward.pool`; "last" for checkpoints older than it."""
+    return ((parent.meta.get("config") or {}).get("reward") or {}).get("pool", "last")
+
+
+def reward_grad_fn(model: Transformer, margin: float, center_coef: float, pool: str) -> Any:
     """(params, batch, rng) -> ((summed loss, aux sums), grads) for accumulate_gradients.
 
     aux: {"prompts": prompts with a pair, **ranking_stats}, all sums.
     """
 
     def summed_loss(params: Any, batch: Batch, rng: jax.Array) -> tuple[jax.Array, dict]:
-        rewards = rl.compute_rewards(model, params, batch, deterministic=False, rng=rng)
+        rewards = rl.compute_rewards(model, params, batch, pool, deterministic=False, rng=rng)
         loss_sum, prompts = rl.ranking_loss(
             rewards, batch["ranks"], batch["response_mask"], margin, center_coef
         )
@@ -114,10 +120,12 @@ def make_reward_step(
     margin: float = 0.0,
     center_coef: float = 0.0,
     skip_nonfinite: bool = False,
+    *,
+    pool: str,
 ) -> Any:
     """The reward train step, shaped like the LM step (train/step.py): the loss is the
     mean over prompts of the whole (accumulated) batch; metrics add the ranking ones."""
-    grad_fn = reward_grad_fn(model, margin, center_coef)
+    grad_fn = reward_grad_fn(model, margin, center_coef, pool)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         loss_sum, aux, grads = accumulate_gradients(
@@ -162,7 +170,7 @@ def make_eval_fn(
 
     @jax.jit
     def eval_step(params: Any, batch: Batch) -> dict[str, jax.Array]:
-        rewards = rl.compute_rewards(model, params, batch)
+        rewards = rl.compute_rewards(model, params, batch, r.pool)
         loss_sum, prompts = rl.ranking_loss(
             rewards, batch["ranks"], batch["response_mask"], r.margin, r.center_coef
         )
@@ -193,6 +201,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise StageError(f"reward.max_responses={r.max_responses}: must be >= 2")
     if r.margin < 0 or r.center_coef < 0:
         raise StageError("reward.margin and reward.center_coef must be >= 0")
+    if r.pool not in rl.POOLS:
+        raise StageError(f"reward.pool={r.pool!r}: choose from {rl.POOLS}")
     if config.eval.every_steps and not (config.eval.path or config.eval.name):
         raise StageError("eval.every_steps > 0 needs eval.path (held-out ranked JSONL)")
     if c.num_samples < 0 or c.batch_size < 1 or c.max_new_tokens < 1:
@@ -235,6 +245,7 @@ def build(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> StagePart
         config.reward.margin,
         config.reward.center_coef,
         skip_nonfinite=config.nonfinite == "skip",
+        pool=config.reward.pool,
     )
     # No LM head: drop its 6·V·D from the LM's FLOPs per token.
     lm_head_flops = 6.0 * model_cfg.vocab_size * model_cfg.d_model
@@ -268,16 +279,18 @@ def score_texts(
     seq_len: int,
     mesh: jax.sharding.Mesh,
     rules: sh.Rules,
+    pool: str,
     batch_size: int = 16,
 ) -> np.ndarray:
-    """Raw rewards [N] of (prompt messages, response text) pairs, in batches.
+    """Raw rewards [N] of (prompt messages, response text) pairs, in batches, the
+    scalar head read by `pool` (the checkpoint's own: `reward_pool`).
 
     Each pair goes through the training layout (chat template) as a one-response ranked
     row, never cut (train/data/fit.py): rows are seq_len long, or as long as the longest
     pair up to the model's max_seq_len (right padding leaves the reward unchanged);
     longer raises. Batches are padded to a multiple of the batch split.
     """
-    forward = jax.jit(functools.partial(rl.compute_rewards, model))
+    forward = jax.jit(functools.partial(rl.compute_rewards, model, pool=pool))
     multiple = batch_multiple(mesh, rules)
     records = [
         {
@@ -374,6 +387,7 @@ def calibrate(config: ml_collections.ConfigDict, workdir: pathlib.Path, parts: S
         config.seq_len,
         mesh,
         rules,
+        config.reward.pool,
     )
     gain, bias = rl.fit_gain_bias(raw)
     result = {
@@ -484,9 +498,8 @@ def score_workdir(
         {"role": "user", "content": prompt}
     ]
     seq_len = int((parent.meta.get("config") or {}).get("seq_len") or model.config.max_seq_len)
-    raw = score_texts(
-        model, params, tokenizer, [(messages, r) for r in responses], seq_len, mesh, rules
-    )
+    items = [(messages, r) for r in responses]
+    raw = score_texts(model, params, tokenizer, items, seq_len, mesh, rules, reward_pool(parent))
     if calibration is None:
         return raw
     return calibration["gain"] * raw + calibration["bias"]
