@@ -212,6 +212,9 @@ def test_smollm2_preset_trains_lora_stages_from_the_base(tmp_path):
     assert pipeline_stages.stage_config(config, "sft", tmp_path).init_from == config.init_from
     for stage in ("sft", "reward", "ppo", "dpo", "grpo"):
         assert config[stage].model.lora.rank == 8
+    # The mean reward read is the char model's (docs/rlhf.md); SmolLM2 reads the last token.
+    assert config.reward.reward.pool == "last"
+    assert pipeline_config.get_config("demo").reward.reward.pool == "mean"
 
 
 TASK_MODULE = '''
