@@ -58,8 +58,8 @@ TO_TRY = {
         "fell; else more steps (sft.total_steps, pretrain.total_steps)"
     ),
     "reward": (
-        "the mean read (reward.reward.pool=mean) if its grad_norm stayed near 0 from the "
-        "start; else more responses ranked per prompt (rm_data.k), or more ranked prompts "
+        "the mean read (reward.reward.pool=mean) if its grad_norm fell to ~0.1 within the "
+        "first steps; else more responses ranked per prompt (rm_data.k), or more ranked prompts "
         "at about one epoch: rm_data.num_prompts (<= data.n_prompts) with reward.total_steps = "
         "rm_data.num_prompts / reward.batch_size"
     ),
