@@ -5,9 +5,10 @@ The reward model is the Transformer with its scalar head (no LM head), started f
 SFT or pretraining checkpoint (`init_from`, see train/sft.py for what is taken from it);
 the head is new, with std 1/sqrt(D+1) init. A batch holds B prompts with K ranked
 responses each, [B, K, T] (train/data/pipelines.py `ranked_dataset`); the forward runs
-on [B*K, T] and the reward is the scalar at each response's last non-pad token (its
-`<|end|>`). The loss is the InstructGPT K-wise loss (train/reward_losses.py), all pairs
-of a prompt inside one batch element.
+on [B*K, T] and the reward is the scalar head read by `reward.pool` at the response's
+`<|end|>` or averaged over its tokens (train/reward_losses.py `pool_rewards`). The loss
+is the InstructGPT K-wise loss (train/reward_losses.py), all pairs of a prompt inside
+one batch element.
 
 After training, rewards are calibrated: `calibration.num_samples` responses are sampled
 from the reference policy (`calibration.policy`, default `init_from`) for held-out prompts
@@ -88,8 +89,7 @@ def reward_model(cfg: ModelConfig) -> Transformer:
 
 
 def reward_pool(parent: Parent) -> str:
-    """How a reward checkpoint reads its scalar head (train/reward_losses.py
-    `pool_rewards`): its config's `reward.pool`; "last" for checkpoints older than it."""
+    """A reward checkpoint's `reward.pool`; "last" for checkpoints older than the key."""
     return ((parent.meta.get("config") or {}).get("reward") or {}).get("pool", "last")
 
 
@@ -116,12 +116,11 @@ def make_reward_step(
     model: Transformer,
     tx: optax.GradientTransformation,
     lr_fn: optax.Schedule,
+    pool: str,
     grad_accum_steps: int = 1,
     margin: float = 0.0,
     center_coef: float = 0.0,
     skip_nonfinite: bool = False,
-    *,
-    pool: str,
 ) -> Any:
     """The reward train step, shaped like the LM step (train/step.py): the loss is the
     mean over prompts of the whole (accumulated) batch; metrics add the ranking ones."""
@@ -241,11 +240,11 @@ def build(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> StagePart
         model,
         tx,
         lr_fn,
+        config.reward.pool,
         config.grad_accum_steps,
         config.reward.margin,
         config.reward.center_coef,
         skip_nonfinite=config.nonfinite == "skip",
-        pool=config.reward.pool,
     )
     # No LM head: drop its 6·V·D from the LM's FLOPs per token.
     lm_head_flops = 6.0 * model_cfg.vocab_size * model_cfg.d_model
@@ -282,8 +281,7 @@ def score_texts(
     pool: str,
     batch_size: int = 16,
 ) -> np.ndarray:
-    """Raw rewards [N] of (prompt messages, response text) pairs, in batches, the
-    scalar head read by `pool` (the checkpoint's own: `reward_pool`).
+    """Raw rewards [N] (read by `pool`) of (prompt messages, response text) pairs, in batches.
 
     Each pair goes through the training layout (chat template) as a one-response ranked
     row, never cut (train/data/fit.py): rows are seq_len long, or as long as the longest
@@ -379,15 +377,9 @@ def calibrate(config: ml_collections.ConfigDict, workdir: pathlib.Path, parts: S
         texts += sample_responses(
             policy, policy_params, tokenizer, chunk, key, c.max_new_tokens, sampling, mesh, rules
         )
+    items = list(zip(prompts, texts, strict=True))
     raw = score_texts(
-        model,
-        params,
-        tokenizer,
-        list(zip(prompts, texts, strict=True)),
-        config.seq_len,
-        mesh,
-        rules,
-        config.reward.pool,
+        model, params, tokenizer, items, config.seq_len, mesh, rules, config.reward.pool
     )
     gain, bias = rl.fit_gain_bias(raw)
     result = {
