@@ -47,6 +47,8 @@ GRID_END = "<!-- rlhf_results grid: end -->"
 # The report's policy rows, after "base": the imported model before SFT (presets that
 # start from one).
 POLICIES = ("base", *stages.POLICIES)
+# The stages orchestrate/pipeline_checks.py sets a target for, in the order tables list them.
+TARGET_STAGES = ("sft", "reward", "ppo", "grpo", "dpo")
 
 
 def markers(preset: str) -> tuple[str, str]:
@@ -107,11 +109,8 @@ def table(summaries: list[dict]) -> str:
 
 def targets_line(summaries: list[dict]) -> list[str]:
     """How many seeds met each stage's target (orchestrate/pipeline_checks.py)."""
-    counts = []
-    for stage in ("sft", "reward", "ppo", "grpo", "dpo"):
-        met = [s[f"{stage}_target_met"] for s in summaries if f"{stage}_target_met" in s]
-        if met:
-            counts.append(f"{stage} {int(sum(met))}/{len(met)}")
+    stages_met = [(stage, targets_met(summaries, stage)) for stage in TARGET_STAGES]
+    counts = [f"{stage} {met}" for stage, met in stages_met if met != "–"]
     return ["", f"Stage targets met (seeds): {', '.join(counts)}."] if counts else []
 
 
@@ -126,6 +125,12 @@ def best_of_n_kl(values: list[float]) -> str:
     if values and len(set(values)) == 1:
         return f"{values[0]:.3f} (analytic)"
     return interval(values)
+
+
+def targets_met(summaries: list[dict], stage: str) -> str:
+    """The stage's target as met/runs over the runs that checked it; "–" when none did."""
+    met = [s[f"{stage}_target_met"] for s in summaries if f"{stage}_target_met" in s]
+    return f"{int(sum(met))}/{len(met)}" if met else "–"
 
 
 def why_short(summaries: list[dict], stage: str) -> str:
@@ -145,9 +150,8 @@ def grid_rows(task: str, summaries: list[dict]) -> list[str]:
             continue
         kl = [s[f"{name}_kl_to_sft"] for s in summaries if s.get(f"{name}_kl_to_sft") is not None]
         closed = [s[f"{name}_gap_closed"] for s in summaries if f"{name}_gap_closed" in s]
-        met = [s[f"{name}_target_met"] for s in summaries if f"{name}_target_met" in s]
-        target = f"{int(sum(met))}/{len(met)}" if met else "–"
-        cells = [interval(oracle), interval(kl), interval(closed) if closed else "–", target]
+        cells = [interval(oracle), interval(kl), interval(closed) if closed else "–"]
+        cells.append(targets_met(summaries, name))
         cells.append(why_short(summaries, name))
         rows.append(f"| {task} | {name} | " + " | ".join(cells) + " |")
     best = [s["best_of_n_oracle"] for s in summaries if "best_of_n_oracle" in s]
@@ -157,10 +161,8 @@ def grid_rows(task: str, summaries: list[dict]) -> list[str]:
             f"| {task} | best-of-n of SFT (RM picks) | {interval(best)} | {kl} | – | – | – |"
         )
     rm = [s["reward_eval_pair_accuracy"] for s in summaries if "reward_eval_pair_accuracy" in s]
-    met = [s["reward_target_met"] for s in summaries if "reward_target_met" in s]
     if rm:
-        target = f"{int(sum(met))}/{len(met)}" if met else "–"
-        why = why_short(summaries, "reward")
+        target, why = targets_met(summaries, "reward"), why_short(summaries, "reward")
         rows.append(
             f"| {task} | reward model (pairwise accuracy) | {interval(rm)} | – | – | {target} "
             f"| {why} |"
