@@ -2,16 +2,22 @@
 
 Layout. Prompts are left-padded to a common length P (`left_pad`): pad slots have segment
 id 0 and real tokens segment id 1, and RoPE positions start at 0 at each row's first real
-token, so the padding is invisible to the math. The cache has P + N slots (N =
+token, so the padding is invisible to the math. The cache ends with P + N slots (N =
 `max_new_tokens`); the prompt fills slots [0, P) and generated token i is written at slot
 P + i when it is fed back. Because every row's last prompt slot is real, the prefill logits
 at slot P - 1 give every row's first new token.
 
-Loop. `generate` is one jitted function: prefill, sample token 0, then a `lax.while_loop`
-that feeds the previous token ([B, 1]) through the model and samples the next, exiting when
+Loop. `generate` is one jitted function: prefill, sample token 0, then `lax.while_loop`s
+that feed the previous token ([B, 1]) through the model and sample the next, exiting when
 N tokens are out or every row has emitted `eos_id`. Rows that finished keep stepping (the
 batch is fixed) but their outputs are masked: `tokens` holds `pad_id`, `log_probs` 0 and
 `mask` False from the step after eos on. The eos token itself is generated (mask True).
+
+Cache growth. A decode step reads every slot of the cache, live or not, so its cost grows
+with the cache's length. The cache therefore starts with room for `cache_step` new tokens
+and doubles that room whenever it fills (`cache_sizes`): one while loop per size, the
+slots copied into the longer cache between them (zeros are empty slots, masked out).
+With N <= `cache_step` there is one loop, as with a fixed P + N cache.
 
 Sampling order (the Hugging Face convention): logits / T, then top-k, then top-p on the
 tempered distribution, then a categorical draw. Temperature 0 means greedy (argmax).
@@ -53,6 +59,8 @@ from model import sharding as sh
 from model.transformer import CACHE_AXES, init_cache
 
 Params = Any
+# New tokens the cache has room for before it first grows (`cache_sizes`).
+CACHE_STEP = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,6 +261,29 @@ def _cache_constraint(mesh: Mesh | None, rules: sh.Rules | None) -> Callable[[di
 # ----------------------------------------------------------------------------- the loop
 
 
+def cache_sizes(prompt_len: int, max_new_tokens: int, cache_step: int) -> tuple[int, ...]:
+    """The cache lengths the decode loop goes through: P + cache_step * 2**k, then P + N."""
+    if cache_step < 1:
+        raise ValueError(f"cache_step={cache_step}: must be >= 1")
+    sizes, room = [], cache_step
+    while room < max_new_tokens:
+        sizes.append(prompt_len + room)
+        room *= 2
+    return (*sizes, prompt_len + max_new_tokens)
+
+
+def grow_cache(cache: dict, length: int) -> dict:
+    """The cache with its slot axis padded to `length` (new slots empty: segment id 0)."""
+
+    def pad(name: str, buffer: jax.Array) -> jax.Array:
+        axis = CACHE_AXES[name].index(sh.CACHE_LENGTH)
+        widths = [(0, 0)] * buffer.ndim
+        widths[axis] = (0, length - buffer.shape[axis])
+        return jnp.pad(buffer, widths)
+
+    return {name: pad(name, buffer) for name, buffer in cache.items()}
+
+
 class _LoopState(NamedTuple):
     step: jax.Array  # scalar int32: index of the next token to sample
     cache: dict
@@ -269,7 +300,16 @@ def _write_column(buffer: jax.Array, column: jax.Array, step: jax.Array) -> jax.
 
 @functools.partial(
     jax.jit,
-    static_argnames=("model", "max_new_tokens", "sampling", "eos_id", "pad_id", "mesh", "rules"),
+    static_argnames=(
+        "model",
+        "max_new_tokens",
+        "sampling",
+        "eos_id",
+        "pad_id",
+        "mesh",
+        "rules",
+        "cache_step",
+    ),
 )
 def _generate(
     params: Params,
@@ -284,13 +324,15 @@ def _generate(
     pad_id: int,
     mesh: Mesh | None,
     rules: sh.Rules | None,
+    cache_step: int,
 ) -> GenerateOutput:
     batch, prompt_len = tokens.shape
     model, params = lora.merged(model, params)  # adapters merged once, not per decode step
     constrain = _cache_constraint(mesh, rules)
     positions = prompt_positions(segment_ids)
     lengths = jnp.sum(segment_ids != 0, axis=-1).astype(jnp.int32)  # [B]
-    cache = constrain(init_cache(model.config, batch, prompt_len + max_new_tokens))
+    sizes = cache_sizes(prompt_len, max_new_tokens, cache_step)
+    cache = constrain(init_cache(model.config, batch, sizes[0]))
     logits, cache = prefill(model, params, tokens, segment_ids, positions, cache)
 
     def emit(state: _LoopState, logits: jax.Array) -> _LoopState:
@@ -308,8 +350,9 @@ def _generate(
             mask=_write_column(state.mask, live, state.step),
         )
 
-    def cond(state: _LoopState) -> jax.Array:
-        return (state.step < max_new_tokens) & ~jnp.all(state.done)
+    def cond(state: _LoopState, size: int) -> jax.Array:
+        fits = prompt_len + state.step - 1 < size  # the slot the next step writes
+        return (state.step < max_new_tokens) & ~jnp.all(state.done) & fits
 
     def body(state: _LoopState) -> _LoopState:
         # Token step-1 sits at slot P+step-1 and RoPE position length+step-1.
@@ -328,7 +371,11 @@ def _generate(
         log_probs=jnp.zeros((batch, max_new_tokens), jnp.float32),
         mask=jnp.zeros((batch, max_new_tokens), bool),
     )
-    state = jax.lax.while_loop(cond, body, emit(state, logits))
+    state = emit(state, logits)
+    for size in sizes:
+        if size > state.cache["segment_ids"].shape[1]:
+            state = state._replace(cache=constrain(grow_cache(state.cache, size)))
+        state = jax.lax.while_loop(functools.partial(cond, size=size), body, state)
     return GenerateOutput(state.tokens, state.log_probs, state.mask)
 
 
@@ -345,14 +392,17 @@ def generate(
     pad_id: int = 0,
     mesh: Mesh | None = None,
     rules: sh.Rules | None = None,
+    cache_step: int = CACHE_STEP,
 ) -> GenerateOutput:
     """Sample up to `max_new_tokens` tokens after left-padded prompts.
 
     model: a `Transformer` with its LM head; params: its unboxed parameters (sharded as
     `param_shardings` gives when a mesh is used); tokens, segment_ids: [B, P] from
     `left_pad` (segment id 1 = prompt token, 0 = left pad; every row needs a token in
-    slot P-1); key: a PRNG key. Returns `GenerateOutput`, each field [B, N].
-    One compilation per (model, shapes, sampling, eos_id, pad_id, mesh, rules).
+    slot P-1); key: a PRNG key; cache_step: the new tokens the cache first has room for
+    (it doubles that room when full, see the module doc). Returns `GenerateOutput`, each
+    field [B, N]. One compilation per (model, shapes, sampling, eos_id, pad_id, mesh,
+    rules, cache_step).
     """
     tokens = jnp.asarray(tokens, jnp.int32)
     segment_ids = jnp.asarray(segment_ids, jnp.int32)
@@ -380,6 +430,7 @@ def generate(
         pad_id=pad_id,
         mesh=mesh,
         rules=rules,
+        cache_step=cache_step,
     )
     if mesh is None:
         return _generate(params, tokens, segment_ids, key, **kwargs)

@@ -18,7 +18,7 @@ from scipy import stats
 from model import generate as gen
 from model import sharding as sh
 from model.config import PRESETS, get_preset
-from model.transformer import Transformer, init_cache
+from model.transformer import CACHE_AXES, Transformer, init_cache
 from train.state import param_shardings
 
 # Left-padded to P = 5; every test uses batch 4 and P + NEW = 11 so compilations are shared.
@@ -157,7 +157,31 @@ def test_cached_logits_equal_full_forward(num_kv_heads: int, scan_layers: bool):
 # ----------------------------------------------------------------------------- decoding
 
 
-def test_greedy_equals_argmax_of_repeated_full_forward(tiny):
+def test_cache_sizes_double_the_room_for_new_tokens():
+    assert gen.cache_sizes(64, 256, 64) == (128, 192, 320)
+    assert gen.cache_sizes(5, 6, 2) == (7, 9, 11)
+    assert gen.cache_sizes(3, 8, 4) == (7, 11)
+    assert gen.cache_sizes(3, 4, 64) == (7,)  # N <= cache_step: one fixed cache
+    assert gen.cache_sizes(3, 4, 4) == (7,)
+    with pytest.raises(ValueError, match="cache_step=0"):
+        gen.cache_sizes(3, 4, 0)
+
+
+def test_grow_cache_keeps_the_slots_and_adds_empty_ones(tiny):
+    model, _ = tiny
+    cache = init_cache(model.config, 2, 5)
+    cache = jax.tree.map(lambda x: x + 1, cache)
+    grown = gen.grow_cache(cache, 8)
+    for name, buffer in grown.items():
+        slots = CACHE_AXES[name].index(sh.CACHE_LENGTH)
+        assert buffer.shape[slots] == 8
+        np.testing.assert_array_equal(jax.lax.slice_in_dim(buffer, 0, 5, axis=slots), 1)
+        np.testing.assert_array_equal(jax.lax.slice_in_dim(buffer, 5, 8, axis=slots), 0)
+
+
+# cache_step 2 with NEW = 6: the cache grows twice (7 -> 9 -> 11 slots) during the loop.
+@pytest.mark.parametrize("cache_step", [gen.CACHE_STEP, 2])
+def test_greedy_equals_argmax_of_repeated_full_forward(tiny, cache_step: int):
     model, params = tiny
     prompts = gen.left_pad(PROMPTS)
     out = gen.generate(
@@ -168,6 +192,7 @@ def test_greedy_equals_argmax_of_repeated_full_forward(tiny):
         jax.random.key(0),
         max_new_tokens=NEW,
         sampling=gen.SamplingConfig(temperature=0.0),
+        cache_step=cache_step,
     )
     # Reference: a full forward pass over prompt + tokens so far for every new token. The
     # not-yet-generated tail is right padding (segment 0), which causality makes inert.
@@ -265,16 +290,18 @@ def test_temperature_sampling_chi_square(sampling: gen.SamplingConfig):
     np.testing.assert_allclose(np.asarray(log_probs), np_log_softmax(scaled)[tokens], atol=1e-5)
 
 
-def test_sampled_log_probs_equal_full_forward(tiny):
+@pytest.mark.parametrize("cache_step", [gen.CACHE_STEP, 2])
+def test_sampled_log_probs_equal_full_forward(tiny, cache_step: int):
     model, params = tiny
     prompts = gen.left_pad(PROMPTS)
     sampling = gen.SamplingConfig(temperature=0.7, top_k=40, top_p=0.95)
     key = jax.random.key(11)
     args = (model, params, prompts.tokens, prompts.segment_ids, key)
-    free = gen.generate(*args, max_new_tokens=NEW, sampling=sampling)
+    kwargs = dict(max_new_tokens=NEW, sampling=sampling, cache_step=cache_step)
+    free = gen.generate(*args, **kwargs)
     # Stop row 0 at its third token: same key, so the rows agree up to eos.
     eos = int(free.tokens[0, 2])
-    out = gen.generate(*args, max_new_tokens=NEW, sampling=sampling, eos_id=eos, pad_id=0)
+    out = gen.generate(*args, **kwargs, eos_id=eos, pad_id=0)
     tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
     for row in range(len(PROMPTS)):
         hits = np.flatnonzero(np.asarray(free.tokens[row]) == eos)
@@ -344,7 +371,8 @@ def test_generate_traces_for_every_preset():
 # ----------------------------------------------------------------------------- sharding
 
 
-def test_sharded_decode_equals_single_device(tiny):
+@pytest.mark.parametrize("cache_step", [gen.CACHE_STEP, 2])
+def test_sharded_decode_equals_single_device(tiny, cache_step: int):
     model, params = tiny
     prompts = gen.left_pad(PROMPTS)  # batch 4 = data x fsdp
     mesh = sh.make_mesh(data=2, fsdp=2, tensor=2)
@@ -353,7 +381,7 @@ def test_sharded_decode_equals_single_device(tiny):
     assert tuple(k_spec) == (None, ("data", "fsdp"), "tensor", None, None)
 
     sampling = gen.SamplingConfig(temperature=0.7, top_k=40, top_p=0.95)
-    kwargs = dict(max_new_tokens=NEW, sampling=sampling)
+    kwargs = dict(max_new_tokens=NEW, sampling=sampling, cache_step=cache_step)
     args = (prompts.tokens, prompts.segment_ids, jax.random.key(5))
     single = gen.generate(model, params, *args, **kwargs)
     sharded_params = jax.device_put(params, param_shardings(model, mesh, rules))

@@ -217,7 +217,9 @@ def test_sampling_merges_once_and_matches_the_merged_base():
     np.testing.assert_allclose(np.asarray(got.log_probs), np.asarray(want.log_probs), atol=1e-5)
 
     def dots(model, p) -> int:  # matrix products in the whole generate program
-        run = functools.partial(_generate, model=model, pad_id=0, mesh=None, rules=None, **args)
+        run = functools.partial(
+            _generate, model=model, pad_id=0, mesh=None, rules=None, cache_step=64, **args
+        )
         return str(jax.make_jaxpr(run)(p, tokens, segments, jax.random.key(0))).count("dot_general")
 
     # One A @ B per adapted kernel in all: merged before prefill and the decode loop.
