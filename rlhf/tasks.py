@@ -13,10 +13,11 @@ maximum, which the pipeline report measures the gap a policy closes against. An 
 `preset_scale` ({dotted pipeline key: factor}) says how much more of a preset's data or
 steps the task needs; the pipeline multiplies those counts (orchestrate/pipeline_sizing.py).
 
-Four tasks come with the code. Two are the shipped, measured ones: `uppercase` and
-`next_letter` have 3-seed end-to-end results (docs/rlhf.md). `addition` and `sort` are
-harder: the demo's model does not learn them well enough for the preference signal to
-matter, so they have no such results; `addition` is also the small task the tests run.
+Four tasks are defined here. `uppercase` and `next_letter` have 5-seed end-to-end
+results (docs/rlhf.md), as have the four of rlhf/more_tasks.py (`brackets`, `rotate`,
+`subtraction`, `repeat`). `addition` and `sort` are harder: the demo's model does not
+learn them well enough for the preference signal to matter, so they have no such results;
+`addition` is also the small task the tests run.
 
 Design of the tasks. A small char-level model must have headroom that only the
 preference signal closes, so the teacher is right only `p_correct` (default ½) of the
