@@ -199,7 +199,7 @@ def test_sampling_merges_once_and_matches_the_merged_base():
     """generate() on a LoRA state (adapters made non-zero) gives the tokens and log-probs
     of the base model run on numpy-merged weights; the decode loop's jaxpr holds no
     adapter product (the merge happens once, before it)."""
-    from model.generate import SamplingConfig, _generate, generate
+    from model.generate import CACHE_STEP, SamplingConfig, _generate, generate
 
     base, adapted, _, state, _ = tiny_states()
     params = jax.device_get(state.params)
@@ -218,7 +218,7 @@ def test_sampling_merges_once_and_matches_the_merged_base():
 
     def dots(model, p) -> int:  # matrix products in the whole generate program
         run = functools.partial(
-            _generate, model=model, pad_id=0, mesh=None, rules=None, cache_step=64, **args
+            _generate, model=model, pad_id=0, mesh=None, rules=None, cache_step=CACHE_STEP, **args
         )
         return str(jax.make_jaxpr(run)(p, tokens, segments, jax.random.key(0))).count("dot_general")
 
