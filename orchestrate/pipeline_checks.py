@@ -11,9 +11,12 @@ Targets:
 A policy stage that falls short gets the first reason that applies, in this order: KL
 blow-up; no reward variance (GRPO: most groups scored all alike, so nothing to learn);
 a reward model below its target; reward hacking (the RM score rose, the oracle did not);
-else how much of the gap it closed. ppo_oracle (PPO on the oracle itself) is the upper
-reference, not checked. Each shortfall also names the settings to change next (`TO_TRY`,
-the tuning recipe of docs/rlhf.md).
+then, for the stages that read the reward model (PPO, GRPO), a reward model that misleads
+off SFT's samples (its accuracy on the policy's own samples under `RM_ACCURACY`) and
+settings that hold the policy near SFT (PPO on the oracle itself, same settings, closed
+under `GAP_CLOSED` too); else how much of the gap it closed. ppo_oracle (PPO on the
+oracle itself) is the upper reference, not checked. Each shortfall also names the
+settings to change next (`TO_TRY`, the tuning recipe of docs/rlhf.md).
 """
 
 from __future__ import annotations
@@ -67,6 +70,11 @@ TO_TRY = {
     "variance": "larger groups (grpo.grpo.group_size), so some of each group differ",
     "weak_rm": "the reward model first (its row); PPO on the oracle shows what it leaves",
     "hacking": "{first}a larger KL weight ({beta}) or a stronger reward model",
+    "drift": (
+        "a reward model that ranks samples like the policy's (more ranked prompts: "
+        "rm_data.num_prompts; more per prompt: rm_data.k), not a smaller KL weight"
+    ),
+    "held": "a smaller KL weight ({beta}), then more steps ({stage}.total_steps)",
     "gap": "more steps ({stage}.total_steps) or a larger learning rate ({stage}.optim.lr)",
 }
 # Each shortfall in a few words, for tables over many runs (summary.json's
@@ -78,6 +86,8 @@ SHORT = {
     "variance": "no reward variance",
     "weak_rm": "RM too weak",
     "hacking": "reward hacking",
+    "drift": "RM wrong on policy samples",
+    "held": "PPO on the oracle short too",
     "gap": "gap closed < 50%",
 }
 KL_WEIGHT = {"ppo": "ppo.kl.beta", "grpo": "grpo.kl.beta", "dpo": "dpo.dpo.beta"}
@@ -131,6 +141,10 @@ class PolicyFigures:
     sft_rm_score: float | None = None
     rm_accuracy: float | None = None  # the reward model's held-out accuracy (PPO, GRPO)
     zero_std_groups: float | None = None  # GRPO: mean fraction of all-alike groups
+    # The reward model's accuracy against the oracle on the policy's own samples (PPO, GRPO)
+    rm_accuracy_on_policy: float | None = None
+    # The gap closed by PPO on the oracle itself, same settings (PPO, GRPO)
+    reference_closed: float | None = None
 
 
 def gap_closed(oracle: float, sft_oracle: float, max_score: float) -> float | None:
@@ -175,6 +189,16 @@ def shortfall(closed: float, f: PolicyFigures) -> tuple[str, str]:
                 f"reward hacking: RM score +{rm_gain:.3f} over SFT while the oracle "
                 f"moved {oracle_gain:+.3f}"
             )
+    if f.rm_accuracy_on_policy is not None and f.rm_accuracy_on_policy < RM_ACCURACY:
+        return "drift", (
+            "the reward model misleads off SFT's samples: its accuracy on the policy's own "
+            f"samples is {f.rm_accuracy_on_policy:.3f} (< {RM_ACCURACY})"
+        )
+    if f.reference_closed is not None and f.reference_closed < GAP_CLOSED:
+        return "held", (
+            f"PPO on the oracle itself closed only {f.reference_closed:.0%} at these settings: "
+            "the KL weight and steps, not the reward model, hold the policy near SFT"
+        )
     return "gap", f"closed {closed:.0%} of the gap, under the {GAP_CLOSED:.0%} target"
 
 
@@ -203,18 +227,27 @@ def run_checks(
     rm_accuracy = last_of(metrics.get("reward", []), "eval_pair_accuracy")
     if rm_accuracy is not None:
         checks.append(check_reward(rm_accuracy))
+    reference = policies.get("ppo_oracle")
     for stage in ("ppo", "grpo", "dpo"):
         if stage not in policies or sft is None:
             continue
         p = policies[stage]
+        reads_rm = stage != "dpo"  # DPO reads no reward model
+        reference_closed = None
+        if reads_rm and reference is not None:
+            reference_closed = gap_closed(
+                reference["oracle_sampled"], sft["oracle_sampled"], max_score
+            )
         figures = PolicyFigures(
             oracle=p["oracle_sampled"],
             kl=p.get("kl_to_sft"),
             sft_oracle=sft["oracle_sampled"],
             rm_score=p.get("heldout_rm_score"),
             sft_rm_score=sft.get("heldout_rm_score"),
-            rm_accuracy=rm_accuracy if stage != "dpo" else None,  # DPO reads no reward model
+            rm_accuracy=rm_accuracy if reads_rm else None,
             zero_std_groups=mean_of(metrics.get(stage, []), "zero_std_groups"),
+            rm_accuracy_on_policy=p.get("rm_accuracy") if reads_rm else None,
+            reference_closed=reference_closed,
         )
         checks.append(check_policy(stage, figures, max_score))
     return checks

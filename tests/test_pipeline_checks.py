@@ -1,6 +1,7 @@
 """The report's stage checks (orchestrate/pipeline_checks.py) on hand-made figures: each
 target at its boundary, and each reason a policy stage falls short."""
 
+import dataclasses
 import re
 
 import numpy as np
@@ -69,6 +70,20 @@ def test_each_reason_in_its_order():
     )
     honest = figures(oracle=0.45, rm_accuracy=0.9, rm_score=0.6, sft_rm_score=0.5)
     assert pc.shortfall(0.08, honest)[1] == "closed 8% of the gap, under the 50% target"
+    misled = dataclasses.replace(honest, rm_accuracy_on_policy=0.6, reference_closed=0.3)
+    assert pc.shortfall(0.08, misled) == (
+        "drift",
+        "the reward model misleads off SFT's samples: its accuracy on the policy's own "
+        "samples is 0.600 (< 0.85)",
+    )
+    held = dataclasses.replace(misled, rm_accuracy_on_policy=0.85)
+    assert pc.shortfall(0.08, held) == (
+        "held",
+        "PPO on the oracle itself closed only 30% at these settings: the KL weight and "
+        "steps, not the reward model, hold the policy near SFT",
+    )
+    # PPO on the oracle closed half the gap: the settings can; the policy did not.
+    assert pc.shortfall(0.08, dataclasses.replace(held, reference_closed=0.5))[0] == "gap"
 
 
 def test_sft_at_the_maximum_leaves_nothing_to_close():
@@ -80,8 +95,9 @@ def test_run_checks_reads_the_report_figures_and_stage_metrics():
     policies = {
         "sft": {"oracle_sampled": 0.4, "heldout_rm_score": 0.1},
         "ppo": {"oracle_sampled": 0.45, "kl_to_sft": 1.0, "heldout_rm_score": 0.3},
+        "ppo_oracle": {"oracle_sampled": 0.52, "kl_to_sft": 1.0},  # closed 20 %
         "grpo": {"oracle_sampled": 0.41, "kl_to_sft": 0.5, "heldout_rm_score": 0.1},
-        "dpo": {"oracle_sampled": 0.42, "kl_to_sft": 0.5},
+        "dpo": {"oracle_sampled": 0.42, "kl_to_sft": 0.5, "rm_accuracy": 0.5},
     }
     metrics = {
         "reward": [
@@ -116,6 +132,28 @@ def test_run_checks_reads_the_report_figures_and_stage_metrics():
     lines = pc.checks_section(list(checks.values()))
     assert lines[-1] == "Fell short: sft, reward, ppo, grpo, dpo."
     assert sum(line.startswith("| ") for line in lines) == 1 + 5  # header and one row each
+
+
+def test_run_checks_reads_ppo_on_the_oracle_and_the_rm_on_policy_samples():
+    policies = {
+        "sft": {"oracle_sampled": 0.4},
+        "ppo": {"oracle_sampled": 0.5, "kl_to_sft": 1.0, "rm_accuracy": 0.9},
+        "ppo_oracle": {"oracle_sampled": 0.64, "kl_to_sft": 1.0},  # closed 40 %
+        "grpo": {"oracle_sampled": 0.5, "kl_to_sft": 1.0, "rm_accuracy": 0.7},
+        "dpo": {"oracle_sampled": 0.5, "kl_to_sft": 1.0, "rm_accuracy": 0.7},
+    }
+    metrics = {"reward": [{"eval_pair_accuracy": 0.9}]}
+    checks = {c.stage: c for c in pc.run_checks(policies, metrics, teacher=None)}
+    assert (checks["ppo"].kind, checks["grpo"].kind, checks["dpo"].kind) == ("held", "drift", "gap")
+    assert checks["ppo"].why.startswith("PPO on the oracle itself closed only 40%")
+    assert (
+        checks["ppo"].to_try
+        == "a smaller KL weight (ppo.kl.beta), then more steps (ppo.total_steps)"
+    )
+    assert "rm_data.num_prompts" in checks["grpo"].to_try
+    # With PPO on the oracle at 70 %, the settings are not what held PPO back.
+    policies["ppo_oracle"]["oracle_sampled"] = 0.82
+    assert pc.run_checks(policies, metrics, teacher=None)[1].kind == "gap"
 
 
 def test_no_teacher_and_no_reward_eval_means_no_such_checks():
