@@ -10,8 +10,9 @@ Targets:
 
 A policy stage that falls short gets the first reason that applies, in this order: KL
 blow-up; no reward variance (GRPO: most groups scored all alike, so nothing to learn);
-a reward model below its target; reward hacking (the RM score rose, the oracle did not);
-then, for the stages that read the reward model (PPO, GRPO), a reward model that misleads
+a reward model below its target (for DPO: its implicit reward, the log-ratio to SFT,
+ranks the held-out pairs under `RM_ACCURACY`); reward hacking (the RM score rose, the
+oracle did not); then, for the stages that read the reward model (PPO, GRPO), a reward model that misleads
 off SFT's samples (its accuracy on the policy's own samples under `RM_ACCURACY`) and
 settings that hold the policy near SFT (PPO on the oracle itself, same settings, closed
 under `GAP_CLOSED` too); else how much of the gap it closed. ppo_oracle (PPO on the
@@ -69,6 +70,10 @@ TO_TRY = {
     "kl": "{first}a larger KL weight: {beta}",
     "variance": "larger groups (grpo.grpo.group_size), so some of each group differ",
     "weak_rm": "the reward model first (its row); PPO on the oracle shows what it leaves",
+    "weak_dpo": (
+        "more steps (dpo.total_steps) while its held-out pair accuracy rises; not once it "
+        "is >= 0.85"
+    ),
     "hacking": "{first}a larger KL weight ({beta}) or a stronger reward model",
     "drift": (
         "a reward model that ranks samples like the policy's (more ranked prompts: "
@@ -85,6 +90,7 @@ SHORT = {
     "kl": "KL blow-up",
     "variance": "no reward variance",
     "weak_rm": "RM too weak",
+    "weak_dpo": "DPO pairs not learned",
     "hacking": "reward hacking",
     "drift": "RM wrong on policy samples",
     "held": "PPO on the oracle short too",
@@ -141,6 +147,8 @@ class PolicyFigures:
     sft_rm_score: float | None = None
     rm_accuracy: float | None = None  # the reward model's held-out accuracy (PPO, GRPO)
     zero_std_groups: float | None = None  # GRPO: mean fraction of all-alike groups
+    # DPO: its implicit reward's accuracy on the held-out pairs (the last eval)
+    implicit_accuracy: float | None = None
     # The reward model's accuracy against the oracle on the policy's own samples (PPO, GRPO)
     rm_accuracy_on_policy: float | None = None
     # The gap closed by PPO on the oracle itself, same settings (PPO, GRPO)
@@ -181,6 +189,11 @@ def shortfall(closed: float, f: PolicyFigures) -> tuple[str, str]:
     if f.rm_accuracy is not None and f.rm_accuracy < RM_ACCURACY:
         return "weak_rm", (
             f"reward model too weak (held-out accuracy {f.rm_accuracy:.3f} < {RM_ACCURACY})"
+        )
+    if f.implicit_accuracy is not None and f.implicit_accuracy < RM_ACCURACY:
+        return "weak_dpo", (
+            f"DPO has not learned the pairs: its implicit reward ranks the held-out pairs "
+            f"at {f.implicit_accuracy:.3f} (< {RM_ACCURACY})"
         )
     if f.rm_score is not None and f.sft_rm_score is not None:
         rm_gain, oracle_gain = f.rm_score - f.sft_rm_score, f.oracle - f.sft_oracle
@@ -228,6 +241,7 @@ def run_checks(
     if rm_accuracy is not None:
         checks.append(check_reward(rm_accuracy))
     reference = policies.get("ppo_oracle")
+    dpo_rows = metrics.get("dpo", [])
     for stage in ("ppo", "grpo", "dpo"):
         if stage not in policies or sft is None:
             continue
@@ -247,6 +261,7 @@ def run_checks(
             rm_accuracy=rm_accuracy if reads_rm else None,
             zero_std_groups=mean_of(metrics.get(stage, []), "zero_std_groups"),
             rm_accuracy_on_policy=p.get("rm_accuracy") if reads_rm else None,
+            implicit_accuracy=None if reads_rm else last_of(dpo_rows, "eval_reward_accuracy"),
             reference_closed=reference_closed,
         )
         checks.append(check_policy(stage, figures, max_score))

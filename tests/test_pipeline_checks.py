@@ -82,6 +82,14 @@ def test_each_reason_in_its_order():
         "PPO on the oracle itself closed only 30% at these settings: the KL weight and "
         "steps, not the reward model, hold the policy near SFT",
     )
+    unlearned = figures(oracle=0.45, implicit_accuracy=0.48, rm_score=0.6, sft_rm_score=0.5)
+    assert pc.shortfall(0.08, unlearned) == (
+        "weak_dpo",
+        "DPO has not learned the pairs: its implicit reward ranks the held-out pairs at "
+        "0.480 (< 0.85)",
+    )
+    learned = dataclasses.replace(unlearned, implicit_accuracy=0.85)
+    assert pc.shortfall(0.08, learned)[0] == "gap"
     # PPO on the oracle closed half the gap: the settings can; the policy did not.
     assert pc.shortfall(0.08, dataclasses.replace(held, reference_closed=0.5))[0] == "gap"
 
@@ -145,6 +153,10 @@ def test_run_checks_reads_ppo_on_the_oracle_and_the_rm_on_policy_samples():
     metrics = {"reward": [{"eval_pair_accuracy": 0.9}]}
     checks = {c.stage: c for c in pc.run_checks(policies, metrics, teacher=None)}
     assert (checks["ppo"].kind, checks["grpo"].kind, checks["dpo"].kind) == ("held", "drift", "gap")
+    # DPO's own held-out pair accuracy, the last eval line of its metrics.
+    metrics["dpo"] = [{"eval_reward_accuracy": 0.9}, {"loss": 0.3}, {"eval_reward_accuracy": 0.6}]
+    dpo = pc.run_checks(policies, metrics, teacher=None)[-1]
+    assert dpo.kind == "weak_dpo" and "at 0.600" in dpo.why and "dpo.total_steps" in dpo.to_try
     assert checks["ppo"].why.startswith("PPO on the oracle itself closed only 40%")
     assert (
         checks["ppo"].to_try
