@@ -9,15 +9,15 @@ Targets:
   (`task.max_score`, 1 for the tasks here) at a KL to SFT <= `KL_LIMIT` nats.
 
 A policy stage that falls short gets the first reason that applies, in this order: KL
-blow-up; no reward variance (GRPO: most groups scored all alike, so nothing to learn);
-a reward model below its target (for DPO: its implicit reward, the log-ratio to SFT,
-ranks the held-out pairs under `RM_ACCURACY`); reward hacking (the RM score rose, the
-oracle did not); then, for the stages that read the reward model (PPO, GRPO), a reward model that misleads
-off SFT's samples (its accuracy on the policy's own samples under `RM_ACCURACY`) and
-settings that hold the policy near SFT (PPO on the oracle itself, same settings, closed
-under `GAP_CLOSED` too); else how much of the gap it closed. ppo_oracle (PPO on the
-oracle itself) is the upper reference, not checked. Each shortfall also names the
-settings to change next (`TO_TRY`, the tuning recipe of docs/rlhf.md).
+blow-up; no reward variance (GRPO: most groups scored all alike, so nothing to learn); a
+reward model below its target (for DPO: its implicit reward, the log-ratio to SFT, ranks
+the held-out pairs under `RM_ACCURACY`); reward hacking (the RM score rose, the oracle did
+not); then, for the stages that read the reward model (PPO, GRPO), a reward model that
+misleads off SFT's samples (its accuracy on the policy's own samples under `RM_ACCURACY`)
+and settings that hold the policy near SFT (PPO on the oracle itself, same settings,
+closed under `GAP_CLOSED` too); else how much of the gap it closed. ppo_oracle (PPO on the
+oracle itself) is the upper reference, not checked. Each shortfall also names the settings
+to change next (`TO_TRY`, the tuning recipe of docs/rlhf.md).
 """
 
 from __future__ import annotations
