@@ -76,8 +76,9 @@ TO_TRY = {
     ),
     "hacking": "{first}a larger KL weight ({beta}) or a stronger reward model",
     "drift": (
-        "a reward model that ranks samples like the policy's (more ranked prompts: "
-        "rm_data.num_prompts; more per prompt: rm_data.k), not a smaller KL weight"
+        "a reward model trained on rankings of the policy's own samples (not a pipeline "
+        "stage yet); neither KL weight ({beta}) nor more responses per prompt (rm_data.k) "
+        "helped on the grid's runs"
     ),
     "held": "a smaller KL weight ({beta}), then more steps ({stage}.total_steps)",
     "gap": "more steps ({stage}.total_steps) or a larger learning rate ({stage}.optim.lr)",
