@@ -12,12 +12,12 @@ A policy stage that falls short gets the first reason that applies, in this orde
 blow-up; no reward variance (GRPO: most groups scored all alike, so nothing to learn); a
 reward model below its target (for DPO: its implicit reward, the log-ratio to SFT, ranks
 the held-out pairs under `RM_ACCURACY`); reward hacking (the RM score rose, the oracle did
-not); then, for the stages that read the reward model (PPO, GRPO), a reward model that
-misleads off SFT's samples (its accuracy on the policy's own samples under `RM_ACCURACY`)
-and settings that hold the policy near SFT (PPO on the oracle itself, same settings,
-closed under `GAP_CLOSED` too); else how much of the gap it closed. ppo_oracle (PPO on the
-oracle itself) is the upper reference, not checked. Each shortfall also names the settings
-to change next (`TO_TRY`, the tuning recipe of docs/rlhf.md).
+not); then, for the stages that read the reward model (PPO, GRPO), a reward model wrong on
+the policy's own samples (pairwise accuracy under `RM_ACCURACY` there) and settings that
+hold the policy near SFT (PPO on the oracle itself, same settings, closed under
+`GAP_CLOSED` too); else how much of the gap it closed. ppo_oracle (PPO on the oracle
+itself) is the upper reference, not checked. Each shortfall also names the settings to
+change next (`TO_TRY`, the tuning recipe of docs/rlhf.md).
 """
 
 from __future__ import annotations
@@ -76,9 +76,9 @@ TO_TRY = {
     ),
     "hacking": "{first}a larger KL weight ({beta}) or a stronger reward model",
     "drift": (
-        "a reward model trained on rankings of the policy's own samples (not a pipeline "
-        "stage yet); neither KL weight ({beta}) nor more responses per prompt (rm_data.k) "
-        "helped on the grid's runs"
+        "not a smaller KL weight ({beta}): it lets the policy exploit the reward model. "
+        "Tried without gain on the grid's runs: a larger one, rm_data.k=16, and the "
+        "policy's samples ranked into the reward data (see the tuning recipe)"
     ),
     "held": "a smaller KL weight ({beta}), then more steps ({stage}.total_steps)",
     "gap": "more steps ({stage}.total_steps) or a larger learning rate ({stage}.optim.lr)",
@@ -205,8 +205,8 @@ def shortfall(closed: float, f: PolicyFigures) -> tuple[str, str]:
             )
     if f.rm_accuracy_on_policy is not None and f.rm_accuracy_on_policy < RM_ACCURACY:
         return "drift", (
-            "the reward model misleads off SFT's samples: its accuracy on the policy's own "
-            f"samples is {f.rm_accuracy_on_policy:.3f} (< {RM_ACCURACY})"
+            "the reward model is wrong on the policy's own samples: pairwise accuracy "
+            f"{f.rm_accuracy_on_policy:.3f} against the oracle (< {RM_ACCURACY})"
         )
     if f.reference_closed is not None and f.reference_closed < GAP_CLOSED:
         return "held", (

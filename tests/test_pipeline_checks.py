@@ -73,8 +73,8 @@ def test_each_reason_in_its_order():
     misled = dataclasses.replace(honest, rm_accuracy_on_policy=0.6, reference_closed=0.3)
     assert pc.shortfall(0.08, misled) == (
         "drift",
-        "the reward model misleads off SFT's samples: its accuracy on the policy's own "
-        "samples is 0.600 (< 0.85)",
+        "the reward model is wrong on the policy's own samples: pairwise accuracy 0.600 "
+        "against the oracle (< 0.85)",
     )
     held = dataclasses.replace(misled, rm_accuracy_on_policy=0.85)
     assert pc.shortfall(0.08, held) == (
@@ -162,8 +162,8 @@ def test_run_checks_reads_ppo_on_the_oracle_and_the_rm_on_policy_samples():
         checks["ppo"].to_try
         == "a smaller KL weight (ppo.kl.beta), then more steps (ppo.total_steps)"
     )
-    assert checks["grpo"].to_try.startswith("a reward model trained on rankings of the policy's")
-    assert "grpo.kl.beta" in checks["grpo"].to_try
+    assert checks["grpo"].to_try.startswith("not a smaller KL weight (grpo.kl.beta)")
+    assert "rm_data.k=16" in checks["grpo"].to_try
     # With PPO on the oracle at 70 %, the settings are not what held PPO back.
     policies["ppo_oracle"]["oracle_sampled"] = 0.82
     assert pc.run_checks(policies, metrics, teacher=None)[1].kind == "gap"
