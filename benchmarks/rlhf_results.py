@@ -209,7 +209,7 @@ def grid_table(
         "gap at KL <= 10 nats (ppo_oracle is the reference). Why short: the first reason",
         "each run's report gave (RM too weak: the reward model below 0.85 held-out accuracy",
         "while the policy missed; DPO pairs not learned: DPO's implicit reward under 0.85 on",
-        "the held-out pairs; RM wrong on policy samples: under 0.85 accuracy on the policy's",
+        "the held-out pairs; RM wrong on policy samples: under 0.7 accuracy on the policy's",
         "own samples; PPO on the oracle short too: PPO on the oracle itself, same settings,",
         f"closed under half the gap). Finished runs: {counts}.",
     ]

@@ -12,10 +12,10 @@ A policy stage that falls short gets the first reason that applies, in this orde
 blow-up; no reward variance (GRPO: most groups scored all alike, so nothing to learn); a
 reward model below its target (for DPO: its implicit reward, the log-ratio to SFT, ranks
 the held-out pairs under `RM_ACCURACY`); reward hacking (the RM score rose, the oracle did
-not); then, for the stages that read the reward model (PPO, GRPO), settings that hold the
-policy near SFT (PPO on the oracle itself, same settings, closed under `GAP_CLOSED` too)
-and a reward model wrong on the policy's own samples (pairwise accuracy under
-`DRIFT_ACCURACY` there); else how much of the gap it closed. ppo_oracle (PPO on the oracle
+not); then, for the stages that read the reward model (PPO, GRPO), a reward model wrong on
+the policy's own samples (pairwise accuracy under `DRIFT_ACCURACY` there), then settings
+that hold the policy near SFT (PPO on the oracle itself, same settings, closed under
+`GAP_CLOSED` too); else how much of the gap it closed. ppo_oracle (PPO on the oracle
 itself) is the upper reference, not checked. Each shortfall also names the settings to
 change next (`TO_TRY`, the tuning recipe of docs/rlhf.md).
 """
@@ -207,15 +207,15 @@ def shortfall(closed: float, f: PolicyFigures) -> tuple[str, str]:
                 f"reward hacking: RM score +{rm_gain:.3f} over SFT while the oracle "
                 f"moved {oracle_gain:+.3f}"
             )
-    if f.reference_closed is not None and f.reference_closed < GAP_CLOSED:
-        return "held", (
-            f"PPO on the oracle itself closed only {f.reference_closed:.0%} at these settings: "
-            "the KL weight and steps, not the reward model, hold the policy near SFT"
-        )
     if f.rm_accuracy_on_policy is not None and f.rm_accuracy_on_policy < DRIFT_ACCURACY:
         return "drift", (
             "the reward model is wrong on the policy's own samples: pairwise accuracy "
             f"{f.rm_accuracy_on_policy:.3f} against the oracle (< {DRIFT_ACCURACY})"
+        )
+    if f.reference_closed is not None and f.reference_closed < GAP_CLOSED:
+        return "held", (
+            f"PPO on the oracle itself closed only {f.reference_closed:.0%} at these settings: "
+            "the KL weight and steps, not the reward model, hold the policy near SFT"
         )
     return "gap", f"closed {closed:.0%} of the gap, under the {GAP_CLOSED:.0%} target"
 

@@ -70,20 +70,20 @@ def test_each_reason_in_its_order():
     )
     honest = figures(oracle=0.45, rm_accuracy=0.9, rm_score=0.6, sft_rm_score=0.5)
     assert pc.shortfall(0.08, honest)[1] == "closed 8% of the gap, under the 50% target"
-    held = dataclasses.replace(honest, rm_accuracy_on_policy=0.6, reference_closed=0.3)
-    assert pc.shortfall(0.08, held) == (
-        "held",
-        "PPO on the oracle itself closed only 30% at these settings: the KL weight and "
-        "steps, not the reward model, hold the policy near SFT",
-    )
-    # PPO on the oracle closed half the gap: the settings can; the reward model misled.
-    misled = dataclasses.replace(held, reference_closed=0.5)
+    misled = dataclasses.replace(honest, rm_accuracy_on_policy=0.6, reference_closed=0.3)
     assert pc.shortfall(0.08, misled) == (
         "drift",
         "the reward model is wrong on the policy's own samples: pairwise accuracy 0.600 "
         "against the oracle (< 0.7)",
     )
-    assert pc.shortfall(0.08, dataclasses.replace(misled, rm_accuracy_on_policy=0.7))[0] == "gap"
+    held = dataclasses.replace(misled, rm_accuracy_on_policy=0.7)
+    assert pc.shortfall(0.08, held) == (
+        "held",
+        "PPO on the oracle itself closed only 30% at these settings: the KL weight and "
+        "steps, not the reward model, hold the policy near SFT",
+    )
+    # PPO on the oracle closed half the gap: the settings can; the policy did not.
+    assert pc.shortfall(0.08, dataclasses.replace(held, reference_closed=0.5))[0] == "gap"
     unlearned = figures(oracle=0.45, implicit_accuracy=0.48, rm_score=0.6, sft_rm_score=0.5)
     assert pc.shortfall(0.08, unlearned) == (
         "weak_dpo",
@@ -145,26 +145,25 @@ def test_run_checks_reads_the_report_figures_and_stage_metrics():
 def test_run_checks_reads_ppo_on_the_oracle_and_the_rm_on_policy_samples():
     policies = {
         "sft": {"oracle_sampled": 0.4},
-        "ppo": {"oracle_sampled": 0.5, "kl_to_sft": 1.0, "rm_accuracy": 0.9},
+        "ppo": {"oracle_sampled": 0.5, "kl_to_sft": 1.0, "rm_accuracy": 0.8},
         "ppo_oracle": {"oracle_sampled": 0.64, "kl_to_sft": 1.0},  # closed 40 %
         "grpo": {"oracle_sampled": 0.5, "kl_to_sft": 1.0, "rm_accuracy": 0.6},
         "dpo": {"oracle_sampled": 0.5, "kl_to_sft": 1.0, "rm_accuracy": 0.6},
     }
     metrics = {"reward": [{"eval_pair_accuracy": 0.9}]}
     checks = {c.stage: c for c in pc.run_checks(policies, metrics, teacher=None)}
-    assert (checks["ppo"].kind, checks["grpo"].kind, checks["dpo"].kind) == ("held", "held", "gap")
+    # DPO reads no reward model and has no reference: "gap".
+    assert (checks["ppo"].kind, checks["grpo"].kind, checks["dpo"].kind) == ("held", "drift", "gap")
     assert checks["ppo"].why.startswith("PPO on the oracle itself closed only 40%")
     assert (
         checks["ppo"].to_try
         == "a smaller KL weight (ppo.kl.beta), then more steps (ppo.total_steps)"
     )
-    # With PPO on the oracle at 70 %, the settings are not what held them back; GRPO's
-    # reward model ranks its samples at 0.6 (DPO reads no reward model: still "gap").
-    policies["ppo_oracle"]["oracle_sampled"] = 0.82
-    checks = {c.stage: c for c in pc.run_checks(policies, metrics, teacher=None)}
-    assert (checks["ppo"].kind, checks["grpo"].kind, checks["dpo"].kind) == ("gap", "drift", "gap")
     assert checks["grpo"].to_try.startswith("not a smaller KL weight (grpo.kl.beta)")
     assert "rm_data.k=16" in checks["grpo"].to_try
+    # With PPO on the oracle at 70 %, the settings are not what held PPO back.
+    policies["ppo_oracle"]["oracle_sampled"] = 0.82
+    assert pc.run_checks(policies, metrics, teacher=None)[1].kind == "gap"
     # DPO's own held-out pair accuracy, the last eval line of its metrics.
     metrics["dpo"] = [{"eval_reward_accuracy": 0.9}, {"loss": 0.3}, {"eval_reward_accuracy": 0.6}]
     dpo = pc.run_checks(policies, metrics, teacher=None)[-1]
