@@ -80,9 +80,9 @@ TO_TRY = {
     ),
     "hacking": "{first}a larger KL weight ({beta}) or a stronger reward model",
     "drift": (
-        "not a smaller KL weight ({beta}): it lets the policy exploit the reward model. "
-        "Tried without gain on the grid's runs: a larger one, rm_data.k=16, and the "
-        "policy's samples ranked into the reward data (see the tuning recipe)"
+        "cleaner rankings (a labeler that agrees more with the oracle; simulated: "
+        "labeler.random_rate); not a smaller KL weight ({beta}), which lets the policy "
+        "exploit the reward model"
     ),
     "held": "a smaller KL weight ({beta}), then more steps ({stage}.total_steps)",
     "gap": "more steps ({stage}.total_steps) or a larger learning rate ({stage}.optim.lr)",

@@ -159,8 +159,9 @@ def test_run_checks_reads_ppo_on_the_oracle_and_the_rm_on_policy_samples():
         checks["ppo"].to_try
         == "a smaller KL weight (ppo.kl.beta), then more steps (ppo.total_steps)"
     )
-    assert checks["grpo"].to_try.startswith("not a smaller KL weight (grpo.kl.beta)")
-    assert "rm_data.k=16" in checks["grpo"].to_try
+    assert checks["grpo"].to_try.startswith("cleaner rankings")
+    assert "labeler.random_rate" in checks["grpo"].to_try
+    assert "not a smaller KL weight (grpo.kl.beta)" in checks["grpo"].to_try
     # With PPO on the oracle at 70 %, the settings are not what held PPO back.
     policies["ppo_oracle"]["oracle_sampled"] = 0.82
     assert pc.run_checks(policies, metrics, teacher=None)[1].kind == "gap"
