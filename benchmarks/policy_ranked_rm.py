@@ -1,5 +1,5 @@
-"""Rank samples of a run's trained policy and add them to the run's ranked data: the probe
-of docs/rlhf.md ("A reward model that has seen the policy's samples").
+"""Rank samples of a run's trained policy and add them to the run's ranked data: a probe of
+docs/rlhf.md ("Why they stop short", the last section).
 
     python benchmarks/policy_ranked_rm.py --workdir RUN --policy ppo --prompts 1000
 
