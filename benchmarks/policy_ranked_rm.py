@@ -26,10 +26,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from model.generate import SamplingConfig
+from orchestrate.pipeline_stages import sample_k
 from orchestrate.workdir import data_paths, read_prompts
 from rlhf import rm_data
-from rlhf import rollout as ro
 from rlhf.labeler import Labeler, write_jsonl
 from rlhf.tasks import load_task
 from train.sample import Policy
@@ -54,27 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     if not original.exists():
         shutil.copyfile(paths["ranked"], original)
 
-    r = config.rm_data
     policy = Policy(str(policy_dir))
-    sampling = ro.sampling_for(
-        SamplingConfig(temperature=r.temperature), policy.config.vocab_size, policy.tokenizer
-    )
     prompts = read_prompts(paths["prompts"], args.prompts)
-    groups = rm_data.sample_groups(
-        policy.model,
-        policy.params,
-        policy.tokenizer,
-        prompts,
-        r.k,
-        jax.random.fold_in(jax.random.key(config.seed), SALT),
-        prompt_len=config.ppo.seq_len,
-        max_new_tokens=r.max_new_tokens,
-        sampling=sampling,
-        batch_size=r.batch_size,
-        mesh=policy.mesh,
-        rules=policy.rules,
-        desc=f"{args.policy} samples",
-    )
+    key = jax.random.fold_in(jax.random.key(config.seed), SALT)
+    groups = sample_k(config, policy, prompts, key, f"{args.policy} samples")
     labeler = Labeler(config.labeler.random_rate, config.labeler.score_noise)
     rng = np.random.default_rng([config.seed, SALT])
     records, summary = rm_data.ranked_records(load_task(config.task), prompts, groups, labeler, rng)

@@ -133,9 +133,7 @@ def run_rm_data(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> int
     noiseless oracle (held out)."""
     import jax
 
-    from model.generate import SamplingConfig
     from rlhf import rm_data
-    from rlhf import rollout as ro
     from rlhf.labeler import Labeler, write_jsonl
     from train.sample import Policy
 
@@ -145,18 +143,7 @@ def run_rm_data(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> int
     if human and (p["ranked"].parent / CANDIDATES).is_file():
         return human_rm_data_status(config, p["ranked"].parent, task)
     policy = Policy(str(start_policy(config, workdir)))
-    sampling = ro.sampling_for(
-        SamplingConfig(temperature=r.temperature), policy.config.vocab_size, policy.tokenizer
-    )
     key = jax.random.fold_in(jax.random.key(config.seed), 7)
-    common = {
-        "prompt_len": config.ppo.seq_len,
-        "max_new_tokens": r.max_new_tokens,
-        "sampling": sampling,
-        "batch_size": r.batch_size,
-        "mesh": policy.mesh,
-        "rules": policy.rules,
-    }
     labeler = Labeler(config.labeler.random_rate, config.labeler.score_noise)
     final = p["ranked"].parent
     tmp = fresh_tmp(final)
@@ -168,15 +155,8 @@ def run_rm_data(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> int
         ("ranked_eval", p["eval_prompts"], None, Labeler(random_rate=0.0)),
     ):
         prompts = read_prompts(prompts_path, limit)
-        groups = rm_data.sample_groups(
-            policy.model,
-            policy.params,
-            policy.tokenizer,
-            prompts,
-            r.k,
-            jax.random.fold_in(key, len(summary)),
-            desc=f"rm_data: {name}",
-            **common,
+        groups = sample_k(
+            config, policy, prompts, jax.random.fold_in(key, len(summary)), f"rm_data: {name}"
         )
         if human and name == "ranked":  # people rank these with `flaxlm label`
             kept = write_jsonl(tmp / CANDIDATES, candidate_records(prompts, groups))
@@ -193,6 +173,36 @@ def run_rm_data(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> int
         (tmp / "label.json").write_text(json.dumps(label_meta(config), indent=2) + "\n")
     replace_dir(tmp, final)
     return human_rm_data_status(config, final, task) if human else 0
+
+
+def sample_k(
+    config: ml_collections.ConfigDict, policy: Any, prompts: list[str], key: Any, desc: str
+) -> list[list[str]]:
+    """K responses per prompt from `policy` (a train.sample.Policy) at the rm_data
+    stage's settings (K, temperature, new tokens, batch size): [len(prompts)][K]."""
+    from model.generate import SamplingConfig
+    from rlhf import rm_data
+    from rlhf import rollout as ro
+
+    r = config.rm_data
+    sampling = ro.sampling_for(
+        SamplingConfig(temperature=r.temperature), policy.config.vocab_size, policy.tokenizer
+    )
+    return rm_data.sample_groups(
+        policy.model,
+        policy.params,
+        policy.tokenizer,
+        prompts,
+        r.k,
+        key,
+        prompt_len=config.ppo.seq_len,
+        max_new_tokens=r.max_new_tokens,
+        sampling=sampling,
+        batch_size=r.batch_size,
+        mesh=policy.mesh,
+        rules=policy.rules,
+        desc=desc,
+    )
 
 
 # With labeler.kind=human the stage stops with this exit code until every candidate is
