@@ -245,18 +245,16 @@ def run_checks(
     rm_accuracy = last_of(metrics.get("reward", []), "eval_pair_accuracy")
     if rm_accuracy is not None:
         checks.append(check_reward(rm_accuracy))
-    reference = policies.get("ppo_oracle")
-    dpo_rows = metrics.get("dpo", [])
+    reference = policies.get("ppo_oracle")  # PPO on the oracle itself, same settings
+    reference_closed = None
+    if reference is not None and sft is not None:
+        reference_closed = gap_closed(reference["oracle_sampled"], sft["oracle_sampled"], max_score)
     for stage in ("ppo", "grpo", "dpo"):
         if stage not in policies or sft is None:
             continue
         p = policies[stage]
         reads_rm = stage != "dpo"  # DPO reads no reward model
-        reference_closed = None
-        if reads_rm and reference is not None:
-            reference_closed = gap_closed(
-                reference["oracle_sampled"], sft["oracle_sampled"], max_score
-            )
+        rows = metrics.get(stage, [])
         figures = PolicyFigures(
             oracle=p["oracle_sampled"],
             kl=p.get("kl_to_sft"),
@@ -264,10 +262,10 @@ def run_checks(
             rm_score=p.get("heldout_rm_score"),
             sft_rm_score=sft.get("heldout_rm_score"),
             rm_accuracy=rm_accuracy if reads_rm else None,
-            zero_std_groups=mean_of(metrics.get(stage, []), "zero_std_groups"),
+            zero_std_groups=mean_of(rows, "zero_std_groups"),
             rm_accuracy_on_policy=p.get("rm_accuracy") if reads_rm else None,
-            implicit_accuracy=None if reads_rm else last_of(dpo_rows, "eval_reward_accuracy"),
-            reference_closed=reference_closed,
+            implicit_accuracy=None if reads_rm else last_of(rows, "eval_reward_accuracy"),
+            reference_closed=reference_closed if reads_rm else None,
         )
         checks.append(check_policy(stage, figures, max_score))
     return checks
