@@ -90,8 +90,21 @@ def test_each_reason_in_its_order():
         "DPO has not learned the pairs: its implicit reward ranks the held-out pairs at "
         "0.480 (< 0.85)",
     )
-    learned = dataclasses.replace(unlearned, implicit_accuracy=0.85)
+    learned = dataclasses.replace(unlearned, implicit_accuracy=0.85, kl=0.5)
     assert pc.shortfall(0.08, learned)[0] == "gap"
+    # Pairs learned, but under half a nat from SFT: the KL weight held DPO there.
+    assert pc.shortfall(0.08, dataclasses.replace(learned, kl=0.49)) == (
+        "near_sft",
+        "held near SFT: it moved only 0.49 nats from it (< 0.5) with nothing else wrong, "
+        "so its KL weight holds it there",
+    )
+    # The last reason before "gap": every other one comes first.
+    assert pc.shortfall(0.08, dataclasses.replace(honest, kl=0.1))[0] == "near_sft"
+    near = dataclasses.replace(held, kl=0.1)
+    assert pc.shortfall(0.08, near)[0] == "held"
+    assert pc.shortfall(0.08, dataclasses.replace(near, reference_closed=0.5))[0] == "near_sft"
+    assert pc.shortfall(0.08, dataclasses.replace(unlearned, kl=0.1))[0] == "weak_dpo"
+    assert pc.shortfall(0.08, dataclasses.replace(hacked, kl=0.1))[0] == "hacking"
 
 
 def test_sft_at_the_maximum_leaves_nothing_to_close():
@@ -169,6 +182,15 @@ def test_run_checks_reads_ppo_on_the_oracle_and_the_rm_on_policy_samples():
     metrics["dpo"] = [{"eval_reward_accuracy": 0.9}, {"loss": 0.3}, {"eval_reward_accuracy": 0.6}]
     dpo = pc.run_checks(policies, metrics, teacher=None)[-1]
     assert dpo.kind == "weak_dpo" and "at 0.600" in dpo.why and "dpo.total_steps" in dpo.to_try
+    # DPO's pairs learned, the RM right on PPO's and GRPO's samples, each under half a nat
+    # from SFT (their KL to SFT from the report): held near SFT.
+    metrics["dpo"].append({"eval_reward_accuracy": 0.9})
+    for stage in ("ppo", "grpo", "dpo"):
+        policies[stage] |= {"kl_to_sft": 0.3, "rm_accuracy": 0.8}
+    checks = {c.stage: c for c in pc.run_checks(policies, metrics, teacher=None)}
+    assert [checks[s].kind for s in ("ppo", "grpo", "dpo")] == ["near_sft"] * 3
+    assert checks["dpo"].to_try == "a smaller KL weight (dpo.dpo.beta), about half"
+    assert checks["grpo"].to_try == "a smaller KL weight (grpo.kl.beta), about half"
 
 
 def test_no_teacher_and_no_reward_eval_means_no_such_checks():
@@ -184,6 +206,10 @@ def test_each_shortfall_names_what_to_change_next():
     assert kl.to_try == "a larger KL weight: dpo.dpo.beta"
     gap = pc.check_policy("grpo", figures(oracle=0.45))
     assert "grpo.total_steps" in gap.to_try and "grpo.optim.lr" in gap.to_try
+    # DPO short with nothing else wrong: the probes found no DPO setting; PPO's row.
+    dpo_gap = pc.check_policy("dpo", figures(oracle=0.45, implicit_accuracy=0.9))
+    assert dpo_gap.kind == "gap" and dpo_gap.to_try.startswith("PPO from the same rankings")
+    assert "dpo.optim.lr" not in dpo_gap.to_try and "(dpo.dpo.beta)" in dpo_gap.to_try
     no_variance = pc.check_policy("grpo", figures(oracle=0.5, zero_std_groups=0.8))
     assert "grpo.grpo.group_size" in no_variance.to_try
     weak = pc.check_policy("ppo", figures(oracle=0.5, rm_accuracy=0.6))
