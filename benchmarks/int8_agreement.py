@@ -6,6 +6,9 @@ position, on eight chat questions:
 - w8:      int8 weights, one scale per output channel;
 - w8g32:   int8 weights, one scale per 32 inputs of each output channel (llama.cpp's Q8_0
            block size);
+- w8g32min: int8 weights, one scale and one minimum per 32 inputs (levels spread over each
+           block's [min, max], as GGUF's Q4_1 spreads its 16; weights that came from Q4_1
+           blocks fall on the int8 grid, or within 1/255 of a step of it);
 - w8a8:    w8, and each activation row quantized to int8 too (what an int8 x int8 dot
            needs: XLA on CPU has no fused int8-weight x fp32 matmul, benchmarks/int8_matvec.py);
 - w8g32a8: w8g32 with activations quantized per 32 inputs;
@@ -46,7 +49,7 @@ QUESTIONS = (
     "What is 12 times 7?",
     "Describe a cat to a child.",
 )
-MODES = ("w8", "w8g32", "w8a8", "w8g32a8")
+MODES = ("w8", "w8g32", "w8g32min", "w8a8", "w8g32a8")
 GROUP = 32
 
 
@@ -56,11 +59,18 @@ def fake_quant(a: jax.Array, axes: tuple[int, ...]) -> jax.Array:
     return jnp.round(a / scale) * scale
 
 
-def fake_quant_groups(a: jax.Array, axis: int) -> jax.Array:
-    """fake_quant with one scale per GROUP consecutive entries along `axis`."""
+def fake_quant_min(a: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    """Asymmetric int8 over `axes`: 256 levels from the slice's minimum to its maximum."""
+    low = jnp.min(a, axis=axes, keepdims=True)
+    scale = (jnp.max(a, axis=axes, keepdims=True) - low) / 255.0 + 1e-12
+    return jnp.round((a - low) / scale) * scale + low
+
+
+def fake_quant_groups(a: jax.Array, axis: int, quant=fake_quant) -> jax.Array:
+    """`quant` with one scale per GROUP consecutive entries along `axis`."""
     moved = jnp.moveaxis(a, axis, -1)
     grouped = moved.reshape(*moved.shape[:-1], moved.shape[-1] // GROUP, GROUP)
-    return jnp.moveaxis(fake_quant(grouped, (-1,)).reshape(moved.shape), -1, axis)
+    return jnp.moveaxis(quant(grouped, (-1,)).reshape(moved.shape), -1, axis)
 
 
 def quantized_project(mode: str, project):
@@ -73,7 +83,8 @@ def quantized_project(mode: str, project):
         on_w = tuple(w_axes.index(a) for a in contracted)
         on_x = tuple(x_axes.index(a) for a in contracted)
         grouped = "g32" in mode and w.shape[on_w[-1]] % GROUP == 0
-        w = fake_quant_groups(w, on_w[-1]) if grouped else fake_quant(w, on_w)
+        quant = fake_quant_min if mode.endswith("min") else fake_quant
+        w = fake_quant_groups(w, on_w[-1], quant) if grouped else quant(w, on_w)
         if mode.endswith("a8"):
             x = fake_quant_groups(x, on_x[-1]) if grouped else fake_quant(x, on_x)
         return project(spec, x, w, out_dtype)
@@ -98,6 +109,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gguf", required=True)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     args = parser.parse_args()
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
     from decode import from_gguf  # the same weights benchmarks/decode.py --gguf decodes
@@ -114,7 +126,7 @@ def main() -> None:
     alone = [greedy(model, params, gen.left_pad([i.tolist()]), args.new_tokens)[0] for i in ids]
     report("fp32 alone", np.stack(alone) == reference, args.new_tokens)
     project = layers.project
-    for mode in MODES:
+    for mode in args.modes:
         layers.project = transformer.project = quantized_project(mode, project)
         jax.clear_caches()  # else generate's compiled program, with the old project, is reused
         try:

@@ -19,6 +19,7 @@ from flax import linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
 from model import sharding as sh
+from model.quantize import QuantizedWeight
 
 # Finite rather than -inf so a fully masked row (a pad query) stays NaN-free.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -41,9 +42,19 @@ def project(spec: str, x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
     MLP's up and gate projections that is the silu backward, a strided [tokens, mlp_dim]
     write that took more time than the matmuls beside it. Here the narrower of the two goes
     on the left, so the array transposed is the [tokens, d_model] one. Same values; the
-    train step is about 20 % faster on CPU (docs/benchmarks.md).
+    train step is about 20 % faster on CPU (docs/benchmarks.md). An int8 weight
+    (model/quantize.py) projects with its own kernel, for decoding only.
     """
+    if isinstance(w, QuantizedWeight):
+        return w.project(spec, x, out_dtype)
     return checkpoint_name(_project(spec, x, w, out_dtype), PROJECTION)
+
+
+def take_rows(table: jax.Array | QuantizedWeight, ids: jax.Array) -> jax.Array:
+    """table[ids] along the first axis, for a plain or an int8 (model/quantize.py) table."""
+    if isinstance(table, QuantizedWeight):
+        return table.take(ids)
+    return jnp.take(table, ids, axis=0)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))

@@ -27,6 +27,7 @@ from model.layers import (
     attention_mask,
     param_init,
     project,
+    take_rows,
 )
 
 _policies = jax.checkpoint_policies
@@ -194,7 +195,7 @@ class Transformer(nn.Module):
             (cfg.vocab_size, cfg.d_model),
             pdtype,
         )
-        x = jnp.take(embedding, tokens, axis=0).astype(dtype)
+        x = take_rows(embedding, tokens).astype(dtype)
         if cfg.scale_embeddings:
             # Gemma: the factor is rounded to the compute dtype first, as HF does.
             x = x * jnp.asarray(cfg.d_model**0.5, dtype)

@@ -1,0 +1,99 @@
+"""model/cpu_kernels.cc, compiled on first use and called from XLA through its typed FFI.
+
+The library is built with the machine's C++ compiler (`$CXX`, else g++) for the machine it
+runs on (-march=native) into `$FLAXLM_KERNEL_CACHE` (default ~/.cache/flaxlm/kernels),
+named by a hash of the source and the flags, so each version compiles once per machine.
+`available()` says whether that worked; callers fall back to plain XLA ops when it did not.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import pathlib
+import shutil
+import subprocess
+import tempfile
+
+import jax
+import jax.numpy as jnp
+
+SOURCE = pathlib.Path(__file__).with_name("cpu_kernels.cc")
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
+# FFI target name -> the library's handler symbol, by the layout of the codes q.
+INT8_MATMUL = {"in_out": "FlaxlmInt8MatmulInOut", "out_in": "FlaxlmInt8MatmulOutIn"}
+
+
+class KernelBuildError(RuntimeError):
+    pass
+
+
+def _cache_dir() -> pathlib.Path:
+    default = pathlib.Path.home() / ".cache" / "flaxlm" / "kernels"
+    return pathlib.Path(os.environ.get("FLAXLM_KERNEL_CACHE", default))
+
+
+def _compiler() -> str:
+    name = os.environ.get("CXX", "g++")
+    if shutil.which(name) is None:
+        raise KernelBuildError(f"no C++ compiler: {name!r} is not on PATH (set $CXX)")
+    return name
+
+
+def build() -> pathlib.Path:
+    """The compiled library's path, compiling it first if this source and these flags
+    have not been compiled on this machine."""
+    compiler = _compiler()
+    source = SOURCE.read_bytes()
+    tag = hashlib.sha256(source + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"cpu_kernels-{tag}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Compile beside the target, then rename: concurrent first uses never see half a file.
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        partial = pathlib.Path(tmp) / target.name
+        command = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(partial)]
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise KernelBuildError(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
+        os.replace(partial, target)
+    return target
+
+
+@functools.cache
+def _register() -> None:
+    library = ctypes.cdll.LoadLibrary(str(build()))
+    for symbol in INT8_MATMUL.values():
+        handler = jax.ffi.pycapsule(getattr(library, symbol))
+        jax.ffi.register_ffi_target(symbol, handler, platform="cpu")
+
+
+@functools.cache
+def available() -> bool:
+    """True when the kernels compiled and registered (a missing compiler makes it False)."""
+    try:
+        _register()
+    except (KernelBuildError, OSError):
+        return False
+    return True
+
+
+def int8_matmul(
+    x: jax.Array, q: jax.Array, scale: jax.Array, low: jax.Array, layout: str
+) -> jax.Array:
+    """x [..., in] fp32 times W [in, out] given as uint8 codes with one scale and one
+    minimum per group of g consecutive inputs, W[i, o] = code * scale + low:
+
+    - layout "in_out": q [in, out], scale and low [in / g, out];
+    - layout "out_in": q [out, in], scale and low [out, in / g] (g a multiple of 8).
+
+    Returns [..., out] fp32. Needs `available()`; CPU only (`QuantizedWeight.project`
+    picks)."""
+    _register()
+    width = q.shape[1] if layout == "in_out" else q.shape[0]
+    out = jax.ShapeDtypeStruct((*x.shape[:-1], width), jnp.float32)
+    call = jax.ffi.ffi_call(INT8_MATMUL[layout], out, vmap_method="broadcast_all")
+    return call(x.astype(jnp.float32), q, scale, low)
