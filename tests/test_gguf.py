@@ -449,6 +449,29 @@ def test_smollm_chat_answer_matches_transformers(smollm):
     assert "Paris" in text
 
 
+def test_smollm_int8_answers_as_fp32(smollm):
+    """`--weight-dtype int8` (model/quantize.py): SmolLM2's 4-bit weights sit on the int8
+    grid, so its greedy chat answers come out token for token as the fp32 model's."""
+    from model import generate
+    from train import sample
+
+    questions = ["What is the capital of France?", "List three red fruits."]
+    greedy = generate.SamplingConfig(temperature=0.0)
+    answers = [
+        sample.complete(
+            sample.Policy(smollm["workdir"], weight_dtype=dtype),
+            questions,
+            True,
+            32,
+            greedy,
+            seed=0,
+        )
+        for dtype in ("float32", "int8")
+    ]
+    assert answers[0] == answers[1]
+    assert "Paris" in answers[1][0]
+
+
 def test_smollm_template_masks_each_reply_and_its_end(smollm):
     """SFT/RM masks on SmolLM2's own ChatML template (read from the GGUF metadata)."""
     from model.tokenizer import load_tokenizer

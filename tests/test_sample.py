@@ -70,6 +70,12 @@ def test_sample_is_deterministic_for_a_seed(workdir, capsys):
     assert outs[0] == outs[1] and outs[0] != outs[2]
 
 
+def test_sample_with_int8_weights(workdir, capsys):
+    argv = ["--workdir", str(workdir), "--prompt", "ROMEO:", "--max-new-tokens", "4"]
+    assert sample.main_sample([*argv, "--weight-dtype", "int8"]) == 0
+    assert "=== prompt 1, sample 1 ===\nROMEO:" in capsys.readouterr().out
+
+
 def greedy_without_cache(policy: sample.Policy, ids: list[int], steps: int) -> list[int]:
     """The reference: each step runs the model over the whole sequence so far (no KV
     cache) and appends the argmax of the last real position's logits over the

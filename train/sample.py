@@ -3,6 +3,7 @@
     flaxlm sample --workdir runs/char --prompt "ROMEO:" --max-new-tokens 200
     flaxlm sample --workdir runs/sft --prompts-file prompts.txt --temperature 0.7 --top-p 0.9
     flaxlm chat --workdir runs/sft
+    flaxlm chat --workdir runs/smollm --weight-dtype int8    # int8 weights, CPU kernel
 
 A pretraining checkpoint continues raw text (bos + prompt); a chat-tuned one (SFT, RLHF)
 answers through the chat template and stops at the end-of-turn marker. `--format` forces
@@ -22,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model import generate
+from model import generate, quantize
 from model import sharding as sh
 from model.config import ModelConfig
 from model.tokenizer import AnyTokenizer, load_tokenizer
@@ -36,7 +37,9 @@ from train.state import abstract_sharded_params
 class Policy:
     """A loaded LM: model, sharded params, tokenizer, and the mesh they live on."""
 
-    def __init__(self, workdir: str, step: int | None = None) -> None:
+    def __init__(
+        self, workdir: str, step: int | None = None, weight_dtype: str = "float32"
+    ) -> None:
         path = pathlib.Path(workdir)
         self.parent: Parent = read_parent(path / "checkpoints" / str(step) if step else path)
         if self.parent.stage == "reward":
@@ -47,6 +50,8 @@ class Policy:
         self.rules = sh.get_rules("fsdp")
         target = abstract_sharded_params(self.model, self.mesh, self.rules)
         self.params = load_params(self.parent, target)
+        if weight_dtype == "int8":  # decoding only: model/quantize.py
+            self.params = quantize.quantize_params(self.params)
         if self.parent.tokenizer_dir is None:
             raise InitFromError(f"{self.parent.checkpoint} records no tokenizer")
         self.tokenizer: AnyTokenizer = load_tokenizer(self.parent.tokenizer_dir)
@@ -142,6 +147,12 @@ def common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--format", choices=("auto", "raw", "chat"), default="auto")
+    parser.add_argument(
+        "--weight-dtype",
+        choices=("float32", "int8"),
+        default="float32",
+        help="int8: weights quantized per 32 inputs, the CPU int8 kernel (model/quantize.py)",
+    )
 
 
 def new_tokens(args: argparse.Namespace, policy: Policy) -> int:
@@ -173,7 +184,7 @@ def main_sample(argv: Sequence[str]) -> int:
             raise ValueError("give --prompt TEXT or --prompts-file FILE")
         if args.num_samples < 1 or (args.max_new_tokens or 1) < 1:
             raise ValueError("--num-samples and --max-new-tokens must be >= 1")
-        policy = Policy(args.workdir, args.step)
+        policy = Policy(args.workdir, args.step, args.weight_dtype)
         args.max_new_tokens = new_tokens(args, policy)
         sampling = generate.SamplingConfig(
             args.temperature, args.top_k, args.top_p, policy.tokenizer.vocab_size
@@ -249,7 +260,7 @@ def main_chat(argv: Sequence[str]) -> int:
     parser.add_argument("--system", default="", help="an optional system message")
     args = parser.parse_args(argv)
     try:
-        policy = Policy(args.workdir, args.step)
+        policy = Policy(args.workdir, args.step, args.weight_dtype)
         args.max_new_tokens = new_tokens(args, policy)
         sampling = generate.SamplingConfig(
             args.temperature, args.top_k, args.top_p, policy.tokenizer.vocab_size
