@@ -6,8 +6,13 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <vector>
+
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
 
 #include "xla/ffi/api/ffi.h"
 
@@ -15,8 +20,40 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int kLanes = 8;  // one AVX register of floats; gcc vectorizes the lane loops
-constexpr int64_t kColumns = 64;  // outputs per chunk of the input-major kernel
+constexpr int kLanes = 8;         // floats per vector (one AVX register)
+constexpr int64_t kColumns = 64;  // outputs per chunk of the input-major kernel (a cache line)
+
+// GCC/Clang vector extensions: the compiler picks the instructions -march=native allows.
+typedef float Floats __attribute__((vector_size(4 * kLanes)));
+typedef uint8_t Codes __attribute__((vector_size(kLanes)));
+
+inline Floats LoadCodes(const uint8_t* p) {
+#ifdef __AVX2__  // GCC 12 scalarizes the generic conversion below, one byte at a time
+  const __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
+      reinterpret_cast<const __m128i*>(p))));
+  Floats out;
+  std::memcpy(&out, &f, sizeof(out));
+  return out;
+#else
+  Codes c;
+  std::memcpy(&c, p, sizeof(c));
+  return __builtin_convertvector(c, Floats);
+#endif
+}
+
+inline Floats LoadFloats(const float* p) {
+  Floats f;
+  std::memcpy(&f, p, sizeof(f));
+  return f;
+}
+
+inline Floats Splat(float v) { return Floats{} + v; }
+
+inline float Sum(Floats f) {
+  float total = 0.0f;
+  for (int j = 0; j < kLanes; ++j) total += f[j];
+  return total;
+}
 
 // Sizes of one call: x [rows, in], W [in, out] in groups of `group` inputs.
 struct Shape {
@@ -45,47 +82,99 @@ void OutInRange(const float* x, const uint8_t* q, const float* scale, const floa
   for (int64_t o = first; o < last; ++o) {
     for (int64_t r = 0; r < s.rows; ++r) {
       const float* x_row = x + r * s.in;
-      float acc[kLanes] = {0};
+      Floats acc{};
       float shift = 0.0f;
       for (int64_t g = 0; g < groups; ++g) {
-        float part[kLanes] = {0};
-        const uint8_t* qg = q + o * s.in + g * s.group;
-        const float* xg = x_row + g * s.group;
-        for (int64_t i = 0; i < s.group; i += kLanes) {
-          for (int j = 0; j < kLanes; ++j) part[j] += static_cast<float>(qg[i + j]) * xg[i + j];
+        Floats part{};
+        const int64_t start = g * s.group;
+        for (int64_t i = start; i < start + s.group; i += kLanes) {
+          part += LoadCodes(q + o * s.in + i) * LoadFloats(x_row + i);
         }
-        for (int j = 0; j < kLanes; ++j) acc[j] += scale[o * groups + g] * part[j];
+        acc += scale[o * groups + g] * part;
         shift += low[o * groups + g] * sums[r * groups + g];
       }
-      float total = shift;
-      for (int j = 0; j < kLanes; ++j) total += acc[j];
-      y[r * s.out + o] = total;
+      y[r * s.out + o] = Sum(acc) + shift;
     }
   }
 }
 
-// Input-major codes q [in, out], scale and low [groups, out] (every other kernel, stored
-// in the layout of the fp32 weight it replaces): outputs [first, last) of every row.
+// Input-major codes q [in, out], scale and low [groups, out]: kRows rows of x times
+// kVectors * kLanes columns from `first`, each code converted once for all the rows.
+template <int kRows, int kVectors>
+void InOutBlock(const float* x, const uint8_t* q, const float* scale, const float* low,
+                const float* sums, float* y, const Shape& s, int64_t row, int64_t first) {
+  Floats acc[kRows][kVectors] = {};
+  for (int64_t g = 0; g < s.groups(); ++g) {
+    Floats part[kRows][kVectors] = {};
+    for (int64_t i = g * s.group; i < (g + 1) * s.group; ++i) {
+      Floats w[kVectors];
+      for (int v = 0; v < kVectors; ++v) w[v] = LoadCodes(q + i * s.out + first + v * kLanes);
+      for (int r = 0; r < kRows; ++r) {
+        const Floats xi = Splat(x[(row + r) * s.in + i]);
+        for (int v = 0; v < kVectors; ++v) part[r][v] += xi * w[v];
+      }
+    }
+    for (int v = 0; v < kVectors; ++v) {
+      const Floats sc = LoadFloats(scale + g * s.out + first + v * kLanes);
+      const Floats lo = LoadFloats(low + g * s.out + first + v * kLanes);
+      for (int r = 0; r < kRows; ++r) {
+        acc[r][v] += sc * part[r][v] + lo * sums[(row + r) * s.groups() + g];
+      }
+    }
+  }
+  for (int r = 0; r < kRows; ++r) {
+    for (int v = 0; v < kVectors; ++v) {
+      std::memcpy(y + (row + r) * s.out + first + v * kLanes, &acc[r][v], sizeof(Floats));
+    }
+  }
+}
+
+// The columns past the last whole vector, one at a time.
+void InOutTail(const float* x, const uint8_t* q, const float* scale, const float* low,
+               const float* sums, float* y, const Shape& s, int64_t first, int64_t last) {
+  for (int64_t r = 0; r < s.rows; ++r) {
+    for (int64_t c = first; c < last; ++c) {
+      float total = 0.0f;
+      for (int64_t g = 0; g < s.groups(); ++g) {
+        float part = 0.0f;
+        for (int64_t i = g * s.group; i < (g + 1) * s.group; ++i) {
+          part += x[r * s.in + i] * static_cast<float>(q[i * s.out + c]);
+        }
+        total += scale[g * s.out + c] * part + low[g * s.out + c] * sums[r * s.groups() + g];
+      }
+      y[r * s.out + c] = total;
+    }
+  }
+}
+
+// Outputs [first, last) of every row: 8 vectors of columns for one row at a time, 4 for
+// two, 2 for four (at most 16 accumulators, the AVX register count), then the tail.
 void InOutRange(const float* x, const uint8_t* q, const float* scale, const float* low,
                 const float* sums, float* y, const Shape& s, int64_t first, int64_t last) {
-  const int64_t width = last - first;
-  float acc[kColumns], part[kColumns];
-  for (int64_t r = 0; r < s.rows; ++r) {
-    std::fill(acc, acc + width, 0.0f);
-    for (int64_t g = 0; g < s.groups(); ++g) {
-      std::fill(part, part + width, 0.0f);
-      for (int64_t i = g * s.group; i < (g + 1) * s.group; ++i) {
-        const float xi = x[r * s.in + i];
-        const uint8_t* q_row = q + i * s.out + first;
-        for (int64_t c = 0; c < width; ++c) part[c] += xi * static_cast<float>(q_row[c]);
-      }
-      const float* s_row = scale + g * s.out + first;
-      const float* l_row = low + g * s.out + first;
-      const float sum = sums[r * s.groups() + g];
-      for (int64_t c = 0; c < width; ++c) acc[c] += s_row[c] * part[c] + l_row[c] * sum;
+  int64_t row = 0;
+  for (; row + 4 <= s.rows; row += 4) {
+    int64_t c = first;
+    for (; c + 2 * kLanes <= last; c += 2 * kLanes) {
+      InOutBlock<4, 2>(x, q, scale, low, sums, y, s, row, c);
     }
-    std::copy(acc, acc + width, y + r * s.out + first);
+    for (; c + kLanes <= last; c += kLanes) InOutBlock<4, 1>(x, q, scale, low, sums, y, s, row, c);
   }
+  for (; row + 2 <= s.rows; row += 2) {
+    int64_t c = first;
+    for (; c + 4 * kLanes <= last; c += 4 * kLanes) {
+      InOutBlock<2, 4>(x, q, scale, low, sums, y, s, row, c);
+    }
+    for (; c + kLanes <= last; c += kLanes) InOutBlock<2, 1>(x, q, scale, low, sums, y, s, row, c);
+  }
+  for (; row < s.rows; ++row) {
+    int64_t c = first;
+    for (; c + 8 * kLanes <= last; c += 8 * kLanes) {
+      InOutBlock<1, 8>(x, q, scale, low, sums, y, s, row, c);
+    }
+    for (; c + kLanes <= last; c += kLanes) InOutBlock<1, 1>(x, q, scale, low, sums, y, s, row, c);
+  }
+  const int64_t whole = first + (last - first) / kLanes * kLanes;
+  if (whole < last) InOutTail(x, q, scale, low, sums, y, s, whole, last);
 }
 
 // Work split into chunks of outputs that the calling thread and the pool's threads take
