@@ -12,6 +12,8 @@ position, on eight chat questions:
 - w8a8:    w8, and each activation row quantized to int8 too (what an int8 x int8 dot
            needs: XLA on CPU has no fused int8-weight x fp32 matmul, benchmarks/int8_matvec.py);
 - w8g32a8: w8g32 with activations quantized per 32 inputs;
+- int8:     the built path, not a fake: model/quantize.py's quantize_params (w8g32min's
+           grid) and the CPU kernel of model/cpu_kernels.cc;
 - fp32 alone: no quantization, each question decoded by itself (batch 1, no left
   padding) instead of in the batch of eight: how far fp32 rounding alone moves greedy
   answers.
@@ -37,6 +39,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from model import generate as gen
 from model import gguf_tokenizer, layers, transformer
 from model.gguf import GGUFModel
+from model.quantize import quantize_params
 from model.tokenizer import load_tokenizer
 
 QUESTIONS = (
@@ -49,7 +52,7 @@ QUESTIONS = (
     "What is 12 times 7?",
     "Describe a cat to a child.",
 )
-MODES = ("w8", "w8g32", "w8g32min", "w8a8", "w8g32a8")
+MODES = ("w8", "w8g32", "w8g32min", "w8a8", "w8g32a8", "int8")
 GROUP = 32
 
 
@@ -127,6 +130,13 @@ def main() -> None:
     report("fp32 alone", np.stack(alone) == reference, args.new_tokens)
     project = layers.project
     for mode in args.modes:
+        if mode == "int8":
+            report(
+                mode,
+                greedy(model, quantize_params(params), prompts, args.new_tokens) == reference,
+                args.new_tokens,
+            )
+            continue
         layers.project = transformer.project = quantized_project(mode, project)
         jax.clear_caches()  # else generate's compiled program, with the old project, is reused
         try:

@@ -22,6 +22,7 @@ namespace {
 
 constexpr int kLanes = 8;         // floats per vector (one AVX register)
 constexpr int64_t kColumns = 64;  // outputs per chunk of the input-major kernel (a cache line)
+constexpr int64_t kPrefetch = 16;  // inputs ahead
 
 // GCC/Clang vector extensions: the compiler picks the instructions -march=native allows.
 typedef float Floats __attribute__((vector_size(4 * kLanes)));
@@ -107,6 +108,8 @@ void InOutBlock(const float* x, const uint8_t* q, const float* scale, const floa
   for (int64_t g = 0; g < s.groups(); ++g) {
     Floats part[kRows][kVectors] = {};
     for (int64_t i = g * s.group; i < (g + 1) * s.group; ++i) {
+      // The codes of one chunk are a column strip, one cache line per input: fetch ahead.
+      __builtin_prefetch(q + (i + kPrefetch) * s.out + first);
       Floats w[kVectors];
       for (int v = 0; v < kVectors; ++v) w[v] = LoadCodes(q + i * s.out + first + v * kLanes);
       for (int r = 0; r < kRows; ++r) {
