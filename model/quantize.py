@@ -173,18 +173,35 @@ def quantize(w: np.ndarray, in_axes: tuple[int, ...], stacked: int = 0) -> Quant
         blocks, axis = w.reshape(*lead, width // group, group, -1), -2
     else:  # blocks [..., out, groups, group]
         blocks, axis = w.reshape(*lead, -1, width // group, group), -1
-    low = blocks.min(axis)
-    scale = (blocks.max(axis) - low) / LEVELS
-    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)  # a constant group: codes 0
-    codes = np.rint((blocks - np.expand_dims(low, axis)) / np.expand_dims(scale, axis))
+    # Two grids per group, the one that reproduces it better kept: 256 levels from its
+    # minimum to its maximum (exact for GGUF's Q4_1 blocks), or 255 levels symmetric about
+    # 0 (exact for Q8_0's, whose largest code is always +-127).
+    spread = _grid(blocks, axis, blocks.min(axis), blocks.max(axis))
+    absmax = np.abs(blocks).max(axis)
+    symmetric = _grid(blocks, axis, -absmax * 128 / 127, absmax)
+    better = symmetric[3] < spread[3]
+    codes = np.where(np.expand_dims(better, axis), symmetric[0], spread[0])
+    scale = np.where(better, symmetric[1], spread[1])
+    low = np.where(better, symmetric[2], spread[2])
     return QuantizedWeight(
-        jnp.asarray(np.clip(codes, 0, LEVELS).astype(np.uint8).reshape(w.shape)),
+        jnp.asarray(codes.reshape(w.shape)),
         jnp.asarray(scale),
         jnp.asarray(low),
         tuple(shape),
         tuple(in_axes),
         layout,
     )
+
+
+def _grid(blocks: np.ndarray, axis: int, low: np.ndarray, high: np.ndarray) -> tuple:
+    """Codes, scale, low and the largest error per group for LEVELS steps from low up."""
+    scale = (high - low) / LEVELS
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)  # a constant group: codes 0
+    low = low.astype(np.float32)
+    codes = np.rint((blocks - np.expand_dims(low, axis)) / np.expand_dims(scale, axis))
+    codes = np.clip(codes, 0, LEVELS).astype(np.uint8)
+    back = codes * np.expand_dims(scale, axis) + np.expand_dims(low, axis)
+    return codes, scale, low, np.abs(back - blocks).max(axis)
 
 
 def quantize_params(params: Mapping) -> dict:

@@ -30,18 +30,28 @@ def test_kernel_builds_on_this_machine():
 
 
 def np_quantize(w_rows: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Rows [out, in] -> codes, scales, minimums, one loop per group."""
+    """Rows [out, in] -> codes, scales, minimums, one loop per group: of the two grids
+    (256 levels from the group's min to its max, or symmetric, scale max|w| / 127 and
+    minimum -128 scales), the one with the smaller largest error."""
     out, width = w_rows.shape
     codes = np.zeros_like(w_rows, np.uint8)
     scales = np.zeros((out, width // group), np.float32)
     lows = np.zeros((out, width // group), np.float32)
     for o in range(out):
         for g in range(width // group):
-            block = w_rows[o, g * group : (g + 1) * group]
-            low, high = block.min(), block.max()
-            scale = (high - low) / 255 if high > low else 1.0
-            codes[o, g * group : (g + 1) * group] = np.clip(np.rint((block - low) / scale), 0, 255)
-            scales[o, g], lows[o, g] = scale, low
+            cols = slice(g * group, (g + 1) * group)
+            block = w_rows[o, cols]
+            best = None
+            for low, high in (
+                (block.min(), block.max()),
+                (-np.abs(block).max() * 128 / 127, np.abs(block).max()),
+            ):
+                scale = np.float32((high - low) / 255) if high > low else np.float32(1.0)
+                code = np.clip(np.rint((block - np.float32(low)) / scale), 0, 255)
+                error = np.abs(code * scale + np.float32(low) - block).max()
+                if best is None or error < best[0]:
+                    best = (error, code, scale, np.float32(low))
+            _, codes[o, cols], scales[o, g], lows[o, g] = best
     return codes, scales, lows
 
 
@@ -69,6 +79,19 @@ def test_weights_from_q4_1_blocks_come_back_exactly():
     rows = (d * q4 + m).reshape(16, 128)  # [out, in]
     qw = quantize.quantize(rows.T, (0,))
     np.testing.assert_allclose(np.asarray(qw.dequantize()), rows.T, rtol=0, atol=2e-6)
+
+
+def test_weights_from_q8_0_blocks_come_back_exactly():
+    """A GGUF Q8_0 block is d * q, q in -127..127 with 127 or -127 present."""
+    rng = np.random.default_rng(5)
+    d = rng.uniform(0.001, 0.01, (16, 4, 1)).astype(np.float32)
+    q8 = rng.integers(-127, 128, (16, 4, 32))
+    q8[..., 0] = np.where(rng.random((16, 4)) < 0.5, 127, -127)
+    rows = (d * q8).reshape(16, 128)  # [out, in], the embedding's layout
+    qw = quantize.quantize(rows, (1,))
+    # A few fp32 ulps of |w| <= 1.27 (code * scale + low rounds); a wrong code is off by
+    # a whole step d >= 1e-3.
+    np.testing.assert_allclose(np.asarray(qw.dequantize()), rows, rtol=0, atol=1e-6)
 
 
 @needs_kernel
