@@ -7,11 +7,11 @@ per 32 inputs, multiplied by an FFI kernel on the CPU (model/cpu_kernels.py).
 A group of 32 consecutive inputs of one output gets 256 levels, from its minimum to its
 maximum or symmetric about 0, whichever reproduces it better: weights dequantized from
 GGUF's Q4_1 blocks land on the first (or within 1/255 of a level), Q8_0's on the second.
-Embeddings are read back one
-row at a time; norms, biases and the scalar head stay fp32. The quantized weight is a
-pytree (`QuantizedWeight`) that takes the kernel's place in the params, so `layers.project`
-sees it and calls the kernel; off the CPU, or where the kernel could not be compiled, it
-dequantizes and uses XLA's dot instead. Decoding only: there is no gradient.
+Embeddings are read back one row at a time; norms, biases and the scalar head stay fp32.
+The quantized weight is a pytree (`QuantizedWeight`) that takes the kernel's place in the
+params, so `layers.project` sees it and calls the kernel; off the CPU, or where the kernel
+could not be compiled, it dequantizes and uses XLA's dot instead. Decoding only: there is
+no gradient.
 """
 
 from __future__ import annotations
