@@ -141,8 +141,14 @@ def test_adapter_gradients_match_jax_grad_of_the_explicit_merged_weights():
     for (path, g), w in zip(
         jax.tree_util.tree_leaves_with_path(grads["lora"]), jax.tree.leaves(want), strict=True
     ):
-        np.testing.assert_allclose(g, w, rtol=2e-4, atol=1e-7, err_msg=jax.tree_util.keystr(path))
-        assert np.abs(w).max() > 0
+        # atol relative to the leaf's largest entry: the two forms sum in different orders,
+        # so an entry near zero carries fp32 rounding of its larger neighbours (1.2e-7 seen
+        # on one machine's XLA build, where a fixed 1e-7 failed).
+        scale = np.abs(w).max()
+        assert scale > 0
+        np.testing.assert_allclose(
+            g, w, rtol=2e-4, atol=1e-4 * scale, err_msg=jax.tree_util.keystr(path)
+        )
 
 
 def test_adapters_never_form_the_frozen_kernels_gradient():
