@@ -285,7 +285,8 @@ def bench_vs_hf(
     if llama is not None:
         llama_s = statistics.median(llama_time(llama, prompts, new) for _ in range(args.repeats))
         extra |= {"llama_tok_s": batch * new / llama_s}
-        extra["int8_vs_llama_pct"] = 100 * extra.get("int8_tok_s", 0) / extra["llama_tok_s"]
+        if params8 is not None:
+            extra["int8_vs_llama_pct"] = 100 * extra["int8_tok_s"] / extra["llama_tok_s"]
     return extra | {
         "batch": batch,
         "first_call_s": first,
@@ -316,10 +317,8 @@ INT8_COLUMNS = (
     ("int8 / fp32 x", "int8_speedup", ".2f"),
     ("int8 = fp32 tokens % (first 64)", "int8_same_pct", ".1f"),
 )
-LLAMA_COLUMNS = (
-    ("llama.cpp tok/s", "llama_tok_s", ".0f"),
-    ("int8 / llama.cpp %", "int8_vs_llama_pct", ".0f"),
-)
+LLAMA_COLUMNS = (("llama.cpp tok/s", "llama_tok_s", ".0f"),)
+INT8_VS_LLAMA = (("int8 / llama.cpp %", "int8_vs_llama_pct", ".0f"),)
 
 
 def llama_time(llama, prompts: np.ndarray, new: int) -> float:
@@ -365,6 +364,7 @@ def main_vs_hf(args: argparse.Namespace) -> None:
         params8, columns = quantize.quantize_params(params), columns + INT8_COLUMNS
     if args.llama_cpp:
         llama, columns = open_llama_cpp(args.gguf), columns + LLAMA_COLUMNS
+        columns += INT8_VS_LLAMA if args.int8 else ()
     print(" ".join(title for title, _, _ in columns))
     for batch in args.batch_sizes:
         print_row(columns, bench_vs_hf(hf_model, model, params, batch, args, params8, llama))
