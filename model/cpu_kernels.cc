@@ -5,9 +5,13 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
+#include <initializer_list>
 #include <memory>
+#include <thread>
 #include <vector>
 
 #ifdef __AVX2__
@@ -268,3 +272,337 @@ ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
 
 FLAXLM_INT8_MATMUL(FlaxlmInt8MatmulInOut, false)
 FLAXLM_INT8_MATMUL(FlaxlmInt8MatmulOutIn, true)
+
+// ---------------------------------------------------------------------------------------
+// One fp32 decode step through every layer of a plain Llama block stack (RMSNorm, RoPE,
+// grouped-query attention over the KV cache, SwiGLU), as one call. XLA runs such a step
+// as dozens of small ops per layer and copies each layer's weights and cache out of the
+// stacked arrays first (docs/benchmarks.md, "What a batch-1 step can cost here"); here
+// each weight is read in place, once per block of rows.
+
+namespace {
+
+// kRows rows of x [rows, in] times kVectors * kLanes columns of W [in, out] from `first`.
+template <int kRows, int kVectors>
+void F32Block(const float* x, const float* w, float* y, int64_t in, int64_t out, int64_t row,
+              int64_t first) {
+  Floats acc[kRows][kVectors] = {};
+  for (int64_t i = 0; i < in; ++i) {
+    __builtin_prefetch(w + (i + kPrefetch) * out + first);
+    Floats wi[kVectors];
+    for (int v = 0; v < kVectors; ++v) wi[v] = LoadFloats(w + i * out + first + v * kLanes);
+    for (int r = 0; r < kRows; ++r) {
+      const Floats xi = Splat(x[(row + r) * in + i]);
+      for (int v = 0; v < kVectors; ++v) acc[r][v] += xi * wi[v];
+    }
+  }
+  for (int r = 0; r < kRows; ++r) {
+    for (int v = 0; v < kVectors; ++v) {
+      std::memcpy(y + (row + r) * out + first + v * kLanes, &acc[r][v], sizeof(Floats));
+    }
+  }
+}
+
+// Columns [first, last) of y = x W for every row, in register blocks as InOutRange.
+void F32Range(const float* x, const float* w, float* y, int64_t rows, int64_t in, int64_t out,
+              int64_t first, int64_t last) {
+  int64_t row = 0;
+  for (; row + 4 <= rows; row += 4) {
+    int64_t c = first;
+    for (; c + 2 * kLanes <= last; c += 2 * kLanes) F32Block<4, 2>(x, w, y, in, out, row, c);
+    for (; c + kLanes <= last; c += kLanes) F32Block<4, 1>(x, w, y, in, out, row, c);
+  }
+  for (; row + 2 <= rows; row += 2) {
+    int64_t c = first;
+    for (; c + 4 * kLanes <= last; c += 4 * kLanes) F32Block<2, 4>(x, w, y, in, out, row, c);
+    for (; c + kLanes <= last; c += kLanes) F32Block<2, 1>(x, w, y, in, out, row, c);
+  }
+  for (; row < rows; ++row) {
+    int64_t c = first;
+    for (; c + 8 * kLanes <= last; c += 8 * kLanes) F32Block<1, 8>(x, w, y, in, out, row, c);
+    for (; c + kLanes <= last; c += kLanes) F32Block<1, 1>(x, w, y, in, out, row, c);
+  }
+  for (int64_t c = first + (last - first) / kLanes * kLanes; c < last; ++c) {
+    for (int64_t r = 0; r < rows; ++r) {
+      float total = 0.0f;
+      for (int64_t i = 0; i < in; ++i) total += x[r * in + i] * w[i * out + c];
+      y[r * out + c] = total;
+    }
+  }
+}
+
+// One call's parallel phases. A decode step has ~8 per layer, each a few microseconds of
+// work, so scheduling pool tasks per phase (RunChunks) would cost about as much as the
+// work: instead one helper per other pool thread joins for the whole call and takes
+// chunks of whichever phase the calling thread has published last. The caller takes
+// chunks too and waits only for chunks already taken, so a helper that starts late or
+// never (a busy pool) just leaves it more of the work.
+class Crew {
+ public:
+  Crew(ffi::ThreadPool& pool, int64_t max_phases) : state_(std::make_shared<State>(max_phases)) {
+    const int64_t helpers = std::max<int64_t>(0, pool.num_threads() - 1);
+    for (int64_t t = 0; t < helpers; ++t) {
+      pool.Schedule([state = state_] { Help(*state); });
+    }
+  }
+  ~Crew() { state_->stop.store(true, std::memory_order_release); }
+
+  // range(first, last) over [0, total) in chunks of `chunk`, with whoever is helping.
+  template <typename Range>
+  void Run(int64_t total, int64_t chunk, Range range) {
+    State& s = *state_;
+    if (s.published.load(std::memory_order_relaxed) >= static_cast<int64_t>(s.phases.size())) {
+      range(0, total);  // more phases than planned for: run this one alone
+      return;
+    }
+    Phase& p = s.phases[s.published.load(std::memory_order_relaxed)];
+    p.range = [&range, total, chunk](int64_t c) {
+      range(c * chunk, std::min(total, (c + 1) * chunk));
+    };
+    p.chunks = (total + chunk - 1) / chunk;
+    s.published.fetch_add(1, std::memory_order_release);
+    Work(p);
+    while (p.done.load(std::memory_order_acquire) < p.chunks) Pause();
+  }
+
+ private:
+  struct Phase {
+    std::function<void(int64_t)> range;
+    int64_t chunks = 0;
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+  };
+  struct State {
+    explicit State(int64_t max_phases) : phases(max_phases) {}
+    std::vector<Phase> phases;  // never resized: helpers hold references into it
+    std::atomic<int64_t> published{0};
+    std::atomic<bool> stop{false};
+  };
+
+  static void Pause() {
+#ifdef __AVX2__
+    _mm_pause();
+#endif
+  }
+
+  static void Work(Phase& p) {
+    for (int64_t c; (c = p.next.fetch_add(1, std::memory_order_relaxed)) < p.chunks;) {
+      p.range(c);
+      p.done.fetch_add(1, std::memory_order_release);
+    }
+  }
+
+  // A helper: the latest published phase, until the call ends. It spins between phases
+  // (they come microseconds apart), yielding its core after a while without work.
+  static void Help(State& s) {
+    int64_t seen = 0;
+    for (int64_t idle = 0; !s.stop.load(std::memory_order_acquire); ++idle) {
+      const int64_t published = s.published.load(std::memory_order_acquire);
+      if (published > seen) {
+        seen = published;
+        Work(s.phases[published - 1]);
+        idle = 0;
+      } else if (idle < 4096) {
+        Pause();
+      } else {
+        std::this_thread::yield();
+      }
+    }
+  }
+
+  std::shared_ptr<State> state_;
+};
+
+// One weight's product y = x W: W [in, out], y [rows, out].
+struct Product {
+  const float* w;
+  float* y;
+  int64_t out;
+};
+
+// Products of the same x [rows, in] as one phase, in chunks of kColumns columns.
+void F32Matmuls(Crew& crew, const float* x, int64_t rows, int64_t in,
+                std::initializer_list<Product> products) {
+  std::vector<std::pair<const Product*, int64_t>> chunks;  // (product, first column)
+  for (const Product& p : products) {
+    for (int64_t c = 0; c < p.out; c += kColumns) chunks.emplace_back(&p, c);
+  }
+  crew.Run(static_cast<int64_t>(chunks.size()), 1, [&](int64_t first, int64_t last) {
+    for (int64_t c = first; c < last; ++c) {
+      const auto [p, column] = chunks[c];
+      F32Range(x, p->w, p->y, rows, in, p->out, column, std::min(p->out, column + kColumns));
+    }
+  });
+}
+
+// y[r] = x[r] / rms(x[r]) * scale, rows of width d.
+void RmsNorm(const float* x, const float* scale, float* y, int64_t rows, int64_t d, float eps) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float squares = 0.0f;
+    for (int64_t i = 0; i < d; ++i) squares += x[r * d + i] * x[r * d + i];
+    const float inv = 1.0f / std::sqrt(squares / static_cast<float>(d) + eps);
+    for (int64_t i = 0; i < d; ++i) y[r * d + i] = x[r * d + i] * inv * scale[i];
+  }
+}
+
+// Rotary embedding of one head vector (the 'rotate half' layout of layers.apply_rope).
+void Rope(float* v, int64_t h, const float* cos, const float* sin) {
+  const int64_t half = h / 2;
+  for (int64_t j = 0; j < half; ++j) {
+    const float a = v[j], b = v[j + half];
+    v[j] = a * cos[j] - b * sin[j];
+    v[j + half] = b * cos[j] + a * sin[j];
+  }
+}
+
+// The sizes of one decode call, read from the operands' shapes.
+struct DecodeShape {
+  int64_t layers, batch, d, heads, kv_heads, head_dim, mlp, slots;
+};
+
+ffi::Error ReadDecodeShape(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi::F32>& wq,
+                           const ffi::Buffer<ffi::F32>& wgate, const ffi::Buffer<ffi::F32>& k,
+                           DecodeShape& s) {
+  auto xd = x.dimensions(), qd = wq.dimensions(), gd = wgate.dimensions(),
+       kd = k.dimensions();
+  if (xd.size() != 2 || qd.size() != 4 || gd.size() != 3 || kd.size() != 5) {
+    return ffi::Error::InvalidArgument(
+        "llama_decode: want x [B, D], q [L, D, N, H], gate [L, D, F], cache [L, B, K, S, H]");
+  }
+  s = {qd[0], xd[0], xd[1], qd[2], kd[2], qd[3], gd[2], kd[3]};
+  if (qd[1] != s.d || kd[0] != s.layers || kd[1] != s.batch || kd[4] != s.head_dim ||
+      s.heads % s.kv_heads != 0 || s.head_dim % 2 != 0) {
+    return ffi::Error::InvalidArgument("llama_decode: the operands' shapes disagree");
+  }
+  return ffi::Error::Success();
+}
+
+// Attention of one query head of one row over the live slots of its kv head's cache.
+void AttendOneHead(const float* q, const float* keys, const float* values, const int32_t* seg,
+                   int64_t slot, int64_t slots, int64_t h, float* out, float* scores) {
+  const float scale = 1.0f / std::sqrt(static_cast<float>(h));
+  float top = -INFINITY;
+  for (int64_t s = 0; s < slots; ++s) {
+    // A decode query is segment 1 at `slot`: live keys are segment 1 at or before it.
+    if (seg[s] != 1 || s > slot) {
+      scores[s] = -INFINITY;
+      continue;
+    }
+    float dot = 0.0f;
+    for (int64_t j = 0; j < h; ++j) dot += q[j] * keys[s * h + j];
+    scores[s] = dot * scale;
+    top = std::max(top, scores[s]);
+  }
+  float total = 0.0f;
+  for (int64_t s = 0; s < slots; ++s) {
+    scores[s] = scores[s] == -INFINITY ? 0.0f : std::exp(scores[s] - top);
+    total += scores[s];
+  }
+  for (int64_t j = 0; j < h; ++j) out[j] = 0.0f;
+  for (int64_t s = 0; s < slots; ++s) {
+    if (scores[s] == 0.0f) continue;
+    const float p = scores[s] / total;
+    for (int64_t j = 0; j < h; ++j) out[j] += p * values[s * h + j];
+  }
+}
+
+ffi::Error LlamaDecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x_in,
+                           ffi::Buffer<ffi::S32> positions, ffi::Buffer<ffi::S32> slot_in,
+                           ffi::Buffer<ffi::S32> segments, ffi::Buffer<ffi::F32> attn_norm,
+                           ffi::Buffer<ffi::F32> wq, ffi::Buffer<ffi::F32> wk,
+                           ffi::Buffer<ffi::F32> wv, ffi::Buffer<ffi::F32> wo,
+                           ffi::Buffer<ffi::F32> mlp_norm, ffi::Buffer<ffi::F32> wgate,
+                           ffi::Buffer<ffi::F32> wup, ffi::Buffer<ffi::F32> wdown,
+                           ffi::Buffer<ffi::F32> k_in, ffi::Buffer<ffi::F32> v_in, float eps,
+                           float theta, ffi::ResultBuffer<ffi::F32> x_out,
+                           ffi::ResultBuffer<ffi::F32> k_cache,
+                           ffi::ResultBuffer<ffi::F32> v_cache) {
+  DecodeShape s;
+  if (ffi::Error e = ReadDecodeShape(x_in, wq, wgate, k_in, s); e.failure()) return e;
+  const int64_t B = s.batch, D = s.d, N = s.heads, K = s.kv_heads, H = s.head_dim, F = s.mlp,
+                S = s.slots, group = N / K;
+  const int64_t slot = slot_in.typed_data()[0];
+  if (slot < 0 || slot >= S) return ffi::Error::InvalidArgument("llama_decode: slot out of range");
+  // k_cache/v_cache alias k_in/v_in (input_output_aliases): read and write them in place.
+  float *kc = k_cache->typed_data(), *vc = v_cache->typed_data();
+  float* x = x_out->typed_data();
+  std::memcpy(x, x_in.typed_data(), sizeof(float) * B * D);
+  const int32_t* seg = segments.typed_data();
+
+  // cos/sin of every row's position, [B, H/2], the same for every layer.
+  std::vector<float> cos(B * H / 2), sin(B * H / 2);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t j = 0; j < H / 2; ++j) {
+      const float inv_freq = std::pow(theta, -static_cast<float>(j) / static_cast<float>(H / 2));
+      const float angle = static_cast<float>(positions.typed_data()[b]) * inv_freq;
+      cos[b * H / 2 + j] = std::cos(angle);
+      sin[b * H / 2 + j] = std::sin(angle);
+    }
+  }
+  std::vector<float> h(B * D), q(B * N * H), k(B * K * H), v(B * K * H), att(B * N * H),
+      gate(B * F), up(B * F), delta(B * D), scores(B * N * S);
+  Crew crew(pool, 5 * s.layers);  // the 5 parallel phases of each layer below
+
+  for (int64_t l = 0; l < s.layers; ++l) {
+    RmsNorm(x, attn_norm.typed_data() + l * D, h.data(), B, D, eps);
+    F32Matmuls(crew, h.data(), B, D,
+               {{wq.typed_data() + l * D * N * H, q.data(), N * H},
+                {wk.typed_data() + l * D * K * H, k.data(), K * H},
+                {wv.typed_data() + l * D * K * H, v.data(), K * H}});
+    for (int64_t b = 0; b < B; ++b) {
+      const float *c = cos.data() + b * H / 2, *sn = sin.data() + b * H / 2;
+      for (int64_t n = 0; n < N; ++n) Rope(q.data() + (b * N + n) * H, H, c, sn);
+      for (int64_t n = 0; n < K; ++n) {
+        Rope(k.data() + (b * K + n) * H, H, c, sn);
+        const int64_t at = (((l * B + b) * K + n) * S + slot) * H;
+        std::memcpy(kc + at, k.data() + (b * K + n) * H, sizeof(float) * H);
+        std::memcpy(vc + at, v.data() + (b * K + n) * H, sizeof(float) * H);
+      }
+    }
+    crew.Run(B * N, 1, [&](int64_t first, int64_t last) {
+      for (int64_t bn = first; bn < last; ++bn) {
+        const int64_t b = bn / N, n = bn % N;
+        const int64_t base = ((l * B + b) * K + n / group) * S * H;
+        AttendOneHead(q.data() + bn * H, kc + base, vc + base, seg + b * S, slot, S, H,
+                      att.data() + bn * H, scores.data() + bn * S);
+      }
+    });
+    F32Matmuls(crew, att.data(), B, N * H, {{wo.typed_data() + l * N * H * D, delta.data(), D}});
+    for (int64_t i = 0; i < B * D; ++i) x[i] += delta[i];
+
+    RmsNorm(x, mlp_norm.typed_data() + l * D, h.data(), B, D, eps);
+    F32Matmuls(crew, h.data(), B, D,
+               {{wgate.typed_data() + l * D * F, gate.data(), F},
+                {wup.typed_data() + l * D * F, up.data(), F}});
+    for (int64_t i = 0; i < B * F; ++i) gate[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+    F32Matmuls(crew, gate.data(), B, F, {{wdown.typed_data() + l * F * D, delta.data(), D}});
+    for (int64_t i = 0; i < B * D; ++i) x[i] += delta[i];
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxlmLlamaDecode, LlamaDecodeImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x [B, D]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // RoPE positions [B]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // cache slot []
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // cache segment ids [B, S]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // attn_norm [L, D]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q [L, D, N, H]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k [L, D, K, H]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v [L, D, K, H]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // o [L, N, H, D]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // mlp_norm [L, D]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // gate [L, D, F]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // up [L, D, F]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // down [L, F, D]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k cache [L, B, K, S, H]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v cache
+                                  .Attr<float>("eps")
+                                  .Attr<float>("theta")
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // x after the last block
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // k cache, in place
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // v cache, in place

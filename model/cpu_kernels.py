@@ -19,11 +19,13 @@ import tempfile
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 SOURCE = pathlib.Path(__file__).with_name("cpu_kernels.cc")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 # FFI target name -> the library's handler symbol, by the layout of the codes q.
 INT8_MATMUL = {"in_out": "FlaxlmInt8MatmulInOut", "out_in": "FlaxlmInt8MatmulOutIn"}
+LLAMA_DECODE = "FlaxlmLlamaDecode"
 
 
 class KernelBuildError(RuntimeError):
@@ -66,7 +68,7 @@ def build() -> pathlib.Path:
 @functools.cache
 def _register() -> None:
     library = ctypes.cdll.LoadLibrary(str(build()))
-    for symbol in INT8_MATMUL.values():
+    for symbol in (*INT8_MATMUL.values(), LLAMA_DECODE):
         handler = jax.ffi.pycapsule(getattr(library, symbol))
         jax.ffi.register_ffi_target(symbol, handler, platform="cpu")
 
@@ -97,3 +99,58 @@ def int8_matmul(
     out = jax.ShapeDtypeStruct((*x.shape[:-1], width), jnp.float32)
     call = jax.ffi.ffi_call(INT8_MATMUL[layout], out, vmap_method="broadcast_all")
     return call(x.astype(jnp.float32), q, scale, low)
+
+
+# The stacked block weights `llama_decode` reads, in its argument order: (module, param).
+LLAMA_WEIGHTS = (
+    ("attn_norm", "scale"),
+    ("attn", "q"),
+    ("attn", "k"),
+    ("attn", "v"),
+    ("attn", "o"),
+    ("mlp_norm", "scale"),
+    ("mlp", "gate"),
+    ("mlp", "up"),
+    ("mlp", "down"),
+)
+
+
+def llama_decode(
+    x: jax.Array,
+    positions: jax.Array,
+    slot: jax.Array,
+    segment_ids: jax.Array,
+    layers: dict,
+    cache: dict,
+    *,
+    eps: float,
+    theta: float,
+) -> tuple[jax.Array, dict]:
+    """One token [B, D] (embedded) through every block of a plain Llama stack in one call.
+
+    positions [B]: RoPE positions; slot: the cache slot written (a scalar); segment_ids
+    [B, S]: the cache's, with 1 already written at `slot` (a decode query is segment 1
+    and attends the segment-1 slots up to its own); layers: the scanned `layers` params
+    (`LLAMA_WEIGHTS`, fp32, each stacked [L, ...]); cache: k, v [L, B, K, S, H] fp32,
+    updated in place. Returns (x after the last block, before the final norm; the cache
+    with the new k, v). Needs `available()`; CPU only."""
+    _register()
+    weights = [layers[module][name] for module, name in LLAMA_WEIGHTS]
+    outs = (
+        jax.ShapeDtypeStruct(x.shape, jnp.float32),
+        jax.ShapeDtypeStruct(cache["k"].shape, jnp.float32),
+        jax.ShapeDtypeStruct(cache["v"].shape, jnp.float32),
+    )
+    call = jax.ffi.ffi_call(LLAMA_DECODE, outs, input_output_aliases={13: 1, 14: 2})
+    x, k, v = call(
+        x,
+        positions.astype(jnp.int32),
+        jnp.asarray(slot, jnp.int32),
+        segment_ids.astype(jnp.int32),
+        *weights,
+        cache["k"],
+        cache["v"],
+        eps=np.float32(eps),
+        theta=np.float32(theta),
+    )
+    return x, {**cache, "k": k, "v": v}

@@ -54,13 +54,15 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import Mesh, PartitionSpec
 
-from model import lora
+from model import fused_decode, lora
 from model import sharding as sh
 from model.transformer import CACHE_AXES, init_cache
 
 Params = Any
 # New tokens the cache has room for before it first grows (`cache_sizes`).
 CACHE_STEP = 64
+# generate's decode steps: the model's own ("xla") or one CPU kernel call ("cpu").
+DECODE_IMPLS = ("xla", "cpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,6 +311,7 @@ def _write_column(buffer: jax.Array, column: jax.Array, step: jax.Array) -> jax.
         "mesh",
         "rules",
         "cache_step",
+        "decode_impl",
     ),
 )
 def _generate(
@@ -325,6 +328,7 @@ def _generate(
     mesh: Mesh | None,
     rules: sh.Rules | None,
     cache_step: int,
+    decode_impl: str,
 ) -> GenerateOutput:
     batch, prompt_len = tokens.shape
     model, params = lora.merged(model, params)  # adapters merged once, not per decode step
@@ -357,7 +361,8 @@ def _generate(
     def body(state: _LoopState) -> _LoopState:
         # Token step-1 sits at slot P+step-1 and RoPE position length+step-1.
         offset = state.step - 1
-        logits, cache = decode_step(
+        step_fn = fused_decode.decode_step if decode_impl == "cpu" else decode_step
+        logits, cache = step_fn(
             model, params, state.cache, state.last, lengths + offset, prompt_len + offset
         )
         return emit(state._replace(cache=constrain(cache)), logits)
@@ -393,6 +398,7 @@ def generate(
     mesh: Mesh | None = None,
     rules: sh.Rules | None = None,
     cache_step: int = CACHE_STEP,
+    decode_impl: str = "xla",
 ) -> GenerateOutput:
     """Sample up to `max_new_tokens` tokens after left-padded prompts.
 
@@ -400,7 +406,9 @@ def generate(
     `param_shardings` gives when a mesh is used); tokens, segment_ids: [B, P] from
     `left_pad` (segment id 1 = prompt token, 0 = left pad; every row needs a token in
     slot P-1); key: a PRNG key; cache_step: the new tokens the cache first has room for
-    (it doubles that room when full, see the module doc). Returns `GenerateOutput`, each
+    (it doubles that room when full, see the module doc); decode_impl: "xla" (the
+    model's own step) or "cpu" (every block in one CPU kernel call, model/fused_decode.py:
+    fp32 plain Llama blocks, no mesh). Returns `GenerateOutput`, each
     field [B, N]. One compilation per (model, shapes, sampling, eos_id, pad_id, mesh,
     rules, cache_step).
     """
@@ -422,6 +430,12 @@ def generate(
         raise ValueError("generate: prompts must be left-padded (a real token in every last slot)")
     if (mesh is None) != (rules is None):
         raise ValueError("generate: pass both mesh and rules, or neither")
+    if decode_impl not in DECODE_IMPLS:
+        raise ValueError(f"decode_impl={decode_impl!r}: must be one of {DECODE_IMPLS}")
+    if decode_impl == "cpu":
+        if mesh is not None:
+            raise ValueError("decode_impl='cpu' runs on one device: pass no mesh")
+        fused_decode.check_supported(model.config, params)
     kwargs = dict(
         model=model,
         max_new_tokens=max_new_tokens,
@@ -431,6 +445,7 @@ def generate(
         mesh=mesh,
         rules=rules,
         cache_step=cache_step,
+        decode_impl=decode_impl,
     )
     if mesh is None:
         return _generate(params, tokens, segment_ids, key, **kwargs)

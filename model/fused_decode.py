@@ -1,0 +1,104 @@
+"""A decode step whose blocks run as one CPU kernel call (`generate(..., decode_impl="cpu")`).
+
+XLA runs a decode step as dozens of small ops per layer and, under the layer scan, copies
+each layer's weights and K/V out of the stacked arrays before using them; at batch 1 on a
+small model those costs, not the arithmetic, set the step's time (docs/benchmarks.md).
+`cpu_kernels.llama_decode` instead takes the token's embedding through every block in
+one call, reading the stacked weights in place and writing the new K/V into the cache in
+place; the embedding lookup, final norm and LM head stay XLA ops. The prefill is the
+model's own forward pass either way.
+
+It covers the plain Llama block (RMSNorm, RoPE, SwiGLU, grouped-query attention, no
+biases) in fp32 with the layers scanned; `unsupported` names the first setting outside
+that. The logits agree with the model's own step to fp32 rounding (the sums run in
+another order), not bit for bit.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from model import cpu_kernels
+from model.config import ModelConfig
+from model.layers import RMSNorm, project, take_rows
+from model.quantize import QuantizedWeight
+
+# Setting -> the value the kernel's block assumes.
+PLAIN_LLAMA = {
+    "norm": "rmsnorm",
+    "activation": "swiglu",
+    "position": "rope",
+    "dtype": "float32",
+    "param_dtype": "float32",
+    "scan_layers": True,
+    "qkv_bias": False,
+    "qk_norm": False,
+    "post_norms": False,
+    "sliding_window": 0,
+    "local_rope_theta": 0.0,
+    "scale_embeddings": False,
+    "norm_scale_offset": 0.0,
+    "attn_scale_dim": 0.0,
+    "attn_logit_softcap": 0.0,
+    "final_logit_softcap": 0.0,
+}
+
+
+def unsupported(cfg: ModelConfig, params: Any) -> str | None:
+    """Why the fused step cannot run this model here, or None when it can."""
+    for key, want in PLAIN_LLAMA.items():
+        if getattr(cfg, key) != want:
+            return f"model.{key}={getattr(cfg, key)!r} (the fused step needs {want!r})"
+    if any(cfg.layer_is_local()):
+        return f"model.attention_pattern={cfg.attention_pattern!r} has local layers"
+    leaves = jax.tree.leaves(params, is_leaf=lambda p: isinstance(p, QuantizedWeight))
+    if any(isinstance(p, QuantizedWeight) for p in leaves):
+        return "int8 weights (the fused step reads fp32 weights)"
+    if jax.default_backend() != "cpu":
+        return f"backend {jax.default_backend()!r} (the fused step is a CPU kernel)"
+    if not cpu_kernels.available():
+        return "the CPU kernels did not compile (is a C++ compiler on PATH?)"
+    return None
+
+
+def check_supported(cfg: ModelConfig, params: Any) -> None:
+    reason = unsupported(cfg, params)
+    if reason is not None:
+        raise ValueError(f"decode_impl='cpu': {reason}; use decode_impl='xla'")
+
+
+def decode_step(
+    model: nn.Module,
+    params: Any,
+    cache: dict,
+    token: jax.Array,
+    position: jax.Array,
+    slot: jax.Array | int,
+) -> tuple[jax.Array, dict]:
+    """`generate.decode_step` through the kernel: token [B] at RoPE position [B] into
+    cache slot `slot`. Returns (next-token logits [B, V] fp32, the updated cache)."""
+    cfg = model.config
+    x = take_rows(params["embedding"], token).astype(jnp.float32)
+    slot = jnp.asarray(slot, jnp.int32)
+    segments = jax.lax.dynamic_update_slice(
+        cache["segment_ids"], jnp.ones((token.shape[0], 1), jnp.int32), (0, slot)
+    )
+    x, cache = cpu_kernels.llama_decode(
+        x,
+        position,
+        slot,
+        segments,
+        params["layers"],
+        cache,
+        eps=cfg.norm_eps,
+        theta=cfg.rope_theta,
+    )
+    final_norm = RMSNorm(cfg.norm_eps, jnp.float32, jnp.float32)
+    hidden = final_norm.apply({"params": params["final_norm"]}, x)
+    head = params["embedding"].T if cfg.tie_embeddings else params["lm_head"]
+    logits = project("BD,DV->BV", hidden, head, jnp.float32)
+    return logits, {**cache, "segment_ids": segments}
