@@ -435,11 +435,21 @@ void F32Matmuls(Crew& crew, const float* x, int64_t rows, int64_t in,
   });
 }
 
+// Sum of a[j] * b[j], eight lanes at a time (a plain loop would add one product at a time:
+// the compiler may not reorder a float sum).
+inline float Dot(const float* a, const float* b, int64_t n) {
+  Floats acc = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) acc += LoadFloats(a + j) * LoadFloats(b + j);
+  float total = Sum(acc);
+  for (; j < n; ++j) total += a[j] * b[j];
+  return total;
+}
+
 // y[r] = x[r] / rms(x[r]) * scale, rows of width d.
 void RmsNorm(const float* x, const float* scale, float* y, int64_t rows, int64_t d, float eps) {
   for (int64_t r = 0; r < rows; ++r) {
-    float squares = 0.0f;
-    for (int64_t i = 0; i < d; ++i) squares += x[r * d + i] * x[r * d + i];
+    const float squares = Dot(x + r * d, x + r * d, d);
     const float inv = 1.0f / std::sqrt(squares / static_cast<float>(d) + eps);
     for (int64_t i = 0; i < d; ++i) y[r * d + i] = x[r * d + i] * inv * scale[i];
   }
@@ -477,30 +487,24 @@ ffi::Error ReadDecodeShape(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi
   return ffi::Error::Success();
 }
 
-// Attention of one query head of one row over the live slots of its kv head's cache.
+// Attention of one query head of one row over its kv head's cache: a decode query is
+// segment 1 at `slot`, so its keys are the segment-1 slots up to and including `slot`.
 void AttendOneHead(const float* q, const float* keys, const float* values, const int32_t* seg,
-                   int64_t slot, int64_t slots, int64_t h, float* out, float* scores) {
+                   int64_t slot, int64_t h, float* out, float* scores) {
   const float scale = 1.0f / std::sqrt(static_cast<float>(h));
   float top = -INFINITY;
-  for (int64_t s = 0; s < slots; ++s) {
-    // A decode query is segment 1 at `slot`: live keys are segment 1 at or before it.
-    if (seg[s] != 1 || s > slot) {
-      scores[s] = -INFINITY;
-      continue;
-    }
-    float dot = 0.0f;
-    for (int64_t j = 0; j < h; ++j) dot += q[j] * keys[s * h + j];
-    scores[s] = dot * scale;
+  for (int64_t s = 0; s <= slot; ++s) {
+    scores[s] = seg[s] == 1 ? Dot(q, keys + s * h, h) * scale : -INFINITY;
     top = std::max(top, scores[s]);
   }
   float total = 0.0f;
-  for (int64_t s = 0; s < slots; ++s) {
-    scores[s] = scores[s] == -INFINITY ? 0.0f : std::exp(scores[s] - top);
+  for (int64_t s = 0; s <= slot; ++s) {
+    scores[s] = std::exp(scores[s] - top);  // exp(-inf) = 0 for the masked slots
     total += scores[s];
   }
   for (int64_t j = 0; j < h; ++j) out[j] = 0.0f;
-  for (int64_t s = 0; s < slots; ++s) {
-    if (scores[s] == 0.0f) continue;
+  for (int64_t s = 0; s <= slot; ++s) {
+    if (seg[s] != 1) continue;
     const float p = scores[s] / total;
     for (int64_t j = 0; j < h; ++j) out[j] += p * values[s * h + j];
   }
@@ -563,7 +567,7 @@ ffi::Error LlamaDecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x_in,
       for (int64_t bn = first; bn < last; ++bn) {
         const int64_t b = bn / N, n = bn % N;
         const int64_t base = ((l * B + b) * K + n / group) * S * H;
-        AttendOneHead(q.data() + bn * H, kc + base, vc + base, seg + b * S, slot, S, H,
+        AttendOneHead(q.data() + bn * H, kc + base, vc + base, seg + b * S, slot, H,
                       att.data() + bn * H, scores.data() + bn * S);
       }
     });

@@ -108,6 +108,19 @@ def test_greedy_completion_matches_an_uncached_argmax_loop(workdir):
     assert sample.complete(policy, ["ROMEO:", "other"], False, 6, greedy, 5)[0] == expected
 
 
+def test_fused_decode_completion_matches_the_uncached_argmax_loop(workdir, capsys):
+    """--decode-impl cpu (model/fused_decode.py): the same greedy tokens as the reference."""
+    policy = sample.Policy(str(workdir), decode_impl="cpu")
+    tok = policy.tokenizer
+    greedy = sample.generate.SamplingConfig(temperature=0.0, vocab_limit=tok.vocab_size)
+    reference = greedy_without_cache(policy, [tok.bos_id, *tok.encode("ROMEO:")], 6)
+    expected = tok.decode([t for t in reference if t != tok.eos_id])
+    assert sample.complete(policy, ["ROMEO:", "other"], False, 6, greedy, 0)[0] == expected
+    argv = ["--workdir", str(workdir), "--prompt", "ROMEO:", "--max-new-tokens", "4"]
+    assert sample.main_sample([*argv, "--decode-impl", "cpu", "--weight-dtype", "int8"]) == 2
+    assert "int8 weights" in capsys.readouterr().err
+
+
 def test_decode_completion_drops_stop_markers_and_padded_ids(workdir):
     tok = sample.Policy(str(workdir)).tokenizer
     ids = tok.encode("ab")

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model import generate, quantize
+from model import fused_decode, generate, quantize
 from model import sharding as sh
 from model.config import ModelConfig
 from model.tokenizer import AnyTokenizer, load_tokenizer
@@ -38,7 +38,11 @@ class Policy:
     """A loaded LM: model, sharded params, tokenizer, and the mesh they live on."""
 
     def __init__(
-        self, workdir: str, step: int | None = None, weight_dtype: str = "float32"
+        self,
+        workdir: str,
+        step: int | None = None,
+        weight_dtype: str = "float32",
+        decode_impl: str = "xla",
     ) -> None:
         path = pathlib.Path(workdir)
         self.parent: Parent = read_parent(path / "checkpoints" / str(step) if step else path)
@@ -52,6 +56,10 @@ class Policy:
         self.params = load_params(self.parent, target)
         if weight_dtype == "int8":  # decoding only: model/quantize.py
             self.params = quantize.quantize_params(self.params)
+        self.decode_impl = decode_impl
+        if decode_impl == "cpu":  # model/fused_decode.py: one device, no mesh
+            fused_decode.check_supported(self.config, self.params)
+            self.params = jax.device_put(self.params, jax.devices()[0])
         if self.parent.tokenizer_dir is None:
             raise InitFromError(f"{self.parent.checkpoint} records no tokenizer")
         self.tokenizer: AnyTokenizer = load_tokenizer(self.parent.tokenizer_dir)
@@ -105,8 +113,9 @@ def complete(
         max_new_tokens=max_new_tokens,
         sampling=sampling,
         eos_id=policy.tokenizer.end_of_turn_id if chat else policy.tokenizer.eos_id,
-        mesh=policy.mesh,
-        rules=policy.rules,
+        mesh=None if policy.decode_impl == "cpu" else policy.mesh,
+        rules=None if policy.decode_impl == "cpu" else policy.rules,
+        decode_impl=policy.decode_impl,
     )
     tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
     return [decode_completion(policy.tokenizer, tokens[i], mask[i]) for i in range(len(ids))]
@@ -153,6 +162,13 @@ def common_args(parser: argparse.ArgumentParser) -> None:
         default="float32",
         help="int8: weights quantized per 32 inputs, the CPU int8 kernel (model/quantize.py)",
     )
+    parser.add_argument(
+        "--decode-impl",
+        choices=generate.DECODE_IMPLS,
+        default="xla",
+        help="cpu: each decode step's blocks in one CPU kernel call (model/fused_decode.py; "
+        "fp32 Llama-style models, one device)",
+    )
 
 
 def new_tokens(args: argparse.Namespace, policy: Policy) -> int:
@@ -184,7 +200,7 @@ def main_sample(argv: Sequence[str]) -> int:
             raise ValueError("give --prompt TEXT or --prompts-file FILE")
         if args.num_samples < 1 or (args.max_new_tokens or 1) < 1:
             raise ValueError("--num-samples and --max-new-tokens must be >= 1")
-        policy = Policy(args.workdir, args.step, args.weight_dtype)
+        policy = Policy(args.workdir, args.step, args.weight_dtype, args.decode_impl)
         args.max_new_tokens = new_tokens(args, policy)
         sampling = generate.SamplingConfig(
             args.temperature, args.top_k, args.top_p, policy.tokenizer.vocab_size
@@ -260,7 +276,7 @@ def main_chat(argv: Sequence[str]) -> int:
     parser.add_argument("--system", default="", help="an optional system message")
     args = parser.parse_args(argv)
     try:
-        policy = Policy(args.workdir, args.step, args.weight_dtype)
+        policy = Policy(args.workdir, args.step, args.weight_dtype, args.decode_impl)
         args.max_new_tokens = new_tokens(args, policy)
         sampling = generate.SamplingConfig(
             args.temperature, args.top_k, args.top_p, policy.tokenizer.vocab_size
@@ -270,9 +286,8 @@ def main_chat(argv: Sequence[str]) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"flaxlm chat: error: {err}", file=sys.stderr)
         return 2
-    step_fn = jax.jit(
-        lambda p, c, t, pos, slot: generate.decode_step(policy.model, p, c, t, pos, slot)
-    )
+    decode = fused_decode.decode_step if policy.decode_impl == "cpu" else generate.decode_step
+    step_fn = jax.jit(lambda p, c, t, pos, slot: decode(policy.model, p, c, t, pos, slot))
     messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     print("flaxlm chat: type a message; an empty line or Ctrl-D quits.", file=sys.stderr)
     key = jax.random.key(args.seed)
