@@ -55,9 +55,18 @@ inline Floats LoadFloats(const float* p) {
 inline Floats Splat(float v) { return Floats{} + v; }
 
 inline float Sum(Floats f) {
+#ifdef __AVX2__  // a few shuffles instead of eight dependent adds
+  __m256 v;
+  std::memcpy(&v, &f, sizeof(v));
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+#else
   float total = 0.0f;
   for (int j = 0; j < kLanes; ++j) total += f[j];
   return total;
+#endif
 }
 
 // Sizes of one call: x [rows, in], W [in, out] in groups of `group` inputs.
@@ -307,6 +316,11 @@ void F32Block(const float* x, const float* w, float* y, int64_t in, int64_t out,
 void F32Range(const float* x, const float* w, float* y, int64_t rows, int64_t in, int64_t out,
               int64_t first, int64_t last) {
   int64_t row = 0;
+  for (; row + 6 <= rows; row += 6) {
+    int64_t c = first;
+    for (; c + 2 * kLanes <= last; c += 2 * kLanes) F32Block<6, 2>(x, w, y, in, out, row, c);
+    for (; c + kLanes <= last; c += kLanes) F32Block<6, 1>(x, w, y, in, out, row, c);
+  }
   for (; row + 4 <= rows; row += 4) {
     int64_t c = first;
     for (; c + 2 * kLanes <= last; c += 2 * kLanes) F32Block<4, 2>(x, w, y, in, out, row, c);
@@ -517,8 +531,10 @@ ffi::Error LlamaDecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x_in,
                            ffi::Buffer<ffi::F32> wv, ffi::Buffer<ffi::F32> wo,
                            ffi::Buffer<ffi::F32> mlp_norm, ffi::Buffer<ffi::F32> wgate,
                            ffi::Buffer<ffi::F32> wup, ffi::Buffer<ffi::F32> wdown,
-                           ffi::Buffer<ffi::F32> k_in, ffi::Buffer<ffi::F32> v_in, float eps,
-                           float theta, ffi::ResultBuffer<ffi::F32> x_out,
+                           ffi::Buffer<ffi::F32> k_in, ffi::Buffer<ffi::F32> v_in,
+                           ffi::Buffer<ffi::F32> final_norm, ffi::Buffer<ffi::F32> head,
+                           float eps, float theta, int32_t tied_head,
+                           ffi::ResultBuffer<ffi::F32> logits_out,
                            ffi::ResultBuffer<ffi::F32> k_cache,
                            ffi::ResultBuffer<ffi::F32> v_cache) {
   DecodeShape s;
@@ -529,8 +545,8 @@ ffi::Error LlamaDecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x_in,
   if (slot < 0 || slot >= S) return ffi::Error::InvalidArgument("llama_decode: slot out of range");
   // k_cache/v_cache alias k_in/v_in (input_output_aliases): read and write them in place.
   float *kc = k_cache->typed_data(), *vc = v_cache->typed_data();
-  float* x = x_out->typed_data();
-  std::memcpy(x, x_in.typed_data(), sizeof(float) * B * D);
+  const int64_t V = static_cast<int64_t>(head.element_count()) / D;
+  std::vector<float> x(x_in.typed_data(), x_in.typed_data() + B * D);
   const int32_t* seg = segments.typed_data();
 
   // cos/sin of every row's position, [B, H/2], the same for every layer.
@@ -545,10 +561,10 @@ ffi::Error LlamaDecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x_in,
   }
   std::vector<float> h(B * D), q(B * N * H), k(B * K * H), v(B * K * H), att(B * N * H),
       gate(B * F), up(B * F), delta(B * D), scores(B * N * S);
-  Crew crew(pool, 5 * s.layers);  // the 5 parallel phases of each layer below
+  Crew crew(pool, 5 * s.layers + 1);  // 5 parallel phases per layer, then the head
 
   for (int64_t l = 0; l < s.layers; ++l) {
-    RmsNorm(x, attn_norm.typed_data() + l * D, h.data(), B, D, eps);
+    RmsNorm(x.data(), attn_norm.typed_data() + l * D, h.data(), B, D, eps);
     F32Matmuls(crew, h.data(), B, D,
                {{wq.typed_data() + l * D * N * H, q.data(), N * H},
                 {wk.typed_data() + l * D * K * H, k.data(), K * H},
@@ -574,13 +590,28 @@ ffi::Error LlamaDecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x_in,
     F32Matmuls(crew, att.data(), B, N * H, {{wo.typed_data() + l * N * H * D, delta.data(), D}});
     for (int64_t i = 0; i < B * D; ++i) x[i] += delta[i];
 
-    RmsNorm(x, mlp_norm.typed_data() + l * D, h.data(), B, D, eps);
+    RmsNorm(x.data(), mlp_norm.typed_data() + l * D, h.data(), B, D, eps);
     F32Matmuls(crew, h.data(), B, D,
                {{wgate.typed_data() + l * D * F, gate.data(), F},
                 {wup.typed_data() + l * D * F, up.data(), F}});
     for (int64_t i = 0; i < B * F; ++i) gate[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
     F32Matmuls(crew, gate.data(), B, F, {{wdown.typed_data() + l * F * D, delta.data(), D}});
     for (int64_t i = 0; i < B * D; ++i) x[i] += delta[i];
+  }
+
+  // The final norm and the LM head: the embedding [V, D] (tied) or a kernel [D, V].
+  RmsNorm(x.data(), final_norm.typed_data(), h.data(), B, D, eps);
+  float* logits = logits_out->typed_data();
+  if (tied_head) {
+    crew.Run(V, 256, [&](int64_t first, int64_t last) {
+      for (int64_t t = first; t < last; ++t) {
+        for (int64_t b = 0; b < B; ++b) {
+          logits[b * V + t] = Dot(h.data() + b * D, head.typed_data() + t * D, D);
+        }
+      }
+    });
+  } else {
+    F32Matmuls(crew, h.data(), B, D, {{head.typed_data(), logits, V}});
   }
   return ffi::Error::Success();
 }
@@ -605,8 +636,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxlmLlamaDecode, LlamaDecodeImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // down [L, F, D]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // k cache [L, B, K, S, H]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // v cache
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // final_norm [D]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // head [V, D] or [D, V]
                                   .Attr<float>("eps")
                                   .Attr<float>("theta")
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // x after the last block
+                                  .Attr<int32_t>("tied_head")  // 1: the embedding [V, D]
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // logits [B, V]
                                   .Ret<ffi::Buffer<ffi::F32>>()   // k cache, in place
                                   .Ret<ffi::Buffer<ffi::F32>>());  // v cache, in place

@@ -120,29 +120,34 @@ def llama_decode(
     positions: jax.Array,
     slot: jax.Array,
     segment_ids: jax.Array,
-    layers: dict,
+    params: dict,
     cache: dict,
     *,
     eps: float,
     theta: float,
+    tied_head: bool,
 ) -> tuple[jax.Array, dict]:
-    """One token [B, D] (embedded) through every block of a plain Llama stack in one call.
+    """One token [B, D] (embedded) through every block, the final norm and the LM head of
+    a plain Llama stack, in one call.
 
     positions [B]: RoPE positions; slot: the cache slot written (a scalar); segment_ids
     [B, S]: the cache's, with 1 already written at `slot` (a decode query is segment 1
-    and attends the segment-1 slots up to its own); layers: the scanned `layers` params
-    (`LLAMA_WEIGHTS`, fp32, each stacked [L, ...]); cache: k, v [L, B, K, S, H] fp32,
-    updated in place. Returns (x after the last block, before the final norm; the cache
-    with the new k, v). Needs `available()`; CPU only."""
+    and attends the segment-1 slots up to its own); params: the model's, fp32 (the
+    scanned `layers`, each of `LLAMA_WEIGHTS` stacked [L, ...], `final_norm`, and the
+    `embedding` [V, D] when `tied_head`, else `lm_head` [D, V]); cache: k, v [L, B, K, S, H]
+    fp32, updated in place. Returns (logits [B, V] fp32, the cache with the new k, v).
+    Needs `available()`; CPU only."""
     _register()
-    weights = [layers[module][name] for module, name in LLAMA_WEIGHTS]
+    weights = [params["layers"][module][name] for module, name in LLAMA_WEIGHTS]
+    head = params["embedding"] if tied_head else params["lm_head"]
+    vocab = head.shape[0] if tied_head else head.shape[1]
     outs = (
-        jax.ShapeDtypeStruct(x.shape, jnp.float32),
+        jax.ShapeDtypeStruct((x.shape[0], vocab), jnp.float32),
         jax.ShapeDtypeStruct(cache["k"].shape, jnp.float32),
         jax.ShapeDtypeStruct(cache["v"].shape, jnp.float32),
     )
     call = jax.ffi.ffi_call(LLAMA_DECODE, outs, input_output_aliases={13: 1, 14: 2})
-    x, k, v = call(
+    logits, k, v = call(
         x,
         positions.astype(jnp.int32),
         jnp.asarray(slot, jnp.int32),
@@ -150,7 +155,10 @@ def llama_decode(
         *weights,
         cache["k"],
         cache["v"],
+        params["final_norm"]["scale"],
+        head,
         eps=np.float32(eps),
         theta=np.float32(theta),
+        tied_head=np.int32(tied_head),
     )
-    return x, {**cache, "k": k, "v": v}
+    return logits, {**cache, "k": k, "v": v}

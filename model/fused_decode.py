@@ -5,7 +5,8 @@ each layer's weights and K/V out of the stacked arrays before using them; at bat
 small model those costs, not the arithmetic, set the step's time (docs/benchmarks.md).
 `cpu_kernels.llama_decode` instead takes the token's embedding through every block in
 one call, reading the stacked weights in place and writing the new K/V into the cache in
-place; the embedding lookup, final norm and LM head stay XLA ops. The prefill is the
+place, then the final norm and the LM head; the embedding lookup and the sampling stay
+XLA ops. The prefill is the
 model's own forward pass either way.
 
 It covers the plain Llama block (RMSNorm, RoPE, SwiGLU, grouped-query attention, no
@@ -24,7 +25,7 @@ from flax import linen as nn
 
 from model import cpu_kernels
 from model.config import ModelConfig
-from model.layers import RMSNorm, project, take_rows
+from model.layers import take_rows
 from model.quantize import QuantizedWeight
 
 # Setting -> the value the kernel's block assumes.
@@ -87,18 +88,15 @@ def decode_step(
     segments = jax.lax.dynamic_update_slice(
         cache["segment_ids"], jnp.ones((token.shape[0], 1), jnp.int32), (0, slot)
     )
-    x, cache = cpu_kernels.llama_decode(
+    logits, cache = cpu_kernels.llama_decode(
         x,
         position,
         slot,
         segments,
-        params["layers"],
+        params,
         cache,
         eps=cfg.norm_eps,
         theta=cfg.rope_theta,
+        tied_head=cfg.tie_embeddings,
     )
-    final_norm = RMSNorm(cfg.norm_eps, jnp.float32, jnp.float32)
-    hidden = final_norm.apply({"params": params["final_norm"]}, x)
-    head = params["embedding"].T if cfg.tie_embeddings else params["lm_head"]
-    logits = project("BD,DV->BV", hidden, head, jnp.float32)
     return logits, {**cache, "segment_ids": segments}
