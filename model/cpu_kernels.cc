@@ -501,26 +501,100 @@ ffi::Error ReadDecodeShape(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi
   return ffi::Error::Success();
 }
 
-// Attention of one query head of one row over its kv head's cache: a decode query is
-// segment 1 at `slot`, so its keys are the segment-1 slots up to and including `slot`.
-void AttendOneHead(const float* q, const float* keys, const float* values, const int32_t* seg,
-                   int64_t slot, int64_t h, float* out, float* scores) {
+// The lane sums of eight vectors, as one vector (lane i: the sum of v[i]).
+inline Floats Sum8(const Floats v[8]) {
+#ifdef __AVX2__
+  __m256 w[8];
+  std::memcpy(w, v, sizeof(w));
+  const __m256 ab = _mm256_hadd_ps(_mm256_hadd_ps(w[0], w[1]), _mm256_hadd_ps(w[2], w[3]));
+  const __m256 cd = _mm256_hadd_ps(_mm256_hadd_ps(w[4], w[5]), _mm256_hadd_ps(w[6], w[7]));
+  const __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(ab, cd, 0x20),
+                                    _mm256_permute2f128_ps(ab, cd, 0x31));
+  Floats out;
+  std::memcpy(&out, &sums, sizeof(out));
+  return out;
+#else
+  Floats out;
+  for (int i = 0; i < kLanes; ++i) out[i] = Sum(v[i]);
+  return out;
+#endif
+}
+
+// exp(x) for x <= 0 (scores minus their maximum), eight at a time: 2^n * e^f with
+// f = x - n ln 2 in [-ln2/2, ln2/2] and e^f by its Taylor series to f^7/7! (relative
+// error ~1e-7, fp32's rounding); x below -87 gives 0.
+inline Floats ExpNonPositive(Floats x) {
+  const Floats t = x * 1.44269504f;
+  Floats n;
+  for (int i = 0; i < kLanes; ++i) n[i] = __builtin_nearbyintf(t[i]);
+  const Floats f = (x - n * 0.693145752f) - n * 1.42860677e-06f;  // ln 2 in two parts
+  Floats p = Splat(1.0f / 5040);
+  for (float c : {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) {
+    p = p * f + c;
+  }
+  Floats out;
+  for (int i = 0; i < kLanes; ++i) {
+    const int32_t e = static_cast<int32_t>(n[i]);
+    const int32_t bits = (e + 127) << 23;
+    float scale;
+    std::memcpy(&scale, &bits, sizeof(scale));
+    out[i] = x[i] < -87.0f ? 0.0f : p[i] * scale;
+  }
+  return out;
+}
+
+// Attention of the `group` query heads q [group, h] that share one kv head, for one row,
+// over that head's cache: a decode query is segment 1 at `slot`, so its keys are the
+// segment-1 slots up to and including `slot`. Each block of 8 keys (then each value) is
+// read from memory once for the whole group and stays in L1 for the other heads; scores
+// eight slots at a time (eight dot products summed as one vector), exp eight at a time.
+// scores: room for group * (slot + 8); out [group, h].
+void AttendGroup(const float* q, const float* keys, const float* values, const int32_t* seg,
+                 int64_t slot, int64_t h, int64_t group, float* out, float* scores) {
   const float scale = 1.0f / std::sqrt(static_cast<float>(h));
-  float top = -INFINITY;
-  for (int64_t s = 0; s <= slot; ++s) {
-    scores[s] = seg[s] == 1 ? Dot(q, keys + s * h, h) * scale : -INFINITY;
-    top = std::max(top, scores[s]);
+  const int64_t live = slot + 1, stride = live + kLanes, whole = h / kLanes * kLanes;
+  for (int64_t s0 = 0; s0 < live; s0 += kLanes) {
+    const int64_t n = std::min<int64_t>(kLanes, live - s0);
+    for (int64_t g = 0; g < group; ++g) {
+      const float* qg = q + g * h;
+      Floats parts[kLanes] = {};
+      for (int64_t i = 0; i < n; ++i) {
+        const float* key = keys + (s0 + i) * h;
+        for (int64_t j = 0; j < whole; j += kLanes) {
+          parts[i] += LoadFloats(qg + j) * LoadFloats(key + j);
+        }
+        for (int64_t j = whole; j < h; ++j) parts[i][0] += qg[j] * key[j];
+      }
+      const Floats sums = Sum8(parts) * scale;
+      std::memcpy(scores + g * stride + s0, &sums, sizeof(sums));
+    }
   }
-  float total = 0.0f;
-  for (int64_t s = 0; s <= slot; ++s) {
-    scores[s] = std::exp(scores[s] - top);  // exp(-inf) = 0 for the masked slots
-    total += scores[s];
+  std::vector<float> inv_total(group);
+  for (int64_t g = 0; g < group; ++g) {
+    float* sg = scores + g * stride;
+    float top = -INFINITY;
+    for (int64_t s = 0; s < live; ++s) {
+      if (seg[s] != 1) sg[s] = -INFINITY;
+      top = std::max(top, sg[s]);
+    }
+    Floats totals = {};
+    for (int64_t s0 = 0; s0 < live; s0 += kLanes) {
+      Floats e = ExpNonPositive(LoadFloats(sg + s0) - top);
+      for (int64_t i = live - s0; i < kLanes; ++i) e[i] = 0.0f;  // past the live slots
+      totals += e;
+      std::memcpy(sg + s0, &e, sizeof(e));
+    }
+    inv_total[g] = 1.0f / Sum(totals);
   }
-  for (int64_t j = 0; j < h; ++j) out[j] = 0.0f;
-  for (int64_t s = 0; s <= slot; ++s) {
+  std::fill(out, out + group * h, 0.0f);
+  for (int64_t s = 0; s < live; ++s) {
     if (seg[s] != 1) continue;
-    const float p = scores[s] / total;
-    for (int64_t j = 0; j < h; ++j) out[j] += p * values[s * h + j];
+    const float* value = values + s * h;
+    for (int64_t g = 0; g < group; ++g) {
+      const float p = scores[g * stride + s] * inv_total[g];
+      float* og = out + g * h;
+      for (int64_t j = 0; j < h; ++j) og[j] += p * value[j];
+    }
   }
 }
 
@@ -560,7 +634,7 @@ ffi::Error LlamaDecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x_in,
     }
   }
   std::vector<float> h(B * D), q(B * N * H), k(B * K * H), v(B * K * H), att(B * N * H),
-      gate(B * F), up(B * F), delta(B * D), scores(B * N * S);
+      gate(B * F), up(B * F), delta(B * D), scores(B * N * (S + kLanes));
   Crew crew(pool, 5 * s.layers + 1);  // 5 parallel phases per layer, then the head
 
   for (int64_t l = 0; l < s.layers; ++l) {
@@ -579,12 +653,12 @@ ffi::Error LlamaDecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x_in,
         std::memcpy(vc + at, v.data() + (b * K + n) * H, sizeof(float) * H);
       }
     }
-    crew.Run(B * N, 1, [&](int64_t first, int64_t last) {
-      for (int64_t bn = first; bn < last; ++bn) {
-        const int64_t b = bn / N, n = bn % N;
-        const int64_t base = ((l * B + b) * K + n / group) * S * H;
-        AttendOneHead(q.data() + bn * H, kc + base, vc + base, seg + b * S, slot, H,
-                      att.data() + bn * H, scores.data() + bn * S);
+    crew.Run(B * K, 1, [&](int64_t first, int64_t last) {
+      for (int64_t bk = first; bk < last; ++bk) {
+        const int64_t b = bk / K, base = (l * B * K + bk) * S * H;
+        // Query heads n of kv head n / group are consecutive: bk's are q[bk * group ...].
+        AttendGroup(q.data() + bk * group * H, kc + base, vc + base, seg + b * S, slot, H, group,
+                    att.data() + bk * group * H, scores.data() + bk * group * (S + kLanes));
       }
     });
     F32Matmuls(crew, att.data(), B, N * H, {{wo.typed_data() + l * N * H * D, delta.data(), D}});
