@@ -451,11 +451,17 @@ void F32Matmuls(Crew& crew, const float* x, int64_t rows, int64_t in,
 
 // Sum of a[j] * b[j], eight lanes at a time (a plain loop would add one product at a time:
 // the compiler may not reorder a float sum).
+// Four accumulators, so consecutive multiply-adds do not wait on each other.
 inline float Dot(const float* a, const float* b, int64_t n) {
-  Floats acc = {};
+  Floats acc[4] = {};
   int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) acc += LoadFloats(a + j) * LoadFloats(b + j);
-  float total = Sum(acc);
+  for (; j + 4 * kLanes <= n; j += 4 * kLanes) {
+    for (int k = 0; k < 4; ++k) {
+      acc[k] += LoadFloats(a + j + k * kLanes) * LoadFloats(b + j + k * kLanes);
+    }
+  }
+  for (; j + kLanes <= n; j += kLanes) acc[0] += LoadFloats(a + j) * LoadFloats(b + j);
+  float total = Sum((acc[0] + acc[1]) + (acc[2] + acc[3]));
   for (; j < n; ++j) total += a[j] * b[j];
   return total;
 }
