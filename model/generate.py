@@ -33,6 +33,11 @@ distribution is renormalized over the kept tokens). With greedy decoding (T = 0)
 the untempered log_softmax(logits)[token]. For untempered log-probs of tempered samples,
 call `completion_log_probs(..., temperature=1.0)` on the output.
 
+Decode step. `decode_impl="xla"` (the default) runs the model's own forward pass on
+one token; `decode_impl="cpu"` runs the blocks, final norm and LM head as one CPU kernel
+call (model/fused_decode.py: fp32 Llama-style models, one device), the same logits to
+fp32 rounding. The prefill is the model's forward pass either way.
+
 Streaming (chat) cannot come out of one jitted loop; drive `prefill` and a jitted
 `decode_step` from Python with `sample_logits` instead, the same pieces `generate` uses.
 
@@ -218,7 +223,13 @@ def prefill(
     Returns (logits [B, V] at slot P - 1, the updated cache).
     """
     out = model.apply(
-        {"params": params}, tokens, positions, segment_ids, cache=cache, cache_index=0
+        {"params": params},
+        tokens,
+        positions,
+        segment_ids,
+        cache=cache,
+        cache_index=0,
+        last_logits_only=True,
     )
     return out.logits[:, -1], out.cache
 

@@ -43,7 +43,7 @@ REMAT_POLICIES = {
 
 
 class TransformerOutput(NamedTuple):
-    logits: jax.Array | None  # [B, T, V] fp32 (None without the LM head)
+    logits: jax.Array | None  # [B, T, V] fp32 ([B, 1, V]: last_logits_only; None: no LM head)
     scalars: jax.Array | None  # [B, T] fp32 (None without the scalar head)
     hidden: jax.Array  # [B, T, D] after the final norm
     cache: dict | None  # updated KV cache, when one was passed
@@ -160,6 +160,7 @@ class Transformer(nn.Module):
         cache: dict | None = None,
         cache_index: jax.Array | int | None = None,
         deterministic: bool = True,
+        last_logits_only: bool = False,
     ) -> TransformerOutput:
         cfg = self.config
         batch, length = tokens.shape
@@ -177,7 +178,9 @@ class Transformer(nn.Module):
         x, embedding = self._embed(tokens, positions)
         x, layer_cache = self._layers(x, layer_cache, positions, masks, cache_index, deterministic)
         hidden = make_norm(cfg, "final_norm")(x)
-        logits = self._lm_head(hidden, embedding) if self.lm_head else None
+        # A prefill needs the next-token logits at the last slot only: [B, 1, V].
+        head_in = hidden[:, -1:] if last_logits_only else hidden
+        logits = self._lm_head(head_in, embedding) if self.lm_head else None
         scalars = self._scalar_head(hidden) if self.scalar_head else None
 
         new_cache = None
