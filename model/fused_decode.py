@@ -1,4 +1,4 @@
-"""A decode step whose blocks run as one CPU kernel call (`generate(..., decode_impl="cpu")`).
+"""A decode step as one CPU kernel call (`SamplingConfig(decode_impl="cpu")` in `generate`).
 
 XLA runs a decode step as dozens of small ops per layer and, under the layer scan, copies
 each layer's weights and K/V out of the stacked arrays before using them; at batch 1 on a
@@ -6,13 +6,13 @@ small model those costs, not the arithmetic, set the step's time (docs/benchmark
 `cpu_kernels.llama_decode` instead takes the token's embedding through every block in
 one call, reading the stacked weights in place and writing the new K/V into the cache in
 place, then the final norm and the LM head; the embedding lookup and the sampling stay
-XLA ops. The prefill is the
-model's own forward pass either way.
+XLA ops. The prefill is the model's own forward pass either way.
 
 It covers the plain Llama block (RMSNorm, RoPE, SwiGLU, grouped-query attention, no
-biases) in fp32 with the layers scanned; `unsupported` names the first setting outside
-that. The logits agree with the model's own step to fp32 rounding (the sums run in
-another order), not bit for bit.
+biases) in fp32; `unsupported` names the first setting outside that. The kernel reads
+the layers stacked [L, ...]: a model with unrolled layers has them stacked once per
+generation (`decode_params`), not per step. The logits agree with the model's own step
+to fp32 rounding (the sums run in another order), not bit for bit.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from model import cpu_kernels
 from model.config import ModelConfig
 from model.layers import take_rows
 from model.quantize import QuantizedWeight
+from model.transformer import stack_layers
 
 # Setting -> the value the kernel's block assumes.
 PLAIN_LLAMA = {
@@ -35,7 +36,6 @@ PLAIN_LLAMA = {
     "position": "rope",
     "dtype": "float32",
     "param_dtype": "float32",
-    "scan_layers": True,
     "qkv_bias": False,
     "qk_norm": False,
     "post_norms": False,
@@ -69,7 +69,12 @@ def unsupported(cfg: ModelConfig, params: Any) -> str | None:
 def check_supported(cfg: ModelConfig, params: Any) -> None:
     reason = unsupported(cfg, params)
     if reason is not None:
-        raise ValueError(f"decode_impl='cpu': {reason}; use decode_impl='xla'")
+        raise ValueError(f"sampling.decode_impl='cpu': {reason}; use 'xla'")
+
+
+def decode_params(cfg: ModelConfig, params: Any) -> Any:
+    """The params `decode_step` reads: the layers stacked [L, ...] (a copy when unrolled)."""
+    return params if cfg.scan_layers else stack_layers(params, cfg.num_layers)
 
 
 def decode_step(
@@ -81,7 +86,8 @@ def decode_step(
     slot: jax.Array | int,
 ) -> tuple[jax.Array, dict]:
     """`generate.decode_step` through the kernel: token [B] at RoPE position [B] into
-    cache slot `slot`. Returns (next-token logits [B, V] fp32, the updated cache)."""
+    cache slot `slot`; params from `decode_params`. Returns (next-token logits [B, V]
+    fp32, the updated cache)."""
     cfg = model.config
     x = take_rows(params["embedding"], token).astype(jnp.float32)
     slot = jnp.asarray(slot, jnp.int32)

@@ -33,8 +33,8 @@ distribution is renormalized over the kept tokens). With greedy decoding (T = 0)
 the untempered log_softmax(logits)[token]. For untempered log-probs of tempered samples,
 call `completion_log_probs(..., temperature=1.0)` on the output.
 
-Decode step. `decode_impl="xla"` (the default) runs the model's own forward pass on
-one token; `decode_impl="cpu"` runs the blocks, final norm and LM head as one CPU kernel
+Decode step. `SamplingConfig.decode_impl="xla"` (the default) runs the model's own forward
+pass on one token; "cpu" runs the blocks, final norm and LM head as one CPU kernel
 call (model/fused_decode.py: fp32 Llama-style models, one device), the same logits to
 fp32 rounding. The prefill is the model's forward pass either way.
 
@@ -83,6 +83,9 @@ class SamplingConfig:
     # > 0: ids >= vocab_limit are never drawn (the model's vocabulary is padded past the
     # tokenizer's); log-probs are then over the first vocab_limit ids.
     vocab_limit: int = 0
+    # How each decode step runs: the model's own forward pass ("xla") or one CPU kernel
+    # call (model/fused_decode.py); not how tokens are drawn, but static like the rest.
+    decode_impl: str = "xla"
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0.0:
@@ -93,6 +96,10 @@ class SamplingConfig:
             raise ValueError(f"sampling.top_p={self.top_p!r}: must be in (0, 1]")
         if not (isinstance(self.vocab_limit, int) and self.vocab_limit >= 0):
             raise ValueError(f"sampling.vocab_limit={self.vocab_limit!r}: must be an integer >= 0")
+        if self.decode_impl not in DECODE_IMPLS:
+            raise ValueError(
+                f"sampling.decode_impl={self.decode_impl!r}: must be one of {DECODE_IMPLS}"
+            )
 
     @property
     def greedy(self) -> bool:
@@ -322,7 +329,6 @@ def _write_column(buffer: jax.Array, column: jax.Array, step: jax.Array) -> jax.
         "mesh",
         "rules",
         "cache_step",
-        "decode_impl",
     ),
 )
 def _generate(
@@ -339,7 +345,6 @@ def _generate(
     mesh: Mesh | None,
     rules: sh.Rules | None,
     cache_step: int,
-    decode_impl: str,
 ) -> GenerateOutput:
     batch, prompt_len = tokens.shape
     model, params = lora.merged(model, params)  # adapters merged once, not per decode step
@@ -349,6 +354,12 @@ def _generate(
     sizes = cache_sizes(prompt_len, max_new_tokens, cache_step)
     cache = constrain(init_cache(model.config, batch, sizes[0]))
     logits, cache = prefill(model, params, tokens, segment_ids, positions, cache)
+    step_fn, step_params = decode_step, params
+    if sampling.decode_impl == "cpu":
+        step_fn, step_params = (
+            fused_decode.decode_step,
+            fused_decode.decode_params(model.config, params),
+        )
 
     def emit(state: _LoopState, logits: jax.Array) -> _LoopState:
         token, log_prob = sample_logits(jax.random.fold_in(key, state.step), logits, sampling)
@@ -372,9 +383,8 @@ def _generate(
     def body(state: _LoopState) -> _LoopState:
         # Token step-1 sits at slot P+step-1 and RoPE position length+step-1.
         offset = state.step - 1
-        step_fn = fused_decode.decode_step if decode_impl == "cpu" else decode_step
         logits, cache = step_fn(
-            model, params, state.cache, state.last, lengths + offset, prompt_len + offset
+            model, step_params, state.cache, state.last, lengths + offset, prompt_len + offset
         )
         return emit(state._replace(cache=constrain(cache)), logits)
 
@@ -409,7 +419,6 @@ def generate(
     mesh: Mesh | None = None,
     rules: sh.Rules | None = None,
     cache_step: int = CACHE_STEP,
-    decode_impl: str = "xla",
 ) -> GenerateOutput:
     """Sample up to `max_new_tokens` tokens after left-padded prompts.
 
@@ -417,9 +426,9 @@ def generate(
     `param_shardings` gives when a mesh is used); tokens, segment_ids: [B, P] from
     `left_pad` (segment id 1 = prompt token, 0 = left pad; every row needs a token in
     slot P-1); key: a PRNG key; cache_step: the new tokens the cache first has room for
-    (it doubles that room when full, see the module doc); decode_impl: "xla" (the
-    model's own step) or "cpu" (every block in one CPU kernel call, model/fused_decode.py:
-    fp32 plain Llama blocks, no mesh). Returns `GenerateOutput`, each
+    (it doubles that room when full, see the module doc). `sampling.decode_impl` "cpu"
+    runs each decode step as one CPU kernel call (model/fused_decode.py: fp32 Llama-style
+    blocks, one device). Returns `GenerateOutput`, each
     field [B, N]. One compilation per (model, shapes, sampling, eos_id, pad_id, mesh,
     rules, cache_step).
     """
@@ -441,11 +450,11 @@ def generate(
         raise ValueError("generate: prompts must be left-padded (a real token in every last slot)")
     if (mesh is None) != (rules is None):
         raise ValueError("generate: pass both mesh and rules, or neither")
-    if decode_impl not in DECODE_IMPLS:
-        raise ValueError(f"decode_impl={decode_impl!r}: must be one of {DECODE_IMPLS}")
-    if decode_impl == "cpu":
-        if mesh is not None:
-            raise ValueError("decode_impl='cpu' runs on one device: pass no mesh")
+    if sampling.decode_impl == "cpu":
+        if mesh is not None and mesh.size > 1:
+            raise ValueError(
+                f"sampling.decode_impl='cpu' runs on one device, not a mesh of {mesh.size}"
+            )
         fused_decode.check_supported(model.config, params)
     kwargs = dict(
         model=model,
@@ -456,7 +465,6 @@ def generate(
         mesh=mesh,
         rules=rules,
         cache_step=cache_step,
-        decode_impl=decode_impl,
     )
     if mesh is None:
         return _generate(params, tokens, segment_ids, key, **kwargs)

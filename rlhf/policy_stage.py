@@ -37,7 +37,7 @@ def sampling_settings(config: ml_collections.ConfigDict, stochastic: str = "") -
     """The `sampling` section, checked; `stochastic` names a stage that refuses greedy."""
     s = config.sampling
     try:
-        sampling = SamplingConfig(s.temperature, s.top_k, s.top_p)
+        sampling = SamplingConfig(s.temperature, s.top_k, s.top_p, decode_impl=s.decode_impl)
     except ValueError as err:
         raise StageError(f"sampling: {err}") from None
     if stochastic and sampling.greedy:

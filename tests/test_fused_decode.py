@@ -42,8 +42,9 @@ def random_norms(params, seed: int = 1):
         {},  # tiny: GQA 4/2, tied head
         {"tie_embeddings": False, "num_kv_heads": 1, "rope_theta": 500.0, "num_layers": 3},
         {"num_kv_heads": 4, "mlp_dim": 72, "head_dim": 12},  # widths off the 8-lane vectors
+        {"scan_layers": False, "num_layers": 3},  # per-layer params, stacked for the kernel
     ],
-    ids=["tiny", "untied-mqa", "odd-widths"],
+    ids=["tiny", "untied-mqa", "odd-widths", "unrolled"],
 )
 def model_and_params(request):
     config = dataclasses.replace(get_preset("tiny"), **request.param)
@@ -61,12 +62,13 @@ def test_fused_steps_match_the_model_step(model_and_params):
     lengths = jnp.sum(prompts.segment_ids, axis=1)
     xla_step = jax.jit(gen.decode_step, static_argnums=0)
     cpu_step = jax.jit(fused_decode.decode_step, static_argnums=0)
+    fused_params = fused_decode.decode_params(model.config, params)
     reference, fused = cache, cache
     token = jnp.array([3, 200, 17, 9], jnp.int32)
     for i in range(5):
         slot = prompt_len + i
         want, reference = xla_step(model, params, reference, token, lengths + i, slot)
-        got, fused = cpu_step(model, params, fused, token, lengths + i, slot)
+        got, fused = cpu_step(model, fused_params, fused, token, lengths + i, slot)
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
         for name in ("k", "v"):
             np.testing.assert_allclose(
@@ -84,6 +86,7 @@ def test_generate_with_the_fused_step_keeps_tokens_and_log_probs():
     prompts = gen.left_pad(PROMPTS)
 
     def run(decode_impl: str, sampling: gen.SamplingConfig):
+        sampling = dataclasses.replace(sampling, decode_impl=decode_impl)
         return gen.generate(
             model,
             params,
@@ -94,7 +97,6 @@ def test_generate_with_the_fused_step_keeps_tokens_and_log_probs():
             sampling=sampling,
             eos_id=2,
             cache_step=4,  # grows the cache twice: the kernel sees three lengths
-            decode_impl=decode_impl,
         )
 
     for sampling in (gen.SamplingConfig(temperature=0.0), gen.SamplingConfig(temperature=1.0)):
@@ -117,7 +119,7 @@ def test_generate_with_the_fused_step_keeps_tokens_and_log_probs():
         ({"qkv_bias": True}, "model.qkv_bias"),
         ({"dtype": "bfloat16"}, "model.dtype"),
         ({"activation": "gelu"}, "model.activation"),
-        ({"scan_layers": False}, "model.scan_layers"),
+        ({"norm": "layernorm"}, "model.norm"),
         ({"sliding_window": 4, "attention_pattern": "lg"}, "model.sliding_window"),
     ],
 )
@@ -132,7 +134,7 @@ def test_an_unsupported_model_is_refused_by_name(change, named):
             prompts.segment_ids,
             jax.random.key(0),
             max_new_tokens=2,
-            decode_impl="cpu",
+            sampling=gen.SamplingConfig(decode_impl="cpu"),
         )
 
 
@@ -141,8 +143,10 @@ def test_int8_weights_and_unknown_impls_are_refused():
     params = init_params(model)
     prompts = gen.left_pad(PROMPTS)
     args = (model, None, prompts.tokens, prompts.segment_ids, jax.random.key(0))
+    fused = gen.SamplingConfig(decode_impl="cpu")
     with pytest.raises(ValueError, match="int8 weights"):
-        gen.generate(*args[:1], quantize.quantize_params(params), *args[2:], max_new_tokens=2,
-                     decode_impl="cpu")
+        gen.generate(
+            *args[:1], quantize.quantize_params(params), *args[2:], max_new_tokens=2, sampling=fused
+        )
     with pytest.raises(ValueError, match="decode_impl='gpu'"):
-        gen.generate(*args[:1], params, *args[2:], max_new_tokens=2, decode_impl="gpu")
+        gen.SamplingConfig(decode_impl="gpu")

@@ -112,7 +112,7 @@ def test_fused_decode_completion_matches_the_uncached_argmax_loop(workdir, capsy
     """--decode-impl cpu (model/fused_decode.py): the same greedy tokens as the reference."""
     policy = sample.Policy(str(workdir), decode_impl="cpu")
     tok = policy.tokenizer
-    greedy = sample.generate.SamplingConfig(temperature=0.0, vocab_limit=tok.vocab_size)
+    greedy = sample.generate.SamplingConfig(0.0, 0, 1.0, tok.vocab_size, decode_impl="cpu")
     reference = greedy_without_cache(policy, [tok.bos_id, *tok.encode("ROMEO:")], 6)
     expected = tok.decode([t for t in reference if t != tok.eos_id])
     assert sample.complete(policy, ["ROMEO:", "other"], False, 6, greedy, 0)[0] == expected

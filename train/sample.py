@@ -13,6 +13,7 @@ either. `--step N` picks a checkpoint other than the newest.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import pathlib
 import sys
@@ -113,9 +114,8 @@ def complete(
         max_new_tokens=max_new_tokens,
         sampling=sampling,
         eos_id=policy.tokenizer.end_of_turn_id if chat else policy.tokenizer.eos_id,
-        mesh=None if policy.decode_impl == "cpu" else policy.mesh,
-        rules=None if policy.decode_impl == "cpu" else policy.rules,
-        decode_impl=policy.decode_impl,
+        mesh=None if sampling.decode_impl == "cpu" else policy.mesh,
+        rules=None if sampling.decode_impl == "cpu" else policy.rules,
     )
     tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
     return [decode_completion(policy.tokenizer, tokens[i], mask[i]) for i in range(len(ids))]
@@ -203,7 +203,11 @@ def main_sample(argv: Sequence[str]) -> int:
         policy = Policy(args.workdir, args.step, args.weight_dtype, args.decode_impl)
         args.max_new_tokens = new_tokens(args, policy)
         sampling = generate.SamplingConfig(
-            args.temperature, args.top_k, args.top_p, policy.tokenizer.vocab_size
+            args.temperature,
+            args.top_k,
+            args.top_p,
+            policy.tokenizer.vocab_size,
+            args.decode_impl,
         )
         chat = is_chat(policy, args.format)
         batch = [p for p in prompts for _ in range(args.num_samples)]
@@ -239,7 +243,7 @@ def stream_reply(
         if token_id in policy.tokenizer.stop_ids:
             return
         yield token_id
-        logits, cache = step_fn(policy.params, cache, token, jnp.array([len(ids) + i]), length + i)
+        logits, cache = step_fn(cache, token, jnp.array([len(ids) + i]), length + i)
 
 
 _JITS: dict[Any, Callable] = {}
@@ -279,15 +283,23 @@ def main_chat(argv: Sequence[str]) -> int:
         policy = Policy(args.workdir, args.step, args.weight_dtype, args.decode_impl)
         args.max_new_tokens = new_tokens(args, policy)
         sampling = generate.SamplingConfig(
-            args.temperature, args.top_k, args.top_p, policy.tokenizer.vocab_size
+            args.temperature,
+            args.top_k,
+            args.top_p,
+            policy.tokenizer.vocab_size,
+            args.decode_impl,
         )
         if args.max_new_tokens >= policy.config.max_seq_len:
             raise ValueError(f"--max-new-tokens must be < max_seq_len {policy.config.max_seq_len}")
     except (ValueError, FileNotFoundError) as err:
         print(f"flaxlm chat: error: {err}", file=sys.stderr)
         return 2
-    decode = fused_decode.decode_step if policy.decode_impl == "cpu" else generate.decode_step
-    step_fn = jax.jit(lambda p, c, t, pos, slot: decode(policy.model, p, c, t, pos, slot))
+    decode, step_params = generate.decode_step, policy.params
+    if policy.decode_impl == "cpu":
+        decode = fused_decode.decode_step
+        step_params = fused_decode.decode_params(policy.config, policy.params)
+    step_jit = jax.jit(lambda p, c, t, pos, slot: decode(policy.model, p, c, t, pos, slot))
+    step_fn = functools.partial(step_jit, step_params)
     messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     print("flaxlm chat: type a message; an empty line or Ctrl-D quits.", file=sys.stderr)
     key = jax.random.key(args.seed)
