@@ -530,9 +530,10 @@ inline Floats Sum8(const Floats v[8]) {
 // f = x - n ln 2 in [-ln2/2, ln2/2] and e^f by its Taylor series to f^7/7! (relative
 // error ~1e-7, fp32's rounding); x below -87 gives 0.
 inline Floats ExpNonPositive(Floats x) {
-  const Floats t = x * 1.44269504f;
-  Floats n;
-  for (int i = 0; i < kLanes; ++i) n[i] = __builtin_nearbyintf(t[i]);
+  Floats n;  // x clamped first: converting -inf to an integer below is undefined
+  for (int i = 0; i < kLanes; ++i) {
+    n[i] = __builtin_nearbyintf(std::max(x[i], -88.0f) * 1.44269504f);
+  }
   const Floats f = (x - n * 0.693145752f) - n * 1.42860677e-06f;  // ln 2 in two parts
   Floats p = Splat(1.0f / 5040);
   for (float c : {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) {
