@@ -172,6 +172,19 @@ def test_chat_streams_replies_and_keeps_history(workdir, monkeypatch, capsys):
         assert f"bot> {text}\n" in out
 
 
+def test_chat_with_the_fused_step_replies_as_the_default_step(workdir, monkeypatch, capsys):
+    """Greedy chat: --decode-impl cpu (model/fused_decode.py) prints the same reply."""
+    replies = []
+    for impl in ("xla", "cpu"):
+        monkeypatch.setattr("sys.stdin", io.StringIO("hello\n\n"))
+        argv = ["--workdir", str(workdir), "--max-new-tokens", "6", "--temperature", "0"]
+        assert sample.main_chat([*argv, "--decode-impl", impl]) == 0
+        replies.append(capsys.readouterr().out)
+    reply = replies[0].split("bot> ", 1)[1]
+    assert reply.strip(), "an empty reply would make the comparison say nothing"
+    assert replies[0] == replies[1]
+
+
 def test_chat_history_is_trimmed_to_the_context(workdir):
     """Whole oldest exchanges are dropped until the template fits, the system turn is
     kept, and a last turn too long to fit alone is refused (never cut)."""

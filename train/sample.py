@@ -229,7 +229,10 @@ def stream_reply(
     key: jax.Array,
     step_fn: Callable,
 ) -> Iterator[int]:
-    """Yield reply tokens one at a time (prefill once, then one cached step per token)."""
+    """Yield reply tokens one at a time (prefill once, then one cached step per token).
+
+    step_fn(cache, token [1], position [1], slot) -> (logits [1, V], cache): the decode
+    step with its params bound (the model's own, or the fused one's)."""
     # Pad the prompt to a multiple of 32 so successive turns reuse one compilation.
     length = min(-(-len(ids) // 32) * 32, policy.config.max_seq_len - max_new_tokens)
     prompt = generate.left_pad([ids], length=length)
