@@ -66,8 +66,11 @@ def unsupported(cfg: ModelConfig, params: Any) -> str | None:
     return None
 
 
-def check_supported(cfg: ModelConfig, params: Any) -> None:
+def check_supported(cfg: ModelConfig, params: Any, mesh: jax.sharding.Mesh | None = None) -> None:
+    """ValueError naming why the fused step cannot run (a mesh of several devices too)."""
     reason = unsupported(cfg, params)
+    if mesh is not None and mesh.size > 1:
+        reason = f"it runs on one device, not a mesh of {mesh.size}"
     if reason is not None:
         raise ValueError(f"sampling.decode_impl='cpu': {reason}; use 'xla'")
 

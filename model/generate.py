@@ -33,11 +33,6 @@ distribution is renormalized over the kept tokens). With greedy decoding (T = 0)
 the untempered log_softmax(logits)[token]. For untempered log-probs of tempered samples,
 call `completion_log_probs(..., temperature=1.0)` on the output.
 
-Decode step. `SamplingConfig.decode_impl="xla"` (the default) runs the model's own forward
-pass on one token; "cpu" runs the blocks, final norm and LM head as one CPU kernel
-call (model/fused_decode.py: fp32 Llama-style models, one device), the same logits to
-fp32 rounding. The prefill is the model's forward pass either way.
-
 Streaming (chat) cannot come out of one jitted loop; drive `prefill` and a jitted
 `decode_step` from Python with `sample_logits` instead, the same pieces `generate` uses.
 
@@ -83,8 +78,7 @@ class SamplingConfig:
     # > 0: ids >= vocab_limit are never drawn (the model's vocabulary is padded past the
     # tokenizer's); log-probs are then over the first vocab_limit ids.
     vocab_limit: int = 0
-    # How each decode step runs: the model's own forward pass ("xla") or one CPU kernel
-    # call (model/fused_decode.py); not how tokens are drawn, but static like the rest.
+    # Each decode step as the model's forward pass ("xla") or one CPU kernel call ("cpu").
     decode_impl: str = "xla"
 
     def __post_init__(self) -> None:
@@ -229,15 +223,8 @@ def prefill(
 
     Returns (logits [B, V] at slot P - 1, the updated cache).
     """
-    out = model.apply(
-        {"params": params},
-        tokens,
-        positions,
-        segment_ids,
-        cache=cache,
-        cache_index=0,
-        last_logits_only=True,
-    )
+    options = dict(cache=cache, cache_index=0, last_logits_only=True)  # head at slot P-1 only
+    out = model.apply({"params": params}, tokens, positions, segment_ids, **options)
     return out.logits[:, -1], out.cache
 
 
@@ -354,12 +341,9 @@ def _generate(
     sizes = cache_sizes(prompt_len, max_new_tokens, cache_step)
     cache = constrain(init_cache(model.config, batch, sizes[0]))
     logits, cache = prefill(model, params, tokens, segment_ids, positions, cache)
-    step_fn, step_params = decode_step, params
-    if sampling.decode_impl == "cpu":
-        step_fn, step_params = (
-            fused_decode.decode_step,
-            fused_decode.decode_params(model.config, params),
-        )
+    fused = sampling.decode_impl == "cpu"  # model/fused_decode.py
+    step_fn = fused_decode.decode_step if fused else decode_step
+    step_params = fused_decode.decode_params(model.config, params) if fused else params
 
     def emit(state: _LoopState, logits: jax.Array) -> _LoopState:
         token, log_prob = sample_logits(jax.random.fold_in(key, state.step), logits, sampling)
@@ -451,11 +435,7 @@ def generate(
     if (mesh is None) != (rules is None):
         raise ValueError("generate: pass both mesh and rules, or neither")
     if sampling.decode_impl == "cpu":
-        if mesh is not None and mesh.size > 1:
-            raise ValueError(
-                f"sampling.decode_impl='cpu' runs on one device, not a mesh of {mesh.size}"
-            )
-        fused_decode.check_supported(model.config, params)
+        fused_decode.check_supported(model.config, params, mesh)
     kwargs = dict(
         model=model,
         max_new_tokens=max_new_tokens,

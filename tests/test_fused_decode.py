@@ -15,6 +15,7 @@ import pytest
 
 from model import cpu_kernels, fused_decode, quantize
 from model import generate as gen
+from model import sharding as sh
 from model.config import get_preset
 from model.transformer import Transformer, init_cache
 from tests.test_generate import PROMPTS, init_params
@@ -150,3 +151,15 @@ def test_int8_weights_and_unknown_impls_are_refused():
         )
     with pytest.raises(ValueError, match="decode_impl='gpu'"):
         gen.SamplingConfig(decode_impl="gpu")
+    if jax.device_count() > 1:  # tests/conftest.py fakes 8 CPU devices
+        mesh = sh.make_mesh(data=-1, fsdp=1)
+        with pytest.raises(ValueError, match=f"not a mesh of {jax.device_count()}"):
+            gen.generate(
+                *args[:1],
+                params,
+                *args[2:],
+                max_new_tokens=2,
+                sampling=fused,
+                mesh=mesh,
+                rules=sh.get_rules("fsdp"),
+            )
