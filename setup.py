@@ -29,6 +29,8 @@ EXTRAS = {
     # nbclient, nbformat and ipykernel execute notebooks/quickstart.ipynb in the tests.
     "test": [
         "pytest>=9.0",
+        # the README's test command runs the suite on 2 workers (-n 2)
+        "pytest-xdist>=3.8",
         "ruff>=0.17",
         "scipy>=1.13",
         "nbclient>=0.11",

@@ -3,6 +3,8 @@ compilation cache private to this pytest session, shared with the subprocesses t
 `require` / `missing`: an optional test input (the [hf] extra, a browser, a model file)
 that is absent skips its tests, except under CI, where it fails them."""
 
+import fcntl
+import json
 import os
 import shutil
 import tempfile
@@ -30,7 +32,8 @@ jax.config.update("jax_default_matmul_precision", "highest")
 import importlib  # noqa: E402
 import pathlib  # noqa: E402
 import types  # noqa: E402
-from typing import NoReturn  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from typing import Any, NoReturn  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -65,17 +68,41 @@ def pytest_sessionfinish(session, exitstatus) -> None:
         shutil.rmtree(_CACHE_DIR, ignore_errors=True)
 
 
+def built_once(
+    factory: pytest.TempPathFactory, name: str, build: Callable[[pathlib.Path], Any]
+) -> Any:
+    """`build(empty dir)` once per pytest run, its JSON result shared by every worker.
+
+    Under pytest-xdist (the README's `-n 2`) each worker has its own session fixtures;
+    the first to need this one builds it holding a lock in the run's common temp dir,
+    the others wait and read its result (no second build competing for the 2 cores).
+    """
+    base = factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # pytest-N/, shared by this run's popen-gw* dirs
+    result = base / f"{name}.json"
+    with open(base / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not result.exists():
+            value = build(pathlib.Path(tempfile.mkdtemp(prefix=f"{name}-", dir=base)))
+            result.write_text(json.dumps(value))
+    return json.loads(result.read_text())
+
+
 @pytest.fixture(scope="session")
 def tiny_pipeline(tmp_path_factory) -> pathlib.Path:
     """One finished `flaxlm pipeline` run of configs/pipeline.py:tiny, shared by the tests
     of the pipeline, the README and the notebook (copy it before changing it)."""
     from orchestrate import pipeline
 
-    root = pathlib.Path(__file__).resolve().parents[1]
-    workdir = tmp_path_factory.mktemp("tiny_pipeline") / "run"
-    config = f"{root / 'configs' / 'pipeline.py'}:tiny"
-    assert pipeline.main(["--config", config, "--workdir", str(workdir)]) == 0
-    return workdir
+    config = f"{pathlib.Path(__file__).resolve().parents[1] / 'configs' / 'pipeline.py'}:tiny"
+
+    def build(root: pathlib.Path) -> str:
+        workdir = root / "run"
+        assert pipeline.main(["--config", config, "--workdir", str(workdir)]) == 0
+        return str(workdir)
+
+    return pathlib.Path(built_once(tmp_path_factory, "tiny_pipeline", build))
 
 
 @pytest.fixture(scope="session")
@@ -83,4 +110,9 @@ def rl_chain(tmp_path_factory) -> dict:
     """Tiny pretrain → SFT → reward runs (tests/rl_chain.py), shared by the RL tests."""
     from tests.rl_chain import make_chain
 
-    return make_chain(tmp_path_factory.mktemp("rl_chain"))
+    def build(root: pathlib.Path) -> dict:
+        chain = make_chain(root)
+        return {k: v if k == "paths" else str(v) for k, v in chain.items()}
+
+    chain = built_once(tmp_path_factory, "rl_chain", build)
+    return {k: v if k == "paths" else pathlib.Path(v) for k, v in chain.items()}

@@ -59,6 +59,8 @@ def fault_results(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     # FLAXLM_FAULT_RESULTS pools several sessions (e.g. the slow part split over two
     # processes) into one file; the report is written from it by the session that has
     # FLAXLM_WRITE_RELIABILITY=1 set.
+    if os.environ.get("FLAXLM_WRITE_RELIABILITY") == "1" and os.environ.get("PYTEST_XDIST_WORKER"):
+        pytest.fail("FLAXLM_WRITE_RELIABILITY=1 writes one session's report: run it without -n")
     pooled = os.environ.get("FLAXLM_FAULT_RESULTS")
     path = pathlib.Path(pooled) if pooled else tmp_path_factory.getbasetemp() / "results.jsonl"
     harness.RESULTS["path"] = path
