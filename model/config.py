@@ -175,6 +175,29 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
 
+# The fields that pick a model family's block (norm, positions, biases, windows, Gemma's
+# scalings and caps). Their ModelConfig defaults make the plain Llama-style block: what a
+# checkpoint had before these fields existed, and what the fused decode kernel computes.
+FAMILY_FIELDS = (
+    "norm",
+    "position",
+    "qkv_bias",
+    "sliding_window",
+    "attention_pattern",
+    "local_rope_theta",
+    "scale_embeddings",
+    "norm_scale_offset",
+    "attn_scale_dim",
+    "attn_logit_softcap",
+    "final_logit_softcap",
+    "post_norms",
+    "qk_norm",
+)
+PLAIN_LLAMA = {
+    f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name in FAMILY_FIELDS
+}
+
+
 PRESETS: dict[str, ModelConfig] = {
     # Unit tests: fp32 so numerics can be compared at 1e-5; GQA (4 heads, 2 kv heads).
     "tiny": ModelConfig(

@@ -24,34 +24,24 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from model import cpu_kernels
-from model.config import ModelConfig
+from model.config import PLAIN_LLAMA, ModelConfig
 from model.layers import take_rows
 from model.quantize import QuantizedWeight
 from model.transformer import stack_layers
 
-# Setting -> the value the kernel's block assumes.
-PLAIN_LLAMA = {
-    "norm": "rmsnorm",
+# Setting -> the value the kernel's block assumes: the plain Llama family fields (any
+# attention_pattern whose layers are all global, checked below), SwiGLU, fp32.
+KERNEL_SETTINGS = {
+    **{k: v for k, v in PLAIN_LLAMA.items() if k != "attention_pattern"},
     "activation": "swiglu",
-    "position": "rope",
     "dtype": "float32",
     "param_dtype": "float32",
-    "qkv_bias": False,
-    "qk_norm": False,
-    "post_norms": False,
-    "sliding_window": 0,
-    "local_rope_theta": 0.0,
-    "scale_embeddings": False,
-    "norm_scale_offset": 0.0,
-    "attn_scale_dim": 0.0,
-    "attn_logit_softcap": 0.0,
-    "final_logit_softcap": 0.0,
 }
 
 
 def unsupported(cfg: ModelConfig, params: Any) -> str | None:
     """Why the fused step cannot run this model here, or None when it can."""
-    for key, want in PLAIN_LLAMA.items():
+    for key, want in KERNEL_SETTINGS.items():
         if getattr(cfg, key) != want:
             return f"model.{key}={getattr(cfg, key)!r} (the fused step needs {want!r})"
     if any(cfg.layer_is_local()):

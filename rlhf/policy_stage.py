@@ -131,8 +131,9 @@ def sample_rollout(
     tokenizer: AnyTokenizer,
 ) -> ro.Rollout:
     """One response per row of a prompt batch (`tokens`, `segment_ids`, `positions` [B, P]),
-    ending at the tokenizer's end of turn."""
-    prompts = Prompts(batch["tokens"], batch["segment_ids"], batch["positions"])
+    ending at the tokenizer's end of turn; the rollout's prompts keep only the columns the
+    longest needs (`ro.trim_prompts`)."""
+    prompts = ro.trim_prompts(Prompts(batch["tokens"], batch["segment_ids"], batch["positions"]))
     return ro.sample(
         models["policy"],
         params,

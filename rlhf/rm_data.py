@@ -47,7 +47,8 @@ def sample_groups(
 
     Rows are prompt-major (prompt i's samples are rows i·K … i·K + K - 1); batch b uses
     fold_in(key, b), so the result depends on the key and batch size only. The last
-    batch is padded with copies of its last row (decoded and dropped).
+    batch is padded with copies of its last row (decoded and dropped). Each batch keeps
+    only the prompt columns its longest prompt needs (`ro.trim_prompts`).
     """
     rows = [p for p in prompts for _ in range(k)]
     multiple = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -57,7 +58,7 @@ def sample_groups(
         chunk = rows[start : start + batch_size]
         padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
         try:
-            encoded = ro.encode_prompts(tokenizer, padded, prompt_len)
+            encoded = ro.trim_prompts(ro.encode_prompts(tokenizer, padded, prompt_len))
         except ValueError as err:
             raise StageError(f"rm_data: {err} (raise the ppo seq_len)") from None
         with sh.sharding_context(mesh, rules):

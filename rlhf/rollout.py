@@ -95,6 +95,31 @@ def encode_prompts(tokenizer: AnyTokenizer, prompts: Sequence[str], length: int)
     return left_pad(rows, tokenizer.pad_id, length)
 
 
+# Prompt batches are cut to a multiple of this many slots: few widths, so few compilations.
+PROMPT_WIDTH_MULTIPLE = 8
+
+
+@jax.jit
+def _longest_prompt(segment_ids: jax.Array) -> jax.Array:
+    return jnp.max(jnp.sum(segment_ids != 0, axis=1))
+
+
+def trim_prompts(prompts: Prompts, multiple: int = PROMPT_WIDTH_MULTIPLE) -> Prompts:
+    """Left-padded prompts [B, P] without the pad columns that no row needs: the longest
+    prompt's length rounded up to `multiple` (at most P).
+
+    The stages pad prompts to `seq_len`; a batch of shorter ones would otherwise pay for
+    the empty slots in the prefill, in every decode step's cache and in each learner pass.
+    The width comes from one reduction over the global batch, so every process of a
+    multi-host run cuts the same columns. Only pad columns go: no token is lost.
+    """
+    width = prompts.tokens.shape[1]
+    keep = min(width, -(-int(_longest_prompt(prompts.segment_ids)) // multiple) * multiple)
+    if keep == width:
+        return prompts
+    return Prompts(*(x[:, width - keep :] for x in prompts))
+
+
 def sample(
     model: nn.Module,
     params: Params,

@@ -68,6 +68,36 @@ def test_encode_prompts_fixed_length(setup):
         ro.encode_prompts(tokenizer, ["sort " + "a" * 40], PROMPT_LEN)
 
 
+def test_trim_prompts_drops_only_pad_columns_to_a_multiple_of_8():
+    """Hand-made rows of 3 and 11 tokens padded to 24: 11 rounds up to 16 columns."""
+    rows = [[5, 6, 7], list(range(1, 12))]
+    full = ro.left_pad(rows, length=24)
+    cut = ro.trim_prompts(full)
+    assert cut.tokens.shape == cut.segment_ids.shape == cut.positions.shape == (2, 16)
+    np.testing.assert_array_equal(cut.tokens[1, 5:], range(1, 12))
+    np.testing.assert_array_equal(cut.tokens[0, 13:], [5, 6, 7])
+    assert cut.segment_ids.sum() == 14 and cut.positions[1, -1] == 10
+    assert ro.trim_prompts(ro.left_pad([list(range(1, 18))], length=24)).tokens.shape == (1, 24)
+    assert ro.trim_prompts(full, multiple=4).tokens.shape == (2, 12)
+
+
+def test_a_trimmed_batch_samples_what_the_full_width_one_does(setup):
+    """Pad columns are invisible: the same responses and log-probs from 24 or 16 columns."""
+    _, tokenizer, model, params, prompts = setup
+    sampling = ro.sampling_for(SAMPLED, model.config.vocab_size, tokenizer)
+    full = ro.encode_prompts(tokenizer, prompts, 24)
+    cut = ro.trim_prompts(full)
+    assert cut.tokens.shape[1] < 24
+    outs = [
+        ro.sample(model, params, b, jax.random.key(3), max_new_tokens=NEW, sampling=sampling)
+        for b in (full, cut)
+    ]
+    np.testing.assert_array_equal(np.asarray(outs[0].tokens), np.asarray(outs[1].tokens))
+    np.testing.assert_allclose(
+        np.asarray(outs[0].log_probs), np.asarray(outs[1].log_probs), atol=1e-5
+    )
+
+
 @pytest.mark.parametrize("sampling", [SAMPLED, SamplingConfig(temperature=0.0)])
 def test_learner_log_probs_match_sampler(setup, sampling):
     task, tokenizer, model, params, prompts = setup

@@ -116,6 +116,10 @@ def test_fused_decode_completion_matches_the_uncached_argmax_loop(workdir, capsy
     reference = greedy_without_cache(policy, [tok.bos_id, *tok.encode("ROMEO:")], 6)
     expected = tok.decode([t for t in reference if t != tok.eos_id])
     assert sample.complete(policy, ["ROMEO:", "other"], False, 6, greedy, 0)[0] == expected
+    # A "cpu" sampling config cannot run a policy whose params sit on the 8-device mesh.
+    default_path = sample.Policy(str(workdir))
+    with pytest.raises(ValueError, match="decode_impl='cpu' but the policy was loaded for 'xla'"):
+        sample.complete(default_path, ["ROMEO:"], False, 6, greedy, 0)
     argv = ["--workdir", str(workdir), "--prompt", "ROMEO:", "--max-new-tokens", "4"]
     assert sample.main_sample([*argv, "--decode-impl", "cpu", "--weight-dtype", "int8"]) == 2
     assert "int8 weights" in capsys.readouterr().err

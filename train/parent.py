@@ -19,6 +19,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
 
 from model import lora
+from model.config import PLAIN_LLAMA
 from train.integrity import integrity_status
 
 
@@ -75,28 +76,13 @@ PARAM_SHAPE_KEYS = (
     "post_norms",  # two more norms per block (Gemma 2/3)
     "qk_norm",  # q and k norm scales (Gemma 3)
 )
-# What a meta written before `norm`, `position` and the fields for other HF families
-# existed means: the only choices then (ModelConfig's defaults).
-SHAPE_DEFAULTS = {
-    "norm": "rmsnorm",
-    "position": "rope",
-    "qkv_bias": False,
-    "sliding_window": 0,
-    "attention_pattern": "",
-    "local_rope_theta": 0.0,
-    "scale_embeddings": False,
-    "norm_scale_offset": 0.0,
-    "attn_scale_dim": 0.0,
-    "attn_logit_softcap": 0.0,
-    "final_logit_softcap": 0.0,
-    "post_norms": False,
-    "qk_norm": False,
-}
 
 
 def with_shape_defaults(model: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint's model config with the fields older metas lack filled in."""
-    return {**SHAPE_DEFAULTS, **model}
+    """A checkpoint's model config with the fields older metas lack filled in: a meta
+    written before `norm`, `position` and the other family fields existed means the only
+    choices then, the plain Llama block (model/config.PLAIN_LLAMA)."""
+    return {**PLAIN_LLAMA, **model}
 
 
 def shape_keys(model: dict[str, Any]) -> tuple[str, ...]:

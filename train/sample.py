@@ -95,6 +95,11 @@ def complete(
     seed: int,
 ) -> list[str]:
     """One completion per prompt, generated as one batch."""
+    if sampling.decode_impl != policy.decode_impl:  # the Policy placed its params for one path
+        raise ValueError(
+            f"sampling.decode_impl={sampling.decode_impl!r} but the policy was loaded for "
+            f"{policy.decode_impl!r} (Policy(..., decode_impl=...))"
+        )
     ids = [encode_prompt(policy.tokenizer, p, chat) for p in prompts]
     room = policy.config.max_seq_len - max_new_tokens
     if room < 1:
@@ -114,8 +119,8 @@ def complete(
         max_new_tokens=max_new_tokens,
         sampling=sampling,
         eos_id=policy.tokenizer.end_of_turn_id if chat else policy.tokenizer.eos_id,
-        mesh=None if sampling.decode_impl == "cpu" else policy.mesh,
-        rules=None if sampling.decode_impl == "cpu" else policy.rules,
+        mesh=None if policy.decode_impl == "cpu" else policy.mesh,
+        rules=None if policy.decode_impl == "cpu" else policy.rules,
     )
     tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
     return [decode_completion(policy.tokenizer, tokens[i], mask[i]) for i in range(len(ids))]
