@@ -301,7 +301,10 @@ class Attention(nn.Module):
 
     With `cache` (dict with k, v: [L, B, K, S, H], the stacked cache of every layer) the
     new keys/values are written in place at (`layer`, `cache_index`) and queries attend over
-    this layer's whole buffer; the mask says which slots are live. Writing one slice of the
+    this layer's whole buffer; the mask says which slots are live. With `starts_cache` (a
+    prefill writing slots [0, T)) they attend over this call's keys only: causality keeps
+    every query off the slots past T, so the rest of the buffer would cost scores and
+    change nothing. Writing one slice of the
     stacked buffer (rather than passing per-layer caches through the layer scan) lets XLA
     update the cache in place. Returns (output [B, T, D], updated cache or None).
 
@@ -326,6 +329,7 @@ class Attention(nn.Module):
     norm_scale_offset: float = 0.0  # of the q/k norms (RMSNorm.scale_offset)
     scale: float | None = None  # of the scores; None = head_dim**-0.5
     logit_softcap: float = 0.0
+    starts_cache: bool = False  # a prefill from slot 0: attend over this call's keys only
 
     @nn.compact
     def __call__(
@@ -378,15 +382,17 @@ class Attention(nn.Module):
                 )
                 for name, new in (("k", k), ("v", v))
             }
-            k, v = (
-                jax.lax.dynamic_index_in_dim(cache[n], layer, keepdims=False).astype(self.dtype)
-                for n in "kv"
-            )  # [B, K, S, H]
+            if not self.starts_cache:
+                k, v = (
+                    jax.lax.dynamic_index_in_dim(cache[n], layer, keepdims=False).astype(self.dtype)
+                    for n in "kv"
+                )  # [B, K, S, H]
 
         options = {"scale": self.scale, "logit_softcap": self.logit_softcap}
-        if cache is not None and self.attention_impl == "xla":
+        from_buffer = cache is not None and not self.starts_cache
+        if from_buffer and self.attention_impl == "xla":
             out = xla_cached_attention(q, k, v, mask, **options)
-        elif cache is not None:
+        elif from_buffer:
             out = ATTENTION_FNS[self.attention_impl](
                 q, k.swapaxes(1, 2), v.swapaxes(1, 2), mask, **options
             )

@@ -4,7 +4,9 @@ Inputs are token ids [B, T] with optional `positions` [B, T] (RoPE or learned-ta
 positions, restarting per packed document) and `segment_ids` [B, T] (document ids within
 a row, 0 = padding).
 With a KV cache (see `init_cache`) the same call serves prefill (T = prompt length) and
-decode (T = 1): new keys are written at `cache_index` and attention spans the buffer.
+decode (T = 1): new keys are written at `cache_index` and attention spans the buffer
+(a prefill, `cache_index` the int 0, attends over its own keys: the same result, fewer
+scores).
 """
 
 from __future__ import annotations
@@ -88,6 +90,7 @@ class Block(nn.Module):
 
     config: ModelConfig
     deterministic: bool = True
+    starts_cache: bool = False  # a prefill from slot 0 (Attention.starts_cache)
 
     @nn.compact
     def __call__(
@@ -123,6 +126,7 @@ class Block(nn.Module):
             norm_scale_offset=cfg.norm_scale_offset,
             scale=cfg.attn_scale_dim**-0.5 if cfg.attn_scale_dim else None,
             logit_softcap=cfg.attn_logit_softcap,
+            starts_cache=self.starts_cache,
             name="attn",
         )(h, positions, mask, cache, cache_index, layer, theta)
         if cfg.post_norms:
@@ -168,15 +172,18 @@ class Transformer(nn.Module):
             positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
         if segment_ids is None:
             segment_ids = jnp.ones((batch, length), jnp.int32)
+        # A prefill (cache_index the int 0) attends over its own keys (Attention).
+        starts = cache is not None and isinstance(cache_index, int) and cache_index == 0
         if cache is not None:
             cache_index = jnp.asarray(cache_index, jnp.int32)
-        masks, kv_segments = _call_masks(cfg, segment_ids, cache, cache_index)
+        masks, kv_segments = _call_masks(cfg, segment_ids, cache, cache_index, starts)
         layer_cache = None if cache is None else {"k": cache["k"], "v": cache["v"]}
 
         # Parameters are created in a fixed order (embedding, layers, heads): linen draws
         # each one's init key from a per-module counter, so the order fixes the values.
         x, embedding = self._embed(tokens, positions)
-        x, layer_cache = self._layers(x, layer_cache, positions, masks, cache_index, deterministic)
+        layer_args = (positions, masks, cache_index, deterministic, starts)
+        x, layer_cache = self._layers(x, layer_cache, *layer_args)
         hidden = make_norm(cfg, "final_norm")(x)
         # A prefill needs the next-token logits at the last slot only: [B, 1, V].
         head_in = hidden[:, -1:] if last_logits_only else hidden
@@ -224,6 +231,7 @@ class Transformer(nn.Module):
         masks: tuple[jax.Array, jax.Array | None],
         cache_index: jax.Array | None,
         deterministic: bool,
+        starts_cache: bool,
     ) -> tuple[jax.Array, dict | None]:
         """The blocks: one scanned `layers` module, or `layers_0` … `layers_{L-1}`."""
         cfg = self.config
@@ -239,12 +247,12 @@ class Transformer(nn.Module):
                 metadata_params={nn.PARTITION_NAME: sh.LAYERS},
             )
             layers = jnp.arange(cfg.num_layers)
-            carry, _ = stack(cfg, deterministic, name="layers")(
+            carry, _ = stack(cfg, deterministic, starts_cache, name="layers")(
                 carry, positions, masks, cache_index, layers
             )
         else:
             for i in range(cfg.num_layers):
-                carry, _ = block(cfg, deterministic, name=f"layers_{i}")(
+                carry, _ = block(cfg, deterministic, starts_cache, name=f"layers_{i}")(
                     carry, positions, masks, cache_index, i
                 )
         return carry
@@ -290,28 +298,31 @@ def _call_masks(
     segment_ids: jax.Array,
     cache: dict | None,
     cache_index: jax.Array | None,
+    starts_cache: bool = False,
 ) -> tuple[tuple[jax.Array, jax.Array | None], jax.Array]:
-    """((global mask, local mask or None), key segment ids [B, S]) for one call.
+    """((global mask, local mask or None), the key segment ids [B, S] to keep) for one call.
 
-    Without a cache the keys are this call's tokens; with one they are the whole buffer,
-    this call's segment ids written at `cache_index`. The masks are [B, T, S], the same in
-    prefill and decode; the local one exists only with sliding-window layers.
+    Without a cache, or when the call starts one (a prefill from slot 0), the keys are
+    this call's tokens (masks [B, T, T]); otherwise they are the whole buffer, this call's
+    segment ids written at `cache_index` (masks [B, T, S]). The local mask exists only
+    with sliding-window layers.
     """
     batch, length = segment_ids.shape
     q_slots = jnp.broadcast_to(jnp.arange(length), (batch, length))
-    if cache is None:
-        kv_segments, kv_slots = segment_ids, jnp.arange(length)
-    else:
-        kv_segments = jax.lax.dynamic_update_slice(
+    kv_segments, kv_slots = segment_ids, jnp.arange(length)
+    if cache is not None:
+        kept = jax.lax.dynamic_update_slice(
             cache["segment_ids"], segment_ids.astype(jnp.int32), (0, cache_index)
         )
-        q_slots, kv_slots = q_slots + cache_index, jnp.arange(kv_segments.shape[1])
+        if not starts_cache:
+            kv_segments, kv_slots = kept, jnp.arange(kept.shape[1])
+            q_slots = q_slots + cache_index
     mask_args = (segment_ids, kv_segments, q_slots, kv_slots)
     masks = (
         attention_mask(*mask_args),
         attention_mask(*mask_args, window=cfg.sliding_window) if cfg.sliding_window else None,
     )
-    return masks, kv_segments
+    return masks, kv_segments if cache is None else kept
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: Any = None) -> dict:

@@ -154,6 +154,37 @@ def test_cached_logits_equal_full_forward(num_kv_heads: int, scan_layers: bool):
         )
 
 
+def test_prefill_over_its_own_keys_equals_the_buffer_read():
+    """A prefill (cache_index the int 0) attends over the prompt's own keys; with a traced
+    index the same call reads the whole buffer. Same logits and live cache slots, global
+    and sliding-window layers alike, with left padding."""
+    cfg = get_preset("tiny", sliding_window=3, attention_pattern="lg", scan_layers=False)
+    model = Transformer(cfg)
+    params = init_params(model, seed=3)
+    prompts = gen.left_pad(PROMPTS)
+    batch, plen = prompts.tokens.shape
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def prefill(index, params):
+        cache = init_cache(cfg, batch, plen + NEW, jnp.float32)
+        args = (prompts.tokens, prompts.positions, prompts.segment_ids)
+        out = model.apply({"params": params}, *args, cache=cache, cache_index=index())
+        return out.logits, out.cache
+
+    own_logits, own = prefill(lambda: 0, params)
+    buffer_logits, buffer = prefill(lambda: jnp.int32(0), params)
+    live = np.asarray(prompts.segment_ids, bool)
+    np.testing.assert_allclose(
+        np.asarray(own_logits)[live], np.asarray(buffer_logits)[live], atol=1e-5
+    )
+    np.testing.assert_array_equal(np.asarray(own["segment_ids"]), np.asarray(buffer["segment_ids"]))
+    for name in "kv":  # [L, B, K, S, H]; pad slots are never read
+        own_kv, buffer_kv = (
+            np.asarray(c[name]).transpose(1, 3, 0, 2, 4)[:, :plen] for c in (own, buffer)
+        )
+        np.testing.assert_allclose(own_kv[live], buffer_kv[live], atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- decoding
 
 
