@@ -45,20 +45,6 @@ SHAPES = ((32, 16, 10), (32, 24, 10), (8, 64, 24))  # batch, prompt slots, new t
 REPEATS = 31
 
 
-def random_params(model: Transformer, seed: int = 0):
-    """Normal(0, 0.1) weights drawn in numpy, norm scales 1 (no init compile)."""
-    tokens = jnp.zeros((1, 8), jnp.int32)
-    abstract = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), tokens)["params"])
-    rng = np.random.default_rng(seed)
-
-    def draw(path, leaf):
-        if jax.tree_util.keystr(path).endswith("['scale']"):
-            return jnp.ones(leaf.shape, leaf.dtype)
-        return jnp.asarray(rng.normal(0.0, 0.1, leaf.shape), leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(draw, abstract)
-
-
 def prefill_fn(model: Transformer, slots: int, traced_index: bool):
     """Jitted (params, prompts) -> (logits at the last slot, cache) of one prefill."""
 
@@ -81,7 +67,7 @@ def prefill_fn(model: Transformer, slots: int, traced_index: bool):
 
 def main() -> None:
     model = Transformer(CHAR_MODEL)
-    params = random_params(model)
+    params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
     rng = np.random.default_rng(0)
     for batch, plen, new in SHAPES:
         prompts = gen.left_pad(

@@ -389,6 +389,12 @@ def _generate(
     return GenerateOutput(state.tokens, state.log_probs, state.mask)
 
 
+@jax.jit
+def _last_slots_real(segment_ids: jax.Array) -> jax.Array:
+    # One compiled call: eager indexing then a reduction cost milliseconds per rollout.
+    return jnp.all(segment_ids[:, -1] != 0)
+
+
 def generate(
     model: nn.Module,
     params: Params,
@@ -430,7 +436,7 @@ def generate(
         )
     if not getattr(model, "lm_head", True):
         raise ValueError("generate: the model has no LM head")
-    if not isinstance(segment_ids, jax.core.Tracer) and not bool(jnp.all(segment_ids[:, -1])):
+    if not isinstance(segment_ids, jax.core.Tracer) and not bool(_last_slots_real(segment_ids)):
         raise ValueError("generate: prompts must be left-padded (a real token in every last slot)")
     if (mesh is None) != (rules is None):
         raise ValueError("generate: pass both mesh and rules, or neither")

@@ -301,12 +301,12 @@ class Attention(nn.Module):
 
     With `cache` (dict with k, v: [L, B, K, S, H], the stacked cache of every layer) the
     new keys/values are written in place at (`layer`, `cache_index`) and queries attend over
-    this layer's whole buffer; the mask says which slots are live. With `starts_cache` (a
-    prefill writing slots [0, T)) they attend over this call's keys only: causality keeps
-    every query off the slots past T, so the rest of the buffer would cost scores and
-    change nothing. Writing one slice of the
+    this layer's whole buffer; the mask says which slots are live. Writing one slice of the
     stacked buffer (rather than passing per-layer caches through the layer scan) lets XLA
-    update the cache in place. Returns (output [B, T, D], updated cache or None).
+    update the cache in place. With `starts_cache` (a prefill writing slots [0, T)) the
+    queries attend over this call's keys only: causality keeps every query off the slots
+    past T, so the rest of the buffer would cost scores and change nothing. Returns
+    (output [B, T, D], updated cache or None).
 
     Options (off by default): `qkv_bias` adds q/k/v biases [N or K, H] (Qwen2); `qk_norm`
     RMS-normalises each query and key head over H before RoPE (Gemma 3); `scale` replaces
