@@ -25,21 +25,14 @@ from flax import linen as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from configs import pipeline
 from model import generate as gen
 from model.config import ModelConfig
 from model.transformer import Transformer, init_cache
 
+# The demo pipeline's char model (its tokenizer's 384 ids, fp32), with room for 64 + 24.
 CHAR_MODEL = ModelConfig(
-    vocab_size=384,
-    d_model=128,
-    num_layers=3,
-    num_heads=4,
-    num_kv_heads=4,
-    head_dim=32,
-    mlp_dim=384,
-    max_seq_len=128,
-    scan_layers=False,
-    dtype="float32",
+    **{**pipeline.CHAR_MODEL, "vocab_size": 384, "max_seq_len": 128, "dtype": "float32"}
 )
 SHAPES = ((32, 16, 10), (32, 24, 10), (8, 64, 24))  # batch, prompt slots, new tokens
 REPEATS = 31
